@@ -1,0 +1,27 @@
+"""flwr-nnunet: federated nnU-Net with Flower, aggregating each shared tensor once."""
+
+from flwr_nnunet.aggregation import median_, trimmed_mean_, weighted_mean_
+from flwr_nnunet.aliasing import (
+    AliasConflictError,
+    AliasMap,
+    PartialOverlapError,
+    find_alias_groups,
+    strip_wrapper_prefixes,
+)
+from flwr_nnunet.codec import PayloadError, from_array_record, to_array_record
+
+__all__ = [
+    "AliasConflictError",
+    "AliasMap",
+    "PartialOverlapError",
+    "PayloadError",
+    "find_alias_groups",
+    "from_array_record",
+    "median_",
+    "strip_wrapper_prefixes",
+    "to_array_record",
+    "trimmed_mean_",
+    "weighted_mean_",
+]
+
+__version__ = "0.1.0"

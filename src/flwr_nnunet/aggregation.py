@@ -1,0 +1,190 @@
+"""In-place reducers over canonical client updates.
+
+Each reducer writes its result into the given target tensors (normally the
+global network's parameters, so every alias of a group sees the new value) and
+reads each update once. Work goes group by group and, inside a group, in
+cache-sized chunks across all clients, so the only scratch memory is a few
+chunks: no per-client copy of the model and no model-sized buffer.
+
+Floating-point groups are reduced in ``accumulate_dtype`` (float32 by default,
+float64 on request) whatever their own dtype, then cast back. Integer groups
+(e.g. BatchNorm's ``num_batches_tracked``) are reduced exactly in float64 and
+rounded to the nearest integer (ties to even), keeping their dtype; bool groups
+take the weighted majority (ties to True).
+
+Before any target is written, every update is checked to have exactly the
+targets' keys and shapes, so a bad update raises and leaves the targets intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+__all__ = ["Reducer", "assign_", "check_updates", "median_", "reduce_", "trimmed_mean_", "weighted_mean_"]
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 16
+
+Reducer = Callable[[Sequence[torch.Tensor], torch.dtype], torch.Tensor]
+"""Reduces equally long flat chunks (one per client) to one flat chunk of the given dtype."""
+
+
+def check_updates(targets: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Raise ``ValueError`` naming the first update whose keys or shapes differ from ``targets``."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    keys = set(targets)
+    for index, update in enumerate(updates):
+        if set(update) != keys:
+            missing = sorted(keys - set(update))[:3]
+            extra = sorted(set(update) - keys)[:3]
+            raise ValueError(f"update {index}: keys differ from the targets (missing {missing}, unknown {extra})")
+        for key, target in targets.items():
+            if tuple(update[key].shape) != tuple(target.shape):
+                raise ValueError(
+                    f"update {index}: {key!r} has shape {tuple(update[key].shape)}, expected {tuple(target.shape)}"
+                )
+
+
+def _work_dtype(target: torch.Tensor, accumulate_dtype: torch.dtype) -> torch.dtype:
+    if target.is_complex():
+        raise TypeError("complex tensors are not supported")
+    return accumulate_dtype if target.is_floating_point() else torch.float64
+
+
+def _finish(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast reduced values back to the target dtype by this module's integer/bool rule."""
+    if dtype == torch.bool:
+        return values >= 0.5
+    if not dtype.is_floating_point:
+        return values.round()
+    return values
+
+
+@torch.no_grad()
+def reduce_(
+    targets: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    reducer: Reducer,
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> None:
+    """Write ``reducer`` over ``updates`` into ``targets``, chunk by chunk, in place.
+
+    Parameters
+    ----------
+    targets
+        Key -> tensor to overwrite (e.g. the canonical tensors of a network).
+    updates
+        One mapping per client with exactly the keys and shapes of ``targets``.
+    reducer
+        Called with one flat chunk per client and the work dtype; returns the
+        reduced flat chunk.
+    accumulate_dtype
+        Work dtype for floating-point groups.
+    chunk_elements
+        Elements per chunk; small enough that a chunk of every client stays in cache.
+    """
+    check_updates(targets, updates)
+    for key, target in targets.items():
+        work = _work_dtype(target, accumulate_dtype)
+        flats = [u[key].reshape(-1) for u in updates]
+        out = target if target.is_contiguous() else torch.empty_like(target, memory_format=torch.contiguous_format)
+        flat_out = out.view(-1)
+        for start in range(0, flat_out.numel(), chunk_elements):
+            end = min(start + chunk_elements, flat_out.numel())
+            reduced = reducer([f[start:end] for f in flats], work)
+            flat_out[start:end].copy_(_finish(reduced, target.dtype))
+        if out is not target:
+            target.copy_(out)
+
+
+def weighted_mean_(
+    targets: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> None:
+    """Write the weighted mean of ``updates`` into ``targets`` in place.
+
+    ``weights`` (one per update, e.g. ``num-examples``) must be finite, >= 0
+    and not all zero; they are normalised in float64.
+    """
+    if len(weights) != len(updates):
+        raise ValueError(f"{len(weights)} weights for {len(updates)} updates")
+    weights = [float(w) for w in weights]
+    total = sum(weights)
+    if not all(w >= 0 and w != float("inf") for w in weights) or not total > 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all zero, got {weights}")
+    factors = [w / total for w in weights]
+
+    def mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        acc = torch.empty(chunks[0].numel(), dtype=dtype, device=chunks[0].device)
+        torch.mul(chunks[0].to(dtype), factors[0], out=acc)
+        for chunk, factor in zip(chunks[1:], factors[1:]):
+            acc.add_(chunk.to(dtype), alpha=factor)
+        return acc
+
+    reduce_(targets, updates, mean, accumulate_dtype=accumulate_dtype, chunk_elements=chunk_elements)
+
+
+def _sorted_stack(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([c.to(dtype) for c in chunks]).sort(dim=0).values
+
+
+def median_(
+    targets: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> None:
+    """Write the element-wise median of ``updates`` into ``targets`` (unweighted; even counts average the middle two, as ``numpy.median``)."""
+
+    def median(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        ordered = _sorted_stack(chunks, dtype)
+        n = len(chunks)
+        if n % 2:
+            return ordered[n // 2]
+        return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+    reduce_(targets, updates, median, accumulate_dtype=accumulate_dtype, chunk_elements=chunk_elements)
+
+
+def trimmed_mean_(
+    targets: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    beta: float,
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> None:
+    """Write the element-wise trimmed mean of ``updates`` into ``targets`` (unweighted).
+
+    ``int(beta * n)`` of the lowest and of the highest values are cut at every
+    element, as Flower's ``FedTrimmedAvg`` and ``scipy.stats.trim_mean`` do.
+    """
+    if not 0.0 <= beta < 0.5:
+        raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+    cut = int(beta * len(updates))
+
+    def trimmed_mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return _sorted_stack(chunks, dtype)[cut : len(chunks) - cut].mean(dim=0)
+
+    reduce_(targets, updates, trimmed_mean, accumulate_dtype=accumulate_dtype, chunk_elements=chunk_elements)
+
+
+@torch.no_grad()
+def assign_(targets: Mapping[str, torch.Tensor], sources: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``sources`` into ``targets`` in place (same keys and shapes; dtypes are cast).
+
+    Use it to load received canonical tensors into a live network: optimizer
+    and alias references to the parameters stay valid.
+    """
+    check_updates(targets, [sources])
+    for key, target in targets.items():
+        target.copy_(sources[key])

@@ -1,0 +1,150 @@
+"""Canonical tensors <-> Flower ``ArrayRecord``.
+
+Each tensor travels as one ``Array`` holding a complete ``.npy`` file, the
+format Flower's own ``Array(ndarray)`` writes, so stock Flower code can read
+every record this module writes. Decoding parses the ``.npy`` header itself
+(nothing is ever unpickled) and returns tensors that are views of the received
+bytes: no copy of the payload is made.
+
+bfloat16, which numpy and Flower's ``Array`` cannot hold, travels as its raw
+16-bit patterns in a ``uint16`` payload with ``Array.dtype == "bfloat16"``;
+decoding reinterprets the bits, so the round trip is exact.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+__all__ = ["PayloadError", "decode_array", "encode_tensor", "from_array_record", "to_array_record"]
+
+_NUMPY_STYPE = "numpy.ndarray"
+_BFLOAT16 = "bfloat16"
+_MAGIC = b"\x93NUMPY"
+_HEADER_LENGTH_BYTES = {1: 2, 2: 4, 3: 4}
+
+
+class PayloadError(ValueError):
+    """A received array is not a well-formed payload of this codec."""
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    return header.getvalue()
+
+
+def encode_tensor(tensor: torch.Tensor) -> Array:
+    """One tensor as a Flower ``Array`` (a ``.npy`` payload), its bytes copied once."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    dtype_name = None
+    if tensor.dtype == torch.bfloat16:
+        tensor, dtype_name = tensor.view(torch.uint16), _BFLOAT16
+    array = tensor.numpy()
+    if array.dtype.hasobject:
+        raise TypeError(f"cannot encode a tensor of dtype {tensor.dtype}")
+    header = _npy_header(array.dtype, tuple(array.shape))
+    data = b"".join((header, memoryview(array.reshape(-1)).cast("B")))
+    return Array(
+        dtype=dtype_name or str(array.dtype),
+        shape=tuple(int(n) for n in array.shape),
+        stype=_NUMPY_STYPE,
+        data=data,
+    )
+
+
+def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Canonical tensors as an ``ArrayRecord``, keys and order kept."""
+    return ArrayRecord(OrderedDict((key, encode_tensor(t)) for key, t in tensors.items()))
+
+
+def _parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran_order, header length) of a ``.npy`` payload."""
+    if len(data) < 10 or bytes(data[:6]) != _MAGIC:
+        raise PayloadError("not a .npy payload (bad magic string)")
+    major = data[6]
+    if major not in _HEADER_LENGTH_BYTES:
+        raise PayloadError(f".npy format version {major} is not supported")
+    width = _HEADER_LENGTH_BYTES[major]
+    length = int.from_bytes(bytes(data[8 : 8 + width]), "little")
+    start = 8 + width
+    if len(data) < start + length:
+        raise PayloadError("truncated .npy header")
+    try:
+        header = ast.literal_eval(bytes(data[start : start + length]).decode("latin1"))
+    except (ValueError, SyntaxError, UnicodeDecodeError):
+        raise PayloadError("unreadable .npy header") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise PayloadError("the .npy header must hold exactly 'descr', 'fortran_order' and 'shape'")
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if not isinstance(descr, str):
+        raise PayloadError(f"structured dtype {descr!r} is not supported")
+    try:
+        dtype = np.dtype(descr)
+    except TypeError:
+        raise PayloadError(f"unknown dtype {descr!r}") from None
+    if dtype.hasobject or dtype.kind not in "biufc":
+        raise PayloadError(f"dtype {descr!r} is not a numeric dtype")
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise PayloadError(f"bad shape {shape!r}")
+    if not isinstance(fortran, bool):
+        raise PayloadError("bad fortran_order")
+    return dtype, shape, fortran, start + length
+
+
+def decode_array(array: Array, *, key: str = "?") -> torch.Tensor:
+    """One ``Array`` as a tensor that views the received bytes (read-only: never write to it).
+
+    Raises
+    ------
+    PayloadError
+        If the payload is not a numeric ``.npy`` file whose byte count, shape
+        and dtype agree with each other and with the ``Array``'s fields; the
+        message names ``key``.
+    """
+    try:
+        if array.stype != _NUMPY_STYPE:
+            raise PayloadError(f"serialization type {array.stype!r} is not {_NUMPY_STYPE!r}")
+        data = array.data
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise PayloadError(f"payload is a {type(data).__name__}, not bytes")
+        dtype, shape, fortran, offset = _parse_npy_header(data)
+        count = int(np.prod(shape, dtype=np.int64))
+        if len(data) - offset != count * dtype.itemsize:
+            raise PayloadError(
+                f"{len(data) - offset} payload bytes, but shape {shape} of {dtype} needs {count * dtype.itemsize}"
+            )
+        if tuple(array.shape) != shape:
+            raise PayloadError(f"Array.shape {tuple(array.shape)} differs from the payload's {shape}")
+        bfloat16 = array.dtype == _BFLOAT16
+        if bfloat16 and dtype != np.dtype("<u2"):
+            raise PayloadError(f"a bfloat16 payload must hold '<u2' bit patterns, not {dtype.str!r}")
+        if not bfloat16 and np.dtype(array.dtype) != dtype.newbyteorder("="):
+            raise PayloadError(f"Array.dtype {array.dtype!r} differs from the payload's {dtype.str!r}")
+    except (PayloadError, TypeError) as error:
+        raise PayloadError(f"array {key!r}: {error}") from None
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    if not dtype.isnative:
+        values = values.astype(dtype.newbyteorder("="))
+    values = values.reshape(shape[::-1]).T if fortran else values.reshape(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: callers only read
+        tensor = torch.from_numpy(values)
+    return tensor.view(torch.bfloat16) if bfloat16 else tensor
+
+
+def from_array_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    """Every array of ``record`` decoded with :func:`decode_array`, keys and order kept."""
+    return OrderedDict((key, decode_array(array, key=key)) for key, array in record.items())

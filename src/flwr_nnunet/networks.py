@@ -1,0 +1,98 @@
+"""Build nnU-Net networks from plans, and the stock architectures nnU-Net plans."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+
+__all__ = ["STOCK_ARCHITECTURES", "build_network", "plans_sha256"]
+
+_NORM_KWARGS = {"eps": 1e-05, "affine": True}
+_NONLIN_KWARGS = {"inplace": True}
+_REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+
+
+def _architecture(network_class: str, dim: int, features: list[int], per_stage: dict[str, Any], norm: str) -> dict:
+    n = len(features)
+    kernel = [3] * dim
+    stride = [[1] * dim] + [[2] * dim] * (n - 1)
+    return {
+        "network_class_name": f"dynamic_network_architectures.architectures.unet.{network_class}",
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": features,
+            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+            "kernel_sizes": [kernel] * n,
+            "strides": stride,
+            **per_stage,
+            "conv_bias": True,
+            "norm_op": norm.format(dim=dim),
+            "norm_op_kwargs": dict(_NORM_KWARGS),
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": dict(_NONLIN_KWARGS),
+        },
+        "_kw_requires_import": list(_REQ_IMPORT),
+    }
+
+
+_INSTANCE = "torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+_BATCH = "torch.nn.modules.batchnorm.BatchNorm{dim}d"
+_PLAIN = {"n_conv_per_stage": [2] * 6, "n_conv_per_stage_decoder": [2] * 5}
+_RESENC_M = {"n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "n_conv_per_stage_decoder": [1] * 5}
+
+STOCK_ARCHITECTURES: dict[str, dict] = {
+    "3d_fullres PlainConvUNet": _architecture("PlainConvUNet", 3, [32, 64, 128, 256, 320, 320], _PLAIN, _INSTANCE),
+    "3d_fullres PlainConvUNet BatchNorm": _architecture(
+        "PlainConvUNet", 3, [32, 64, 128, 256, 320, 320], _PLAIN, _BATCH
+    ),
+    "3d_fullres ResEnc M": _architecture("ResidualEncoderUNet", 3, [32, 64, 128, 256, 320, 320], _RESENC_M, _INSTANCE),
+    "2d PlainConvUNet": _architecture(
+        "PlainConvUNet",
+        2,
+        [32, 64, 128, 256, 512, 512, 512, 512],
+        {"n_conv_per_stage": [2] * 8, "n_conv_per_stage_decoder": [2] * 7},
+        _INSTANCE,
+    ),
+}
+"""The ``architecture`` entries nnU-Net 2.8 plans for typical datasets, by name.
+
+Used by the benchmarks and tests; any plans file's ``configurations[c]['architecture']``
+has the same form.
+"""
+
+
+def build_network(
+    architecture: dict,
+    input_channels: int = 1,
+    output_channels: int = 2,
+    *,
+    deep_supervision: bool = True,
+) -> nn.Module:
+    """The network nnU-Net builds for a plans ``architecture`` entry (as ``nnUNetTrainer`` does)."""
+    architecture = copy.deepcopy(architecture)
+    return get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        input_channels,
+        output_channels,
+        allow_init=True,
+        deep_supervision=deep_supervision,
+    )
+
+
+def plans_sha256(plans: dict) -> str:
+    """A digest of an nnU-Net plans dict that does not depend on key order or whitespace.
+
+    Server and sites compare it (config key ``plans-sha256``) to make sure every
+    site trains the architecture and preprocessing the server aggregates.
+    """
+    canonical = json.dumps(plans, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
