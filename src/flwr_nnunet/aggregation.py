@@ -22,7 +22,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Reducer", "assign_", "check_updates", "median_", "reduce_", "trimmed_mean_", "weighted_mean_"]
+__all__ = [
+    "Reducer",
+    "assign_",
+    "check_updates",
+    "median_",
+    "normalized_weights",
+    "reduce_",
+    "trimmed_mean_",
+    "weighted_mean_",
+]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 16
 
@@ -45,6 +54,19 @@ def check_updates(targets: Mapping[str, torch.Tensor], updates: Sequence[Mapping
                 raise ValueError(
                     f"update {index}: {key!r} has shape {tuple(update[key].shape)}, expected {tuple(target.shape)}"
                 )
+
+
+def normalized_weights(weights: Sequence[float], count: int) -> list[float]:
+    """``weights`` scaled to sum to 1, in float64; they must be finite, >= 0 and not all zero."""
+    if count == 0:
+        raise ValueError("no updates to aggregate")
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} weights for {count} updates")
+    values = [float(w) for w in weights]
+    total = sum(values)
+    if not all(0 <= w < float("inf") for w in values) or not total > 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all zero, got {values}")
+    return [w / total for w in values]
 
 
 def _work_dtype(target: torch.Tensor, accumulate_dtype: torch.dtype) -> torch.dtype:
@@ -114,13 +136,7 @@ def weighted_mean_(
     ``weights`` (one per update, e.g. ``num-examples``) must be finite, >= 0
     and not all zero; they are normalised in float64.
     """
-    if len(weights) != len(updates):
-        raise ValueError(f"{len(weights)} weights for {len(updates)} updates")
-    weights = [float(w) for w in weights]
-    total = sum(weights)
-    if not all(w >= 0 and w != float("inf") for w in weights) or not total > 0:
-        raise ValueError(f"weights must be finite, >= 0 and not all zero, got {weights}")
-    factors = [w / total for w in weights]
+    factors = normalized_weights(weights, len(updates))
 
     def mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         acc = torch.empty(chunks[0].numel(), dtype=dtype, device=chunks[0].device)

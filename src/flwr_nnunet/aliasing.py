@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "AliasConflictError",
     "AliasMap",
+    "KeyMismatchError",
     "PartialOverlapError",
     "find_alias_groups",
     "strip_wrapper_prefixes",
@@ -37,6 +38,13 @@ class AliasConflictError(ValueError):
 
 class PartialOverlapError(ValueError):
     """Two keys are different views that overlap inside one storage."""
+
+
+class KeyMismatchError(KeyError):
+    """A mapping's keys differ from the alias map's."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,12 @@ def _view_of(tensor: torch.Tensor) -> _View | None:
         shape=tuple(tensor.shape),
         stride=tuple(tensor.stride()),
     )
+
+
+def _shares_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the identical view of one storage."""
+    view = _view_of(a)
+    return view is not None and view == _view_of(b)
 
 
 def _byte_mask(view: _View, nbytes: int) -> torch.Tensor:
@@ -275,7 +289,7 @@ class AliasMap:
 
         Raises
         ------
-        KeyError
+        KeyMismatchError
             If ``state_dict`` lacks keys of this map or has keys it does not know.
         AliasConflictError
             If a group's keys hold different values; the message names the
@@ -287,7 +301,7 @@ class AliasMap:
             value = state_dict[key]
             for alias in group[1:]:
                 other = state_dict[alias]
-                if other is value or _view_of(other) == _view_of(value) is not None:
+                if other is value or _shares_view(other, value):
                     continue
                 if not _values_agree(value, other, atol):
                     raise AliasConflictError(
@@ -345,7 +359,7 @@ class AliasMap:
             parts.append(f"missing {len(missing)} keys (first: {missing[:3]})")
         if extra:
             parts.append(f"{len(extra)} unknown keys (first: {extra[:3]})")
-        raise KeyError(f"{what} do not match the alias map: " + "; ".join(parts))
+        raise KeyMismatchError(f"{what} do not match the alias map: " + "; ".join(parts))
 
 
 def _is_str_list(value: Any) -> bool:
