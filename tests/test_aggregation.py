@@ -140,7 +140,11 @@ def snapshot(tensors):
 @pytest.mark.parametrize(
     ("updates", "weights", "message"),
     [
-        ([{"a": torch.ones(3), "b": torch.ones(2)}, {"a": torch.ones(3), "b": torch.ones(3)}], [1, 1], r"update 1: 'b' has shape \(3,\), expected \(2,\)"),
+        (
+            [{"a": torch.ones(3), "b": torch.ones(2)}, {"a": torch.ones(3), "b": torch.ones(3)}],
+            [1, 1],
+            r"update 1: 'b' has shape \(3,\), expected \(2,\)",
+        ),
         ([{"a": torch.ones(3)}], [1], r"update 0: keys differ from the targets \(missing \['b'\]"),
         ([{"a": torch.ones(3), "b": torch.ones(2), "c": torch.ones(1)}], [1], r"unknown \['c'\]"),
         ([], [], "no updates"),

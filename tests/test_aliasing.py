@@ -77,7 +77,7 @@ def test_stock_expand_collapse_keeps_one_storage_per_group_and_unique_size(stock
 
 
 def test_naively_averaged_checkpoint_collapses_when_aliases_agree_and_names_keys_when_not(stock):
-    name, net = stock
+    _, net = stock
     sd = net.state_dict()
     other = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
     averaged = naive_average(sd, other)
@@ -196,7 +196,7 @@ def test_zero_element_and_meta_tensors_are_never_grouped():
 
 
 def test_non_tensor_values_are_rejected_with_a_hint():
-    with pytest.raises(TypeError, match="'epoch'\] is a int"):
+    with pytest.raises(TypeError, match=r"'epoch'\] is a int"):
         find_alias_groups({"w": torch.ones(1), "epoch": 3})
 
 
@@ -229,7 +229,9 @@ def test_collapse_rejects_aliases_of_different_shape_or_dtype():
         json.dumps({"format": "other"}),
         json.dumps({"format": "flwr-nnunet/alias-map", "version": 99, "keys": [], "groups": []}),
         json.dumps({"format": "flwr-nnunet/alias-map", "version": 1, "keys": ["a"], "groups": [["a", "b"]]}),
-        json.dumps({"format": "flwr-nnunet/alias-map", "version": 1, "keys": ["a", "b"], "groups": [["a"], ["a", "b"]]}),
+        json.dumps(
+            {"format": "flwr-nnunet/alias-map", "version": 1, "keys": ["a", "b"], "groups": [["a"], ["a", "b"]]}
+        ),
         json.dumps({"format": "flwr-nnunet/alias-map", "version": 1, "keys": "a", "groups": []}),
     ],
 )

@@ -163,4 +163,3 @@ def test_malformed_payloads_raise_a_clear_error_naming_the_key(array, reason):
     message = str(error.value)
     assert "'decoder.seg_layers.0.weight'" in message
     assert reason in message
-

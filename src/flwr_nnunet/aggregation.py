@@ -18,7 +18,8 @@ targets' keys and shapes, so a bad update raises and leaves the targets intact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -33,7 +34,8 @@ __all__ = [
     "weighted_mean_",
 ]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 16
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+SORT_SCRATCH_ELEMENTS = 1 << 22
 
 Reducer = Callable[[Sequence[torch.Tensor], torch.dtype], torch.Tensor]
 """Reduces equally long flat chunks (one per client) to one flat chunk of the given dtype."""
@@ -84,6 +86,19 @@ def _finish(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values
 
 
+@contextmanager
+def _intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run torch ops with ``count`` intra-op threads (None: leave torch's setting)."""
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 @torch.no_grad()
 def reduce_(
     targets: Mapping[str, torch.Tensor],
@@ -92,6 +107,7 @@ def reduce_(
     *,
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    num_threads: int | None = 1,
 ) -> None:
     """Write ``reducer`` over ``updates`` into ``targets``, chunk by chunk, in place.
 
@@ -108,8 +124,23 @@ def reduce_(
         Work dtype for floating-point groups.
     chunk_elements
         Elements per chunk; small enough that a chunk of every client stays in cache.
+    num_threads
+        Torch intra-op threads while reducing. Chunk-sized ops are memory-bound and
+        pay a thread barrier each, which costs 10-100x on a busy machine, so one
+        thread is the default; None keeps torch's setting.
     """
     check_updates(targets, updates)
+    with _intra_op_threads(num_threads):
+        _reduce_groups(targets, updates, reducer, accumulate_dtype, chunk_elements)
+
+
+def _reduce_groups(
+    targets: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    reducer: Reducer,
+    accumulate_dtype: torch.dtype,
+    chunk_elements: int,
+) -> None:
     for key, target in targets.items():
         work = _work_dtype(target, accumulate_dtype)
         flats = [u[key].reshape(-1) for u in updates]
@@ -130,11 +161,13 @@ def weighted_mean_(
     *,
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    num_threads: int | None = 1,
 ) -> None:
     """Write the weighted mean of ``updates`` into ``targets`` in place.
 
     ``weights`` (one per update, e.g. ``num-examples``) must be finite, >= 0
-    and not all zero; they are normalised in float64.
+    and not all zero; they are normalised in float64. The keyword options are
+    those of :func:`reduce_`.
     """
     factors = normalized_weights(weights, len(updates))
 
@@ -145,7 +178,19 @@ def weighted_mean_(
             acc.add_(chunk.to(dtype), alpha=factor)
         return acc
 
-    reduce_(targets, updates, mean, accumulate_dtype=accumulate_dtype, chunk_elements=chunk_elements)
+    reduce_(
+        targets,
+        updates,
+        mean,
+        accumulate_dtype=accumulate_dtype,
+        chunk_elements=chunk_elements,
+        num_threads=num_threads,
+    )
+
+
+def _sort_chunk(clients: int) -> int:
+    """Chunk length that keeps the stacked chunks of all clients within SORT_SCRATCH_ELEMENTS."""
+    return max(4096, SORT_SCRATCH_ELEMENTS // max(clients, 1))
 
 
 def _sorted_stack(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -157,7 +202,8 @@ def median_(
     updates: Sequence[Mapping[str, torch.Tensor]],
     *,
     accumulate_dtype: torch.dtype = torch.float32,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
+    num_threads: int | None = 1,
 ) -> None:
     """Write the element-wise median of ``updates`` into ``targets`` (unweighted; even counts average the middle two, as ``numpy.median``)."""
 
@@ -168,7 +214,15 @@ def median_(
             return ordered[n // 2]
         return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
-    reduce_(targets, updates, median, accumulate_dtype=accumulate_dtype, chunk_elements=chunk_elements)
+    chunk_elements = chunk_elements or _sort_chunk(len(updates))
+    reduce_(
+        targets,
+        updates,
+        median,
+        accumulate_dtype=accumulate_dtype,
+        chunk_elements=chunk_elements,
+        num_threads=num_threads,
+    )
 
 
 def trimmed_mean_(
@@ -177,7 +231,8 @@ def trimmed_mean_(
     beta: float,
     *,
     accumulate_dtype: torch.dtype = torch.float32,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
+    num_threads: int | None = 1,
 ) -> None:
     """Write the element-wise trimmed mean of ``updates`` into ``targets`` (unweighted).
 
@@ -191,7 +246,15 @@ def trimmed_mean_(
     def trimmed_mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return _sorted_stack(chunks, dtype)[cut : len(chunks) - cut].mean(dim=0)
 
-    reduce_(targets, updates, trimmed_mean, accumulate_dtype=accumulate_dtype, chunk_elements=chunk_elements)
+    chunk_elements = chunk_elements or _sort_chunk(len(updates))
+    reduce_(
+        targets,
+        updates,
+        trimmed_mean,
+        accumulate_dtype=accumulate_dtype,
+        chunk_elements=chunk_elements,
+        num_threads=num_threads,
+    )
 
 
 @torch.no_grad()
