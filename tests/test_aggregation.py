@@ -178,3 +178,18 @@ def test_assign_loads_received_tensors_keeping_parameter_identity(batchnorm_net)
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in params]
     after = net.state_dict()
     assert all(torch.equal(after[k], batchnorm_net.state_dict()[k]) for k in after)
+
+
+def test_thread_count_does_not_change_the_result_and_torch_threads_are_restored():
+    before = torch.get_num_threads()
+    generator = torch.Generator().manual_seed(1)
+    updates = [
+        {"a": torch.randn(5000, generator=generator), "b": torch.randn(7, 3, generator=generator)} for _ in range(4)
+    ]
+    results = []
+    for threads in (1, 3):
+        targets = {"a": torch.empty(5000), "b": torch.empty(7, 3)}
+        weighted_mean_(targets, updates, [1, 2, 3, 4], chunk_elements=256, num_threads=threads)
+        results.append(targets)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert torch.get_num_threads() == before

@@ -18,7 +18,9 @@ targets' keys and shapes, so a bad update raises and leaves the targets intact.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -87,16 +89,26 @@ def _finish(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @contextmanager
-def _intra_op_threads(count: int | None) -> Iterator[None]:
-    """Run torch ops with ``count`` intra-op threads (None: leave torch's setting)."""
+def _single_threaded_ops() -> Iterator[None]:
+    """Run torch ops on the calling thread only (no intra-op thread pool)."""
     previous = torch.get_num_threads()
-    if count is not None and count != previous:
-        torch.set_num_threads(count)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
+        torch.set_num_threads(previous)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads, made on first use."""
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flwr-nnunet-reduce")
+        return _pools[workers]
 
 
 @torch.no_grad()
@@ -107,7 +119,7 @@ def reduce_(
     *,
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    num_threads: int | None = 1,
+    num_threads: int | None = None,
 ) -> None:
     """Write ``reducer`` over ``updates`` into ``targets``, chunk by chunk, in place.
 
@@ -119,39 +131,55 @@ def reduce_(
         One mapping per client with exactly the keys and shapes of ``targets``.
     reducer
         Called with one flat chunk per client and the work dtype; returns the
-        reduced flat chunk.
+        reduced flat chunk. It may run on several threads at once.
     accumulate_dtype
         Work dtype for floating-point groups.
     chunk_elements
         Elements per chunk; small enough that a chunk of every client stays in cache.
     num_threads
-        Torch intra-op threads while reducing. Chunk-sized ops are memory-bound and
-        pay a thread barrier each, which costs 10-100x on a busy machine, so one
-        thread is the default; None keeps torch's setting.
+        Threads that reduce chunks side by side (default: ``torch.get_num_threads()``).
+        Each chunk runs single-threaded: torch's own intra-op threads would pay a
+        barrier per chunk-sized op, which costs 10-100x on a busy machine.
     """
     check_updates(targets, updates)
-    with _intra_op_threads(num_threads):
-        _reduce_groups(targets, updates, reducer, accumulate_dtype, chunk_elements)
+    workers = max(1, num_threads or torch.get_num_threads())
+    jobs, unpack = _chunk_jobs(targets, updates, accumulate_dtype, chunk_elements)
+
+    def run(job: tuple[torch.Tensor, list[torch.Tensor], torch.dtype]) -> None:
+        out, chunks, work = job
+        out.copy_(_finish(reducer(chunks, work), out.dtype))
+
+    with _single_threaded_ops():
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                run(job)
+        else:
+            list(_worker_pool(workers).map(run, jobs))
+    for target, out in unpack:
+        target.copy_(out)
 
 
-def _reduce_groups(
+def _chunk_jobs(
     targets: Mapping[str, torch.Tensor],
     updates: Sequence[Mapping[str, torch.Tensor]],
-    reducer: Reducer,
     accumulate_dtype: torch.dtype,
     chunk_elements: int,
-) -> None:
+) -> tuple[list[tuple[torch.Tensor, list[torch.Tensor], torch.dtype]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(output chunk, one input chunk per update, work dtype) for every chunk of every group,
+    and the (target, contiguous stand-in) pairs to copy back for non-contiguous targets."""
+    jobs, unpack = [], []
     for key, target in targets.items():
         work = _work_dtype(target, accumulate_dtype)
         flats = [u[key].reshape(-1) for u in updates]
-        out = target if target.is_contiguous() else torch.empty_like(target, memory_format=torch.contiguous_format)
+        out = target
+        if not target.is_contiguous():
+            out = torch.empty_like(target, memory_format=torch.contiguous_format)
+            unpack.append((target, out))
         flat_out = out.view(-1)
         for start in range(0, flat_out.numel(), chunk_elements):
             end = min(start + chunk_elements, flat_out.numel())
-            reduced = reducer([f[start:end] for f in flats], work)
-            flat_out[start:end].copy_(_finish(reduced, target.dtype))
-        if out is not target:
-            target.copy_(out)
+            jobs.append((flat_out[start:end], [f[start:end] for f in flats], work))
+    return jobs, unpack
 
 
 def weighted_mean_(
@@ -161,7 +189,7 @@ def weighted_mean_(
     *,
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    num_threads: int | None = 1,
+    num_threads: int | None = None,
 ) -> None:
     """Write the weighted mean of ``updates`` into ``targets`` in place.
 
@@ -203,7 +231,7 @@ def median_(
     *,
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int | None = None,
-    num_threads: int | None = 1,
+    num_threads: int | None = None,
 ) -> None:
     """Write the element-wise median of ``updates`` into ``targets`` (unweighted; even counts average the middle two, as ``numpy.median``)."""
 
@@ -232,7 +260,7 @@ def trimmed_mean_(
     *,
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int | None = None,
-    num_threads: int | None = 1,
+    num_threads: int | None = None,
 ) -> None:
     """Write the element-wise trimmed mean of ``updates`` into ``targets`` (unweighted).
 
