@@ -14,7 +14,9 @@ decoding reinterprets the bits, so the round trip is exact.
 from __future__ import annotations
 
 import ast
+import functools
 import io
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -82,9 +84,15 @@ def _parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ..
     start = 8 + width
     if len(data) < start + length:
         raise PayloadError("truncated .npy header")
+    return (*_parse_header_text(bytes(data[start : start + length])), start + length)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_header_text(text: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran_order) of a ``.npy`` header dict; cached, as every client repeats each header."""
     try:
-        header = ast.literal_eval(bytes(data[start : start + length]).decode("latin1"))
-    except (ValueError, SyntaxError, UnicodeDecodeError):
+        header = ast.literal_eval(text.decode("latin1"))
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
         raise PayloadError("unreadable .npy header") from None
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
         raise PayloadError("the .npy header must hold exactly 'descr', 'fortran_order' and 'shape'")
@@ -101,7 +109,7 @@ def _parse_npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ..
         raise PayloadError(f"bad shape {shape!r}")
     if not isinstance(fortran, bool):
         raise PayloadError("bad fortran_order")
-    return dtype, shape, fortran, start + length
+    return dtype, shape, fortran
 
 
 def decode_array(array: Array, *, key: str = "?") -> torch.Tensor:
@@ -121,7 +129,7 @@ def decode_array(array: Array, *, key: str = "?") -> torch.Tensor:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise PayloadError(f"payload is a {type(data).__name__}, not bytes")
         dtype, shape, fortran, offset = _parse_npy_header(data)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if len(data) - offset != count * dtype.itemsize:
             raise PayloadError(
                 f"{len(data) - offset} payload bytes, but shape {shape} of {dtype} needs {count * dtype.itemsize}"
