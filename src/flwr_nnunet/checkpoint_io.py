@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ __all__ = [
     "CheckpointError",
     "RepairRefused",
     "atomic_save",
+    "atomic_write",
+    "fsync_directory",
     "load_checkpoint",
     "split_checkpoint",
 ]
@@ -173,7 +175,8 @@ def split_checkpoint(
     raise CheckpointError(f"{path} is not an nnU-Net checkpoint or state_dict: it holds {what}")
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (POSIX; a no-op elsewhere)."""
     if os.name != "posix":
         return
     fd = os.open(directory, os.O_RDONLY)
@@ -189,15 +192,20 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, *, check: Callable[[Path], None] | None = None) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[BinaryIO], object],
+    *,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``path`` atomically through ``write(file)``: a temp file in the same folder, fsync, rename.
 
     Parameters
     ----------
-    obj
-        What to save.
     path
         The destination; readers see either the old file or the complete new one.
+    write
+        Writes the content into the open binary file it is given.
     check
         Optional function called with the temp file's path after it is written
         and synced; if it raises, the temp file is removed and ``path`` is untouched.
@@ -208,11 +216,12 @@ def atomic_save(obj: Any, path: str | os.PathLike, *, check: Callable[[Path], No
         ``path``.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     temp = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp, _default_mode())
@@ -222,5 +231,10 @@ def atomic_save(obj: Any, path: str | os.PathLike, *, check: Callable[[Path], No
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, *, check: Callable[[Path], None] | None = None) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), check=check)

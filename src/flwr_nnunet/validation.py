@@ -1,0 +1,246 @@
+"""Checks of client replies against the global model: reject, never crash.
+
+A :class:`ReplyValidator` turns each reply ``Message`` into either an
+:class:`AcceptedReply` (canonical tensors that view the received bytes, the
+reply's weight and metrics) or a :class:`Rejection` (the node and one line that
+says why). Nothing here raises on bad input and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from flwr_nnunet.aliasing import AliasConflictError, AliasMap, strip_wrapper_prefixes
+from flwr_nnunet.codec import PayloadError, from_array_record
+
+__all__ = ["AcceptedReply", "Rejection", "ReplyValidator", "check_weight", "non_finite_reason"]
+
+PLANS_SHA256_KEY = "plans-sha256"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply that was dropped: the sending node and why."""
+
+    node_id: int
+    reason: str
+
+
+@dataclass
+class AcceptedReply:
+    """A reply that passed every check.
+
+    Attributes
+    ----------
+    message
+        The reply as received.
+    tensors
+        Canonical key -> tensor (read-only views of the received bytes; empty for
+        evaluate replies).
+    metrics
+        The reply's ``MetricRecord``.
+    num_examples
+        The validated weight value (``weighted_by_key``) as a float.
+    """
+
+    message: Message
+    tensors: OrderedDict[str, torch.Tensor] = field(repr=False)
+    metrics: MetricRecord
+    num_examples: float
+
+    @property
+    def node_id(self) -> int:
+        """The node that sent the reply."""
+        return self.message.metadata.src_node_id
+
+
+def check_weight(value: object, key: str) -> str | None:
+    """Why ``value`` is not a usable aggregation weight, or None when it is (finite, > 0, int or float)."""
+    if value is None:
+        return f"metric {key!r} is missing"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"metric {key!r} is a {type(value).__name__}, not a number"
+    if not math.isfinite(value):
+        return f"metric {key!r} is {value}, not finite"
+    if value <= 0:
+        return f"metric {key!r} is {value}, must be > 0"
+    return None
+
+
+def non_finite_reason(key: str, tensor: torch.Tensor) -> str | None:
+    """Why a floating tensor holds non-finite values, or None.
+
+    A sum in float32 or wider is a single fast pass; only when it is not finite
+    are NaN and Inf counted (an overflowing but finite sum passes).
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    if torch.isfinite(total):
+        return None
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    if nan == 0 and inf == 0:
+        return None
+    return f"{key!r} holds {nan} NaN and {inf} Inf values"
+
+
+class ReplyValidator:
+    """Checks replies against the global model's canonical tensors.
+
+    Parameters
+    ----------
+    alias_map
+        The global network's alias map; a reply carrying every key of it (a full
+        state_dict) is collapsed to canonical tensors when its aliases agree.
+    reference
+        Canonical key -> tensor of the global model for the groups that are
+        aggregated: replies must carry exactly these keys (or a superset allowed
+        by ``optional_keys``) with the same shapes and dtypes.
+    plans_sha256
+        The server's plans digest; a reply whose ``ConfigRecord`` carries a
+        different ``plans-sha256`` is rejected. None disables the check.
+    weighted_by_key
+        The metric holding the reply's weight (``num-examples``).
+    arrayrecord_key
+        Where the reply's ``ArrayRecord`` is expected.
+    optional_keys
+        Canonical keys a reply may carry besides ``reference`` (groups that stay
+        local at each site); they are dropped.
+    required_metrics
+        Metrics every reply must carry as a finite number (e.g. the training
+        loss q-FedAvg weighs replies with); extend it on the instance as needed.
+    """
+
+    def __init__(
+        self,
+        alias_map: AliasMap,
+        reference: Mapping[str, torch.Tensor],
+        *,
+        plans_sha256: str | None = None,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        optional_keys: Collection[str] = (),
+        required_metrics: Collection[str] = (),
+    ) -> None:
+        self.alias_map = alias_map
+        self.specs = OrderedDict((k, (tuple(t.shape), t.dtype)) for k, t in reference.items())
+        self.plans_sha256 = plans_sha256
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = arrayrecord_key
+        self.optional_keys = frozenset(optional_keys)
+        self.required_metrics = tuple(required_metrics)
+
+    def check_train(self, message: Message, *, check_finite: bool = True) -> AcceptedReply | Rejection:
+        """Validate a training reply: error, records, weight, plans digest, keys, shapes, dtypes, finiteness.
+
+        ``check_finite=False`` leaves out the NaN/Inf pass over the tensors for
+        callers that detect non-finite values in their result instead.
+        """
+        rejected = self._check_common(message)
+        if isinstance(rejected, Rejection):
+            return rejected
+        metrics, weight = rejected
+        node = message.metadata.src_node_id
+        record = message.content.array_records.get(self.arrayrecord_key)
+        if not isinstance(record, ArrayRecord):
+            return Rejection(node, f"no ArrayRecord under {self.arrayrecord_key!r}")
+        try:
+            tensors = self._canonical(from_array_record(record))
+        except PayloadError as error:
+            return Rejection(node, f"undecodable payload: {error}")
+        except (KeyError, AliasConflictError) as error:
+            return Rejection(node, str(error.args[0]))
+        reason = self.check_tensors(tensors, check_finite=check_finite)
+        if reason:
+            return Rejection(node, reason)
+        return AcceptedReply(message, tensors, metrics, weight)
+
+    def check_evaluate(self, message: Message) -> AcceptedReply | Rejection:
+        """Validate an evaluation reply: error, one MetricRecord, weight, plans digest, finite metrics."""
+        checked = self._check_common(message)
+        if isinstance(checked, Rejection):
+            return checked
+        metrics, weight = checked
+        for key, value in metrics.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(math.isfinite(v) for v in values):
+                return Rejection(message.metadata.src_node_id, f"metric {key!r} is not finite ({value})")
+        return AcceptedReply(message, OrderedDict(), metrics, weight)
+
+    def _check_common(self, message: Message) -> tuple[MetricRecord, float] | Rejection:
+        node = message.metadata.src_node_id
+        if message.has_error():
+            return Rejection(node, f"the node reported an error: {message.error.reason}")
+        if not message.has_content():
+            return Rejection(node, "the reply has no content")
+        metric_records = message.content.metric_records
+        if len(metric_records) != 1:
+            return Rejection(node, f"expected exactly one MetricRecord, got {len(metric_records)}")
+        metrics = next(iter(metric_records.values()))
+        reason = check_weight(metrics.get(self.weighted_by_key), self.weighted_by_key)
+        if reason:
+            return Rejection(node, reason)
+        for key in self.required_metrics:
+            value = metrics.get(key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return Rejection(node, f"metric {key!r} must be a finite number, got {value!r}")
+        reason = self._check_plans(message.content.config_records.values())
+        if reason:
+            return Rejection(node, reason)
+        return metrics, float(metrics[self.weighted_by_key])
+
+    def _check_plans(self, configs: Collection[ConfigRecord]) -> str | None:
+        if self.plans_sha256 is None:
+            return None
+        for config in configs:
+            digest = config.get(PLANS_SHA256_KEY)
+            if digest is not None and digest != self.plans_sha256:
+                return (
+                    f"plans-sha256 {str(digest)[:12]}... differs from the server's {self.plans_sha256[:12]}...: "
+                    "the site trains with other plans (re-run nnUNetv2_preprocess with the federation's plans)"
+                )
+        return None
+
+    def _canonical(self, tensors: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """The reply's tensors for the aggregated groups.
+
+        ``_orig_mod.``/``module.`` prefixes (a compiled or DDP-wrapped client
+        network) are removed, and a full state_dict is collapsed first.
+        """
+        tensors = strip_wrapper_prefixes(tensors)
+        given = set(tensors)
+        if len(given) == len(self.alias_map.keys) and given == set(self.alias_map.keys):
+            tensors = self.alias_map.collapse(tensors)
+            given = set(tensors)
+        expected = set(self.specs)
+        missing = [k for k in self.specs if k not in given]
+        extra = sorted(given - expected - self.optional_keys)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing keys (first: {missing[:3]})")
+            if extra:
+                parts.append(f"{len(extra)} unknown keys (first: {extra[:3]})")
+            raise KeyError("keys differ from the global model: " + "; ".join(parts))
+        return OrderedDict((k, tensors[k]) for k in self.specs)
+
+    def check_tensors(self, tensors: Mapping[str, torch.Tensor], *, check_finite: bool = True) -> str | None:
+        """Why ``tensors`` (the reference's keys) do not fit the reference's shapes and dtypes or are not finite."""
+        for key, (shape, dtype) in self.specs.items():
+            tensor = tensors[key]
+            if tuple(tensor.shape) != shape:
+                return f"{key!r} has shape {tuple(tensor.shape)}, expected {shape}"
+            if tensor.dtype != dtype:
+                return f"{key!r} has dtype {tensor.dtype}, expected {dtype}"
+        for key, tensor in tensors.items() if check_finite else ():
+            reason = non_finite_reason(key, tensor)
+            if reason:
+                return reason
+        return None
