@@ -8,16 +8,29 @@ from flwr_nnunet.aliasing import (
     find_alias_groups,
     strip_wrapper_prefixes,
 )
+from flwr_nnunet.checkpoint import CheckpointError, NnUNetModelFolder
 from flwr_nnunet.codec import PayloadError, from_array_record, to_array_record
+from flwr_nnunet.family import strategy_from_name
+from flwr_nnunet.site import Site, SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.strategy import NnUNetFedAvg, ResumeError
 
 __all__ = [
     "AliasConflictError",
     "AliasMap",
+    "CheckpointError",
+    "NnUNetFedAvg",
+    "NnUNetModelFolder",
     "PartialOverlapError",
     "PayloadError",
+    "ResumeError",
+    "Site",
+    "SiteError",
+    "SiteSpec",
+    "TrainOptions",
     "find_alias_groups",
     "from_array_record",
     "median_",
+    "strategy_from_name",
     "strip_wrapper_prefixes",
     "to_array_record",
     "trimmed_mean_",

@@ -1,0 +1,20 @@
+"""Flower ClientApp of flwr-nnunet: each node is one site training nnU-Net on its own data."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from flwr_nnunet.client import dp_clipping_mod, handle_message
+
+app = ClientApp(mods=[dp_clipping_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global model, train the configured local epochs, reply with the weights and metrics."""
+    return handle_message(msg, context, train=True)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Dice of the global model on the site's validation cases."""
+    return handle_message(msg, context, train=False)

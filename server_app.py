@@ -1,0 +1,14 @@
+"""Flower ServerApp of flwr-nnunet: federated nnU-Net training (run config: ``[tool.flwr.app.config]``)."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from flwr_nnunet.federation import run_server
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Make the demo data if asked, build the global network and strategy, run the rounds."""
+    run_server(grid, context)

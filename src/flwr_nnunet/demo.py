@@ -1,0 +1,645 @@
+"""A synthetic multi-site segmentation dataset, ready for nnU-Net and for ``flwr run .``.
+
+Each site ("hospital") images the same kind of object with its own scanner:
+different intensity scale and offset, noise, contrast and object sizes, and a
+different number of cases. Label 1 is an ellipse ("organ"), label 2 a small
+disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root::
+
+    server/nnUNet_raw/DatasetXXX_Name/          dataset.json (+ one example case, for the planner)
+    server/nnUNet_preprocessed/DatasetXXX_Name/ shared plans, merged fingerprint, dataset.json
+    server/nnUNet_results/                      the global model goes here
+    site-K/nnUNet_raw/DatasetXXX_Name/          imagesTr, labelsTr, imagesTs, labelsTs, dataset.json
+    site-K/nnUNet_preprocessed/DatasetXXX_Name/ the shared plans, splits_final.json, preprocessed cases
+    site-K/nnUNet_results/                      the site's own trainer output and round state
+    demo.json                                   what was made (read back by :func:`load_demo_dataset`)
+
+Every site uses the same dataset id and name (as real federations agree on one),
+so the plans are byte-identical across sites and the server.
+
+Command line: ``python -m flwr_nnunet.demo ROOT [--sites N] [--3d] [--seed S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flwr_nnunet.planning import (
+    fingerprint_site,
+    install_plans,
+    merge_fingerprints,
+    plan_experiment,
+    preprocess_site,
+    shrink_plans,
+)
+
+__all__ = [
+    "SITE_STYLES",
+    "DemoDataset",
+    "DemoSite",
+    "SiteStyle",
+    "dice_scores",
+    "gather_test_images",
+    "load_demo_dataset",
+    "make_demo_dataset",
+    "predict",
+    "predict_test_cases",
+    "synthesize_case",
+    "train_local_only",
+]
+
+PLANS_NAME = "nnUNetPlans"
+LABELS = {"background": 0, "organ": 1, "lesion": 2}
+_MANIFEST = "demo.json"
+
+
+@dataclass(frozen=True)
+class SiteStyle:
+    """How one site's scanner and population look.
+
+    Parameters
+    ----------
+    scale, offset
+        Stored intensity = ``scale * signal + offset``.
+    noise
+        Standard deviation of the Gaussian noise (signal units).
+    contrast
+        Organ minus background intensity (signal units); the lesion adds as much again.
+    radius
+        (min, max) organ semi-axis as a fraction of the image edge.
+    num_training, num_test
+        Training cases (a quarter of them, at least one, is the site's validation split) and held-out test cases.
+    """
+
+    scale: float
+    offset: float
+    noise: float
+    contrast: float
+    radius: tuple[float, float]
+    num_training: int
+    num_test: int
+
+
+SITE_STYLES: tuple[SiteStyle, ...] = (
+    SiteStyle(scale=1.0, offset=20.0, noise=10.0, contrast=60.0, radius=(0.16, 0.26), num_training=8, num_test=4),
+    SiteStyle(scale=1.8, offset=30.0, noise=16.0, contrast=45.0, radius=(0.11, 0.18), num_training=6, num_test=4),
+    SiteStyle(scale=0.6, offset=90.0, noise=12.0, contrast=35.0, radius=(0.20, 0.32), num_training=5, num_test=4),
+)
+"""The default sites (the demo uses the first ``num_sites`` of them)."""
+
+
+@dataclass(frozen=True)
+class DemoSite:
+    """One site's folders and cases (every path absolute).
+
+    Attributes
+    ----------
+    name
+        ``site-K``; also its ``partition-id`` K in simulation.
+    nnunet_raw, nnunet_preprocessed, nnunet_results
+        The site's nnU-Net roots (set them as ``nnUNet_raw`` etc. to run nnU-Net commands for this site).
+    training_cases, validation_cases
+        Identifiers of the preprocessed cases and the fold-0 validation split (``splits_final.json``).
+    test_cases
+        Held-out case identifiers in ``raw_dataset_folder/imagesTs`` (labels in ``labelsTs``).
+    """
+
+    name: str
+    dataset_name: str
+    nnunet_raw: Path
+    nnunet_preprocessed: Path
+    nnunet_results: Path
+    training_cases: tuple[str, ...]
+    validation_cases: tuple[str, ...]
+    test_cases: tuple[str, ...]
+
+    @property
+    def raw_dataset_folder(self) -> Path:
+        """``<nnunet_raw>/DatasetXXX_Name``."""
+        return self.nnunet_raw / self.dataset_name
+
+    @property
+    def preprocessed_dataset_folder(self) -> Path:
+        """``<nnunet_preprocessed>/DatasetXXX_Name``."""
+        return self.nnunet_preprocessed / self.dataset_name
+
+    @property
+    def images_ts(self) -> Path:
+        """Folder of the held-out test images (``CASE_0000<ending>``)."""
+        return self.raw_dataset_folder / "imagesTs"
+
+    @property
+    def labels_ts(self) -> Path:
+        """Folder of the held-out test labels (``CASE<ending>``)."""
+        return self.raw_dataset_folder / "labelsTs"
+
+    def environ(self) -> dict[str, str]:
+        """``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` for nnU-Net commands at this site."""
+        return {
+            "nnUNet_raw": str(self.nnunet_raw),
+            "nnUNet_preprocessed": str(self.nnunet_preprocessed),
+            "nnUNet_results": str(self.nnunet_results),
+        }
+
+
+@dataclass(frozen=True)
+class DemoDataset:
+    """What :func:`make_demo_dataset` made.
+
+    Attributes
+    ----------
+    root
+        The folder everything lives in.
+    dataset_id, dataset_name
+        nnU-Net's id and ``DatasetXXX_Name`` (the same at every site).
+    plans_name, configuration
+        Plans identifier (``nnUNetPlans``) and configuration (``2d`` or ``3d_fullres``).
+    file_ending
+        ``.png`` (2d) or ``.nii.gz`` (3d).
+    server
+        The server's folders: shared plans in ``nnunet_preprocessed``, the global model in ``nnunet_results``.
+    sites
+        The sites, ``sites[k].name == f"site-{k}"``.
+    """
+
+    root: Path
+    dataset_id: int
+    dataset_name: str
+    plans_name: str
+    configuration: str
+    file_ending: str
+    server: DemoSite
+    sites: tuple[DemoSite, ...]
+
+    @property
+    def plans_file(self) -> Path:
+        """The shared plans, as the server holds them."""
+        return self.server.preprocessed_dataset_folder / f"{self.plans_name}.json"
+
+    @property
+    def test_cases(self) -> dict[str, tuple[str, ...]]:
+        """Held-out test case identifiers per site name."""
+        return {site.name: site.test_cases for site in self.sites}
+
+    def run_config(self) -> dict[str, str | int]:
+        """Run-config values (``[tool.flwr.app.config]`` keys) that point a run at this dataset."""
+        return {
+            "demo-root": str(self.root),
+            "dataset": self.dataset_name,
+            "configuration": self.configuration,
+            "plans": self.plans_name,
+        }
+
+
+def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
+    return np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+
+
+def _ellipsoid(grid: list[np.ndarray], center: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    return sum(((g - c) / a) ** 2 for g, c, a in zip(grid, center, axes)) <= 1.0
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], grid: list[np.ndarray]) -> np.ndarray:
+    """A slowly varying background (low-frequency cosines), like a bias field."""
+    field = np.zeros(shape)
+    for _ in range(3):
+        frequency = rng.uniform(0.5, 2.0, len(shape)) * 2 * np.pi / np.array(shape)
+        field += np.cos(sum(f * g for f, g in zip(frequency, grid)) + rng.uniform(0, 2 * np.pi))
+    return field
+
+
+def synthesize_case(
+    rng: np.random.Generator, style: SiteStyle, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (image, label) pair of a site: float intensities and uint8 labels of ``shape``."""
+    grid = _grid(shape)
+    edge = np.array(shape, dtype=np.float64)
+    axes = rng.uniform(*style.radius, len(shape)) * edge
+    center = edge / 2 + rng.uniform(-0.12, 0.12, len(shape)) * edge
+    organ = _ellipsoid(grid, center, axes)
+    lesion_radius = rng.uniform(0.35, 0.5) * axes.min()
+    offset = rng.uniform(-0.4, 0.4, len(shape)) * (axes - lesion_radius)
+    lesion = _ellipsoid(grid, center + offset, np.full(len(shape), lesion_radius)) & organ
+    label = organ.astype(np.uint8) + lesion.astype(np.uint8)
+    signal = 10.0 * _smooth_field(rng, shape, grid) + style.contrast * organ + style.contrast * lesion
+    signal = signal + rng.normal(0.0, style.noise, shape)
+    return style.scale * signal + style.offset, label
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).save(path)
+
+
+def _write_nifti(path: Path, array: np.ndarray, dtype: type) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array.astype(dtype))
+    image.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(image, str(path))
+
+
+def _write_case(folder: Path, images: str, labels: str, case: str, pair: tuple[np.ndarray, np.ndarray], dims: int):
+    image, label = pair
+    (folder / images).mkdir(parents=True, exist_ok=True)
+    (folder / labels).mkdir(parents=True, exist_ok=True)
+    if dims == 2:
+        _write_png(folder / images / f"{case}_0000.png", image)
+        _write_png(folder / labels / f"{case}.png", label)
+    else:
+        _write_nifti(folder / images / f"{case}_0000.nii.gz", image, np.float32)
+        _write_nifti(folder / labels / f"{case}.nii.gz", label, np.uint8)
+
+
+def _dataset_json(num_training: int, dims: int) -> dict:
+    return {
+        "channel_names": {"0": "MRI"},
+        "labels": dict(LABELS),
+        "numTraining": num_training,
+        "file_ending": ".png" if dims == 2 else ".nii.gz",
+        "name": "flwr-nnunet synthetic multi-site demo",
+    }
+
+
+def _site(root: Path, name: str, dataset_name: str, training=(), validation=(), test=()) -> DemoSite:
+    return DemoSite(
+        name=name,
+        dataset_name=dataset_name,
+        nnunet_raw=root / name / "nnUNet_raw",
+        nnunet_preprocessed=root / name / "nnUNet_preprocessed",
+        nnunet_results=root / name / "nnUNet_results",
+        training_cases=tuple(training),
+        validation_cases=tuple(validation),
+        test_cases=tuple(test),
+    )
+
+
+def _write_site_raw(
+    site: DemoSite, style: SiteStyle, index: int, dims: int, shape: tuple[int, ...], seed: int
+) -> DemoSite:
+    rng = np.random.default_rng([seed, index])
+    folder = site.raw_dataset_folder
+    training = [f"site{index}_{i:03d}" for i in range(style.num_training)]
+    test = [f"site{index}_test_{i:03d}" for i in range(style.num_test)]
+    for case in training:
+        _write_case(folder, "imagesTr", "labelsTr", case, synthesize_case(rng, style, shape), dims)
+    for case in test:
+        _write_case(folder, "imagesTs", "labelsTs", case, synthesize_case(rng, style, shape), dims)
+    (folder / "dataset.json").write_text(json.dumps(_dataset_json(len(training), dims), indent=4))
+    num_validation = max(1, len(training) // 4)
+    return _site(
+        site.nnunet_raw.parent.parent, site.name, site.dataset_name, training, training[-num_validation:], test
+    )
+
+
+def _write_server_stub(server: DemoSite, example: DemoSite, num_training: int, dims: int, ending: str) -> None:
+    """The planner needs ``dataset.json`` and one example image to pick nnU-Net's reader."""
+    folder = server.raw_dataset_folder
+    case = example.training_cases[0]
+    for sub, name in (("imagesTr", f"{case}_0000{ending}"), ("labelsTr", f"{case}{ending}")):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(example.raw_dataset_folder / sub / name, folder / sub / name)
+    (folder / "dataset.json").write_text(json.dumps(_dataset_json(num_training, dims), indent=4))
+
+
+def _write_splits(site: DemoSite) -> None:
+    train = [c for c in site.training_cases if c not in site.validation_cases]
+    splits = [{"train": train, "val": list(site.validation_cases)}]
+    (site.preprocessed_dataset_folder / "splits_final.json").write_text(json.dumps(splits, indent=4))
+
+
+def _parameters(num_sites: int, dims: int, dataset_id: int, name: str, seed: int, size: int, max_features: int):
+    return {
+        "num_sites": num_sites,
+        "dims": dims,
+        "dataset_id": dataset_id,
+        "name": name,
+        "seed": seed,
+        "size": size,
+        "max_features": max_features,
+        "styles": [asdict(s) for s in SITE_STYLES[:num_sites]],
+    }
+
+
+def make_demo_dataset(
+    root: str | os.PathLike,
+    *,
+    num_sites: int = 3,
+    dims: int = 2,
+    dataset_id: int = 987,
+    name: str = "FedDemo",
+    seed: int = 0,
+    size: int | None = None,
+    max_features: int = 32,
+    overwrite: bool = False,
+) -> DemoDataset:
+    """Write the synthetic multi-site dataset, plan it once for all sites and preprocess every site.
+
+    Parameters
+    ----------
+    root
+        Folder to write into (created). If it already holds a demo made with the
+        same parameters, that demo is returned as is (nothing is rewritten).
+    num_sites
+        2 or 3 sites (styles from :data:`SITE_STYLES`).
+    dims
+        2 (PNG images, configuration ``2d``) or 3 (NIfTI volumes, ``3d_fullres``).
+    dataset_id, name
+        nnU-Net dataset id and name: the dataset is ``Dataset{id:03d}_{name}`` at every site.
+    seed
+        Seed of the random images.
+    size
+        Image edge in voxels (default 64 in 2d, 32 in 3d).
+    max_features
+        Widest network stage of the shared plans (nnU-Net's widths divided by 4 and capped here), so
+        that a CPU trains it in seconds.
+    overwrite
+        Replace what is under ``root/server``, ``root/site-K`` and ``root/demo.json`` instead of refusing
+        (a demo made with other parameters, or other data).
+
+    Returns
+    -------
+    DemoDataset
+        Folders, names and cases; the same object :func:`load_demo_dataset` reads back.
+
+    Raises
+    ------
+    ValueError
+        On unsupported parameters, or if ``root`` holds other data there and ``overwrite`` is False.
+    """
+    if not 2 <= num_sites <= len(SITE_STYLES):
+        raise ValueError(f"num_sites must be between 2 and {len(SITE_STYLES)}, got {num_sites}")
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    if not 1 <= dataset_id <= 999:
+        raise ValueError(f"dataset_id must be between 1 and 999, got {dataset_id}")
+    root = Path(root).absolute()
+    size = size or (64 if dims == 2 else 32)
+    parameters = json.loads(json.dumps(_parameters(num_sites, dims, dataset_id, name, seed, size, max_features)))
+    manifest = root / _MANIFEST
+    ours = [root / name for name in ("server", *(f"site-{k}" for k in range(len(SITE_STYLES))), _MANIFEST)]
+    if manifest.is_file() and json.loads(manifest.read_text())["parameters"] == parameters:
+        return load_demo_dataset(root)
+    present = [path for path in ours if path.exists()]
+    if present and not overwrite:
+        what = "a demo made with other parameters" if manifest.is_file() else f"{present[0].name} (not a demo)"
+        raise ValueError(f"{root} already holds {what}; pick another folder or pass overwrite=True to replace it")
+    for path in present:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+    dataset_name = f"Dataset{dataset_id:03d}_{name}"
+    configuration = "2d" if dims == 2 else "3d_fullres"
+    shape = (size,) * dims
+    sites = [
+        _write_site_raw(_site(root, f"site-{k}", dataset_name), SITE_STYLES[k], k, dims, shape, seed)
+        for k in range(num_sites)
+    ]
+    server = _site(root, "server", dataset_name)
+    ending = ".png" if dims == 2 else ".nii.gz"
+    _write_server_stub(server, sites[0], sum(len(s.training_cases) for s in sites), dims, ending)
+
+    fingerprints = [fingerprint_site(site.raw_dataset_folder) for site in sites]
+    plans = plan_experiment(
+        server.nnunet_raw,
+        server.nnunet_preprocessed,
+        dataset_name,
+        merge_fingerprints(fingerprints),
+        plans_name=PLANS_NAME,
+    )
+    plans = shrink_plans(plans, max_features=max_features, width_divisor=4)
+    plans["configurations"] = {configuration: plans["configurations"][configuration]}
+    dataset_json = json.loads((server.raw_dataset_folder / "dataset.json").read_text())
+    install_plans(plans, dataset_json, server.preprocessed_dataset_folder)
+    for site, fingerprint in zip(sites, fingerprints):
+        site_json = json.loads((site.raw_dataset_folder / "dataset.json").read_text())
+        install_plans(plans, site_json, site.preprocessed_dataset_folder, fingerprint)
+        preprocess_site(site.raw_dataset_folder, site.preprocessed_dataset_folder, plans, configuration)
+        _write_splits(site)
+        site.nnunet_results.mkdir(parents=True, exist_ok=True)
+    server.nnunet_results.mkdir(parents=True, exist_ok=True)
+
+    description = {
+        "dataset_id": dataset_id,
+        "dataset_name": dataset_name,
+        "plans_name": PLANS_NAME,
+        "configuration": configuration,
+        "file_ending": ending,
+        "sites": [
+            {
+                "name": s.name,
+                "training_cases": list(s.training_cases),
+                "validation_cases": list(s.validation_cases),
+                "test_cases": list(s.test_cases),
+            }
+            for s in sites
+        ],
+    }
+    manifest.write_text(json.dumps({"parameters": parameters, "demo": description}, indent=2))
+    return load_demo_dataset(root)
+
+
+def load_demo_dataset(root: str | os.PathLike) -> DemoDataset:
+    """The demo :func:`make_demo_dataset` wrote under ``root`` (paths resolved against ``root``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``root`` holds no demo (run ``python -m flwr_nnunet.demo ROOT`` first).
+    """
+    root = Path(root).absolute()
+    manifest = root / _MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no demo dataset under {root}: run `python -m flwr_nnunet.demo {root}` first")
+    data = json.loads(manifest.read_text())["demo"]
+    name = data["dataset_name"]
+    sites = tuple(
+        _site(root, s["name"], name, s["training_cases"], s["validation_cases"], s["test_cases"]) for s in data["sites"]
+    )
+    return DemoDataset(
+        root=root,
+        dataset_id=data["dataset_id"],
+        dataset_name=name,
+        plans_name=data["plans_name"],
+        configuration=data["configuration"],
+        file_ending=data["file_ending"],
+        server=_site(root, "server", name),
+        sites=sites,
+    )
+
+
+def dice_scores(
+    predictions: str | os.PathLike, labels: str | os.PathLike, cases: Sequence[str], file_ending: str
+) -> dict[str, float]:
+    """Dice per foreground label over ``cases`` (voxel counts summed over cases), and their mean as ``"mean"``.
+
+    Reads ``<folder>/<case><file_ending>`` from both folders with nnU-Net's reader for that ending.
+    """
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+
+    labels_path, predictions_path = Path(labels), Path(predictions)
+    first = str(labels_path / f"{cases[0]}{file_ending}")
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints which reader it picked
+        reader = determine_reader_writer_from_file_ending(file_ending, first, allow_nonmatching_filename=True)()
+    counts = {label: np.zeros(3) for name, label in LABELS.items() if label}
+    for case in cases:
+        truth, _ = reader.read_seg(str(labels_path / f"{case}{file_ending}"))
+        predicted, _ = reader.read_seg(str(predictions_path / f"{case}{file_ending}"))
+        for label, count in counts.items():
+            t, p = truth == label, predicted == label
+            count += (np.sum(t & p), np.sum(p & ~t), np.sum(t & ~p))
+    scores = {
+        name: float(2 * counts[label][0] / max(2 * counts[label][0] + counts[label][1] + counts[label][2], 1))
+        for name, label in LABELS.items()
+        if label
+    }
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def train_local_only(
+    demo: DemoDataset,
+    site: DemoSite,
+    results: str | os.PathLike,
+    *,
+    epochs: int,
+    iterations_per_epoch: int,
+    val_iterations_per_epoch: int,
+    seed: int = 0,
+    trainer: str = "nnUNetTrainer",
+    device: str = "auto",
+) -> Path:
+    """Train ``site`` alone for ``epochs`` epochs (the baseline a federation is compared with).
+
+    Starts from the same initial weights as the federated run with the same
+    ``seed`` and trains through the same :class:`~flwr_nnunet.site.Site` code,
+    as one long round. Returns the nnU-Net model folder under ``results``
+    (``fold_<fold>/checkpoint_final.pth``, usable with ``nnUNetv2_predict -f 0``).
+    """
+    import torch
+
+    from flwr_nnunet.aliasing import AliasMap
+    from flwr_nnunet.site import Site, SiteSpec, TrainOptions, build_trainer_network
+
+    spec = SiteSpec(
+        name=f"{site.name} (local only)",
+        dataset=demo.dataset_name,
+        nnunet_preprocessed=site.nnunet_preprocessed,
+        nnunet_results=Path(results),
+        configuration=demo.configuration,
+        plans=demo.plans_name,
+        trainer=trainer,
+        device=device,
+    )
+    local = Site(spec)
+    plans = local.check()
+    dataset_json = json.loads((site.preprocessed_dataset_folder / "dataset.json").read_text())
+    torch.manual_seed(seed)
+    network = build_trainer_network(plans, dataset_json, demo.configuration, trainer)
+    initial = AliasMap.from_module(network).collapse(network.state_dict())
+    options = TrainOptions(
+        local_epochs=epochs,
+        num_epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+        val_iterations_per_epoch=val_iterations_per_epoch,
+        seed=seed,
+    )
+    local.train(initial, options)
+    local.trainer.on_train_end()
+    return spec.output_folder.parent
+
+
+def gather_test_images(demo: DemoDataset, folder: str | os.PathLike) -> Path:
+    """Every site's held-out images in one folder (symbolic links), so one ``nnUNetv2_predict`` call covers all."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for site in demo.sites:
+        for case in site.test_cases:
+            name = f"{case}_0000{demo.file_ending}"
+            link = folder / name
+            if not link.is_symlink():
+                link.symlink_to(site.images_ts / name)
+    return folder
+
+
+def predict(
+    demo: DemoDataset,
+    nnunet_results: str | os.PathLike,
+    images: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    fold: str = "all",
+    trainer: str = "nnUNetTrainer",
+    device: str = "cpu",
+) -> Path:
+    """Run ``nnUNetv2_predict`` on a folder of images with the model under ``nnunet_results``; return ``output``.
+
+    ``nnunet_results`` is the ``nnUNet_results`` root holding the model folder; ``fold`` is ``all`` for the
+    federated model and ``0`` for a local-only one.
+
+    Raises
+    ------
+    RuntimeError
+        With nnU-Net's output, if the prediction fails.
+    """
+    import subprocess
+    import sys
+
+    command = shutil.which("nnUNetv2_predict") or str(Path(sys.executable).with_name("nnUNetv2_predict"))
+    arguments = [command, "-i", str(images), "-o", str(output), "-d", str(demo.dataset_id)]
+    arguments += ["-c", demo.configuration, "-p", demo.plans_name, "-tr", trainer, "-f", fold]
+    arguments += ["-chk", "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+    environment = {**os.environ, "nnUNet_results": str(nnunet_results), "nnUNet_def_n_proc": "1"}
+    done = subprocess.run(arguments, check=False, env=environment, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nnUNetv2_predict failed on {images}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return Path(output)
+
+
+def predict_test_cases(
+    demo: DemoDataset,
+    site: DemoSite,
+    nnunet_results: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    fold: str = "all",
+    trainer: str = "nnUNetTrainer",
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Predict ``site``'s held-out cases with ``nnUNetv2_predict`` (see :func:`predict`) and return their Dice."""
+    predict(demo, nnunet_results, site.images_ts, output, fold=fold, trainer=trainer, device=device)
+    return dice_scores(output, site.labels_ts, site.test_cases, demo.file_ending)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m flwr_nnunet.demo ROOT``: make the demo dataset and print where it is."""
+    parser = argparse.ArgumentParser(prog="python -m flwr_nnunet.demo", description=main.__doc__)
+    parser.add_argument("root", help="folder to write the demo into")
+    parser.add_argument("--sites", type=int, default=3, help="number of sites (2 or 3)")
+    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="small 3D volumes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
+    parser.add_argument("--overwrite", action="store_true", help="replace a demo made with other parameters")
+    args = parser.parse_args(argv)
+    demo = make_demo_dataset(args.root, num_sites=args.sites, dims=args.dims, seed=args.seed, overwrite=args.overwrite)
+    print(f"{demo.dataset_name} ({demo.configuration}) under {demo.root}")
+    for site in demo.sites:
+        print(
+            f"  {site.name}: {len(site.training_cases)} training cases "
+            f"({len(site.validation_cases)} validation), {len(site.test_cases)} test cases"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,690 @@
+"""One hospital of the federation: an nnU-Net trainer on the site's own preprocessed data.
+
+A :class:`Site` keeps one nnU-Net trainer (``nnUNetTrainer`` or any trainer
+class named by the run config) alive across rounds. Each round it loads the
+global canonical tensors into the live network *in place* (the optimizer keeps
+its references and momentum), trains the configured local epochs with nnU-Net's
+own epoch hooks, and returns the network's canonical tensors with its metrics.
+
+The learning-rate schedule (nnU-Net's PolyLR) runs over the whole federation:
+``num_epochs`` is the federation's total (rounds x local epochs) and the
+epoch counter keeps counting across rounds, never past the end.
+
+Where the process does not survive between rounds (a Flower SuperNode starts a
+fresh process per message) the trainer is rebuilt from the site's state file,
+an nnU-Net trainer checkpoint written after every round
+(``<fold folder>/flwr_site_state.pth``), which gives the same epoch counter,
+learning rate, optimizer state and logs as the live trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.supercore import log
+from torch import nn
+
+from flwr_nnunet.aggregation import assign_
+from flwr_nnunet.aliasing import AliasMap
+from flwr_nnunet.networks import plans_sha256
+from flwr_nnunet.planning import nnunet_environment
+
+__all__ = [
+    "STATE_FILE",
+    "STATE_TOKEN_FILE",
+    "Site",
+    "SiteError",
+    "SiteSpec",
+    "TrainOptions",
+    "build_trainer_network",
+    "proximal_term",
+    "trainer_class",
+]
+
+STATE_FILE = "flwr_site_state.pth"
+"""Name of the per-site round state (an nnU-Net trainer checkpoint) in the trainer's fold folder."""
+
+STATE_TOKEN_FILE = "flwr_site_state.json"
+"""Beside the state: a fresh token per saved round, so a process can tell that another one trained since."""
+
+
+class SiteError(RuntimeError):
+    """A site cannot take part in a round; the message says why and what fixes it."""
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where a site's data lives and which nnU-Net training it runs.
+
+    Parameters
+    ----------
+    name
+        Shown in logs and errors (e.g. ``site-0``).
+    dataset
+        ``DatasetXXX_Name``, the same at every site.
+    nnunet_preprocessed
+        The site's ``nnUNet_preprocessed`` root (holds ``<dataset>/<plans>.json`` and the preprocessed cases).
+    nnunet_results
+        The site's ``nnUNet_results`` root: the trainer's logs and the round state go to
+        ``<dataset>/<trainer>__<plans>__<configuration>/fold_<fold>/``.
+    configuration
+        nnU-Net configuration (``2d``, ``3d_fullres``, ...).
+    plans
+        Plans identifier (``nnUNetPlans``).
+    trainer
+        nnU-Net trainer class name (``nnUNetTrainer``, ``nnUNetTrainerBN``, ``nnUNetTrainerNoDeepSupervision``, ...);
+        classes outside nnU-Net are found through ``nnUNet_extTrainer``.
+    fold
+        The split of ``splits_final.json`` whose ``train`` cases are trained on and whose ``val`` cases are
+        evaluated (``"all"``: every case for both).
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    """
+
+    name: str
+    dataset: str
+    nnunet_preprocessed: Path
+    nnunet_results: Path
+    configuration: str = "2d"
+    plans: str = "nnUNetPlans"
+    trainer: str = "nnUNetTrainer"
+    fold: int | str = 0
+    device: str = "auto"
+
+    @property
+    def dataset_folder(self) -> Path:
+        """``<nnunet_preprocessed>/<dataset>``."""
+        return Path(self.nnunet_preprocessed) / self.dataset
+
+    @property
+    def output_folder(self) -> Path:
+        """The trainer's fold folder, where the round state lives."""
+        model = f"{self.trainer}__{self.plans}__{self.configuration}"
+        return Path(self.nnunet_results) / self.dataset / model / f"fold_{self.fold}"
+
+    @property
+    def state_file(self) -> Path:
+        """The round state written after every round."""
+        return self.output_folder / STATE_FILE
+
+    @property
+    def state_token_file(self) -> Path:
+        """The token of the newest round state."""
+        return self.output_folder / STATE_TOKEN_FILE
+
+    def torch_device(self) -> torch.device:
+        """The device to train on."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What one round of local training does (read from the server's config record).
+
+    Parameters
+    ----------
+    local_epochs
+        nnU-Net epochs per round (config ``local-epochs``).
+    num_epochs
+        Length of the learning-rate schedule: the federation's rounds x local epochs (config ``num-epochs``).
+    iterations_per_epoch, val_iterations_per_epoch
+        Training and pseudo-Dice batches per epoch (``iterations-per-epoch``, ``val-iterations-per-epoch``);
+        ``None`` keeps the trainer's own (250 and 50 for ``nnUNetTrainer``).
+    proximal_mu
+        FedProx coefficient (``proximal-mu``): the local loss gains ``mu / 2 * ||w - w_global||^2``.
+    seed
+        Seeds Python, numpy and torch at the start of the round (``seed``; mixed with the round and the
+        site name), so a rebuilt site repeats the live one's round exactly; ``None`` leaves them alone.
+    server_round
+        The round (``server-round``); round 1 starts a fresh trainer.
+    """
+
+    local_epochs: int = 1
+    num_epochs: int = 1
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+    proximal_mu: float = 0.0
+    seed: int | None = None
+    server_round: int = 1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrainOptions:
+        """Options from a received ``ConfigRecord`` (missing keys take the defaults above)."""
+
+        def optional_int(key: str) -> int | None:
+            value = config.get(key)
+            return None if value is None or int(value) <= 0 else int(value)
+
+        local_epochs = int(config.get("local-epochs", 1))
+        server_round = int(config.get("server-round", 1))
+        return cls(
+            local_epochs=local_epochs,
+            num_epochs=int(config.get("num-epochs", local_epochs * server_round)),
+            iterations_per_epoch=optional_int("iterations-per-epoch"),
+            val_iterations_per_epoch=optional_int("val-iterations-per-epoch"),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            seed=None if config.get("seed") is None else int(config["seed"]),
+            server_round=server_round,
+        )
+
+
+def trainer_class(name: str) -> type:
+    """The nnU-Net trainer class called ``name`` (nnU-Net's own search, then ``nnUNet_extTrainer``).
+
+    Raises
+    ------
+    SiteError
+        If there is no such class.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    found = recursive_find_trainer_class_by_name(name)
+    if found is None:
+        raise SiteError(
+            f"no nnU-Net trainer class {name!r}; set run-config 'trainer' (or add its folder to nnUNet_extTrainer)"
+        )
+    return found
+
+
+def build_trainer_network(
+    plans: dict, dataset_json: dict, configuration: str, trainer: str = "nnUNetTrainer"
+) -> nn.Module:
+    """The network the trainer class ``trainer`` builds for these plans (e.g. BatchNorm for ``nnUNetTrainerBN``).
+
+    The server builds its global model with this, so its keys and shapes are those of every site's network.
+    """
+    import inspect
+
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(json.loads(json.dumps(plans)))
+    manager = plans_manager.get_configuration(configuration)
+    inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
+    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    build = trainer_class(trainer).build_network_architecture
+    if "plans_manager" in inspect.signature(build).parameters:
+        return build(plans_manager, manager, inputs, heads, True)
+    return build(
+        manager.network_arch_class_name,
+        manager.network_arch_init_kwargs,
+        manager.network_arch_init_kwargs_req_import,
+        inputs,
+        heads,
+        True,
+    )
+
+
+def proximal_term(parameters: Mapping[str, nn.Parameter], anchors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``sum ||p - anchor||^2`` over the parameters (FedProx's proximal term, without ``mu / 2``)."""
+    return sum(((parameters[key] - anchor) ** 2).sum() for key, anchor in anchors.items())
+
+
+class _ProximalLoss:
+    """The trainer's loss plus ``mu / 2 * ||w - w_global||^2`` over the trainable parameters."""
+
+    def __init__(self, loss: Any, parameters: Mapping[str, nn.Parameter], mu: float):
+        self.loss = loss
+        self.parameters = dict(parameters)
+        self.anchors = {key: p.detach().clone() for key, p in self.parameters.items() if p.requires_grad}
+        self.mu = mu
+
+    def __call__(self, output: Any, target: Any) -> torch.Tensor:
+        return self.loss(output, target) + 0.5 * self.mu * proximal_term(self.parameters, self.anchors)
+
+
+def _fix(site: SiteSpec, *, what: str) -> str:
+    dataset_id = site.dataset[7:10] if site.dataset.startswith("Dataset") else site.dataset
+    commands = {
+        "preprocess": f"nnUNetv2_preprocess -d {dataset_id} -plans_name {site.plans} -c {site.configuration}",
+        "plans": (
+            f"copy the federation's {site.plans}.json into {site.dataset_folder} "
+            f"(nnUNetv2_move_plans_between_datasets), then run "
+            f"nnUNetv2_preprocess -d {dataset_id} -plans_name {site.plans} -c {site.configuration}"
+        ),
+        "fingerprint": f"nnUNetv2_extract_fingerprint -d {dataset_id}",
+    }
+    return commands[what]
+
+
+def _seed_everything(seed: int, server_round: int, name: str) -> None:
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}/{server_round}/{name}".encode()).digest()[:4], "little")
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+@contextmanager
+def _cpu_worker_defaults(device: torch.device) -> Iterator[None]:
+    """On CPU, run nnU-Net's augmentation in-process unless ``nnUNet_n_proc_DA`` says otherwise.
+
+    Augmentation workers would compete with the training for the same cores
+    and cost seconds to start in every fresh SuperNode process.
+    """
+    if device.type != "cpu" or "nnUNet_n_proc_DA" in os.environ:
+        yield
+        return
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("nnUNet_n_proc_DA", None)
+
+
+@contextmanager
+def _progress_plot_once(trainer: Any) -> Iterator[None]:
+    """Draw nnU-Net's ``progress.png`` once at the end of a round instead of after every epoch (about 1 s each)."""
+    logger = trainer.logger
+    logger.plot_progress_png = lambda output_folder: None
+    try:
+        yield
+    finally:
+        del logger.plot_progress_png
+        logger.plot_progress_png(trainer.output_folder)
+
+
+def _finite(value: Any) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else 0.0
+
+
+class Site:
+    """One site: a persistent nnU-Net trainer across rounds, its checks, training and evaluation.
+
+    Parameters
+    ----------
+    spec
+        The site's folders and training setup.
+
+    Notes
+    -----
+    The trainer is built on first use: from the state file when one exists and
+    the round is not the first, otherwise fresh. Call :meth:`check` first to get
+    clear errors for a missing or unprepared dataset.
+    """
+
+    def __init__(self, spec: SiteSpec):
+        self.spec = spec
+        self.trainer: Any = None
+        self._data_loaders_ready = False
+        self._alias_map: AliasMap | None = None
+        self._state_token: str | None = None
+
+    # ----------------------------------------------------------------- checks
+    def check(self, plans_sha: str | None = None) -> dict:
+        """The site's plans, after checking the dataset is there, preprocessed and planned like the server's.
+
+        Raises
+        ------
+        SiteError
+            Naming what is missing or different and the nnU-Net command or key that fixes it.
+        """
+        spec, folder = self.spec, self.spec.dataset_folder
+        where = "node-config 'nnunet-preprocessed' (deployment) or run-config 'data-root' (simulation)"
+        if not folder.is_dir():
+            raise SiteError(
+                f"{spec.name}: dataset folder {folder} not found; point {where} at the site's nnUNet_preprocessed "
+                f"root, or plan and preprocess the dataset: {_fix(spec, what='plans')}"
+            )
+        plans_file = folder / f"{spec.plans}.json"
+        if not plans_file.is_file():
+            raise SiteError(f"{spec.name}: plans {plans_file} not found; {_fix(spec, what='plans')}")
+        plans = json.loads(plans_file.read_text())
+        if plans_sha is not None and plans_sha256(plans) != plans_sha:
+            raise SiteError(
+                f"{spec.name}: {plans_file} differs from the server's plans (plans-sha256 "
+                f"{plans_sha256(plans)[:12]}... != {plans_sha[:12]}...); {_fix(spec, what='plans')}"
+            )
+        if spec.configuration not in plans.get("configurations", {}):
+            raise SiteError(
+                f"{spec.name}: {plans_file} has no configuration {spec.configuration!r} "
+                f"(it has {sorted(plans.get('configurations', {}))}); set run-config 'configuration'"
+            )
+        for name, what in (("dataset.json", "plans"), ("dataset_fingerprint.json", "fingerprint")):
+            if not (folder / name).is_file():
+                raise SiteError(f"{spec.name}: {folder / name} not found; run {_fix(spec, what=what)}")
+        identifier = plans["configurations"][spec.configuration].get("data_identifier", "")
+        data = folder / identifier
+        if not identifier or not data.is_dir() or not any(data.iterdir()):
+            raise SiteError(f"{spec.name}: {data} holds no preprocessed cases; run {_fix(spec, what='preprocess')}")
+        return plans
+
+    # ---------------------------------------------------------------- trainer
+    @property
+    def network(self) -> nn.Module:
+        """The live network (unwrapped from ``torch.compile``)."""
+        network = self.trainer.network
+        return getattr(network, "_orig_mod", network)
+
+    @property
+    def alias_map(self) -> AliasMap:
+        """Alias groups of the live network."""
+        if self._alias_map is None:
+            self._alias_map = AliasMap.from_module(self.network)
+        return self._alias_map
+
+    def canonical(self) -> OrderedDict[str, torch.Tensor]:
+        """The live network's canonical tensors (views of its parameters and buffers)."""
+        return self.alias_map.collapse(self.network.state_dict())
+
+    def start(self, options: TrainOptions, plans: dict | None = None) -> None:
+        """Build the trainer if there is none: from the state file (rounds after the first) or fresh."""
+        if self.trainer is not None:
+            return
+        plans = plans if plans is not None else self.check()
+        resume = options.server_round > 1 and self.spec.state_file.is_file()
+        self.trainer = self._build_trainer(plans, resume)
+        self._data_loaders_ready = False
+        self._alias_map = None
+        self._set_schedule(max(options.num_epochs, 1))
+        self.trainer.initialize()
+        if resume:
+            self._state_token = self._disk_state_token()
+            with _cpu_worker_defaults(self.trainer.device):
+                self.trainer.load_checkpoint(str(self.spec.state_file))
+            log(
+                INFO,
+                "%s: trainer rebuilt from %s at epoch %d",
+                self.spec.name,
+                self.spec.state_file,
+                self.trainer.current_epoch,
+            )
+
+    def _build_trainer(self, plans: dict, resume: bool) -> Any:
+        spec = self.spec
+        try:
+            cls = trainer_class(spec.trainer)
+        except SiteError as error:
+            raise SiteError(f"{spec.name}: {error}") from None
+        dataset_json = json.loads((spec.dataset_folder / "dataset.json").read_text())
+        plans = {**json.loads(json.dumps(plans)), "continue_training": resume}
+        with nnunet_environment(preprocessed=spec.nnunet_preprocessed, results=spec.nnunet_results):
+            trainer = cls(
+                plans=plans,
+                configuration=spec.configuration,
+                fold=spec.fold,
+                dataset_json=dataset_json,
+                device=spec.torch_device(),
+            )
+        return trainer
+
+    def _set_schedule(self, num_epochs: int) -> None:
+        trainer = self.trainer
+        trainer.num_epochs = num_epochs
+        if trainer.lr_scheduler is not None and hasattr(trainer.lr_scheduler, "max_steps"):
+            trainer.lr_scheduler.max_steps = num_epochs
+
+    def load_global_(self, received: Mapping[str, torch.Tensor], local_keys: Collection[str] = ()) -> None:
+        """Copy the server's canonical tensors into the live network, in place.
+
+        Parameters
+        ----------
+        received
+            Canonical key -> tensor for every group except ``local_keys``.
+        local_keys
+            Canonical keys this site keeps its own values for (the strategy's personalised groups).
+
+        Raises
+        ------
+        SiteError
+            If the keys or shapes differ from this site's network.
+        """
+        canonical = self.canonical()
+        local = set(local_keys)
+        shared = OrderedDict((key, tensor) for key, tensor in canonical.items() if key not in local)
+        try:
+            if set(received) != set(shared):
+                missing, unknown = sorted(set(shared) - set(received))[:3], sorted(set(received) - set(shared))[:3]
+                raise ValueError(f"keys differ: missing {missing}, unknown {unknown}")
+            assign_(shared, received)
+        except (KeyError, ValueError) as error:
+            raise SiteError(
+                f"{self.spec.name}: the server's model does not fit this site's network ({error}); "
+                "the server and the sites must use the same plans, configuration and trainer"
+            ) from None
+
+    def _receive(
+        self,
+        received: Mapping[str, torch.Tensor],
+        options: TrainOptions,
+        plans_sha: str | None,
+        local_keys: Collection[str],
+        *,
+        fresh: bool,
+    ) -> None:
+        """Check the site, have a trainer (a new one when ``fresh``), load the server's tensors into it."""
+        plans = self.check(plans_sha)
+        if fresh:
+            self.trainer = None
+        self.start(options, plans)
+        self.load_global_(received, local_keys)
+
+    def _drop_stale_trainer(self) -> None:
+        """Forget the live trainer if another process (another simulation actor) trained this site since."""
+        if self.trainer is not None and self._disk_state_token() not in (None, self._state_token):
+            log(
+                INFO,
+                "%s: %s is newer than this process's trainer; rebuilding from it",
+                self.spec.name,
+                self.spec.state_file,
+            )
+            self.trainer = None
+
+    def _disk_state_token(self) -> str | None:
+        path = self.spec.state_token_file
+        return str(json.loads(path.read_text())["token"]) if path.is_file() else None
+
+    # --------------------------------------------------------------- training
+    def _prepare_training(self, options: TrainOptions) -> None:
+        trainer = self.trainer
+        if options.iterations_per_epoch is not None:
+            trainer.num_iterations_per_epoch = options.iterations_per_epoch
+        if options.val_iterations_per_epoch is not None:
+            trainer.num_val_iterations_per_epoch = options.val_iterations_per_epoch
+        needed = trainer.current_epoch + options.local_epochs
+        self._set_schedule(max(options.num_epochs, needed))
+        if not self._data_loaders_ready:
+            with _cpu_worker_defaults(trainer.device):
+                trainer.on_train_start()
+            self._data_loaders_ready = True
+
+    def _run_epoch(self) -> None:
+        """One nnU-Net epoch through the trainer's own hooks (FedProx term only on the training steps)."""
+        trainer = self.trainer
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
+        trainer.on_train_epoch_end(outputs)
+        loss = trainer.loss
+        if isinstance(loss, _ProximalLoss):
+            trainer.loss = loss.loss
+        with torch.no_grad():
+            trainer.on_validation_epoch_start()
+            outputs = [
+                trainer.validation_step(next(trainer.dataloader_val))
+                for _ in range(trainer.num_val_iterations_per_epoch)
+            ]
+            trainer.on_validation_epoch_end(outputs)
+        trainer.loss = loss
+        trainer.on_epoch_end()
+
+    def train(
+        self,
+        received: Mapping[str, torch.Tensor],
+        options: TrainOptions,
+        plans_sha: str | None = None,
+        local_keys: Collection[str] = (),
+    ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float | int | list[float]]]:
+        """One round: load the global tensors, train ``options.local_epochs`` epochs, save the round state.
+
+        Parameters
+        ----------
+        received
+            The server's canonical tensors (see :meth:`load_global_`).
+        options
+            The round's training options.
+        plans_sha
+            The server's ``plans-sha256``; the round is refused if the site's plans differ.
+        local_keys
+            Canonical keys kept local (neither loaded nor returned).
+
+        Returns
+        -------
+        (canonical tensors, metrics)
+            The network's canonical tensors for the keys of ``received`` (views of its parameters) and
+            ``num-examples`` (training
+            cases), ``train-loss``, ``val-loss``, ``pseudo-dice`` (mean foreground) and
+            ``pseudo-dice-per-class`` of the round's last epoch.
+        """
+        self._drop_stale_trainer()
+        self._receive(received, options, plans_sha, local_keys, fresh=options.server_round == 1)
+        self._prepare_training(options)
+        if options.seed is not None:
+            _seed_everything(options.seed, options.server_round, self.spec.name)
+        trainer = self.trainer
+        if options.proximal_mu > 0:
+            trainer.loss = _ProximalLoss(trainer.loss, dict(self.network.named_parameters()), options.proximal_mu)
+        try:
+            with _progress_plot_once(trainer):
+                for _ in range(options.local_epochs):
+                    self._run_epoch()
+        finally:
+            if isinstance(trainer.loss, _ProximalLoss):
+                trainer.loss = trainer.loss.loss
+        self.save_state()
+        logger = trainer.logger
+        metrics = {
+            "num-examples": len(self.split()[0]),
+            "train-loss": _finite(logger.get_value("train_losses", step=-1)),
+            "val-loss": _finite(logger.get_value("val_losses", step=-1)),
+            "pseudo-dice": _finite(logger.get_value("mean_fg_dice", step=-1)),
+            "pseudo-dice-per-class": [_finite(d) for d in logger.get_value("dice_per_class_or_region", step=-1)],
+            "epoch": int(trainer.current_epoch),
+            "learning-rate": float(trainer.optimizer.param_groups[0]["lr"]),
+        }
+        log(
+            INFO,
+            "%s: round %d trained %d epoch(s) (epoch %d/%d), train loss %.4f, pseudo-Dice %.4f",
+            self.spec.name,
+            options.server_round,
+            options.local_epochs,
+            trainer.current_epoch,
+            trainer.num_epochs,
+            metrics["train-loss"],
+            metrics["pseudo-dice"],
+        )
+        canonical = self.canonical()
+        return OrderedDict((key, canonical[key]) for key in received), metrics
+
+    def save_state(self) -> Path:
+        """Write the round state (nnU-Net checkpoint; epoch counter stored as nnU-Net's own loader expects)."""
+        trainer = self.trainer
+        self.spec.output_folder.mkdir(parents=True, exist_ok=True)
+        disabled, trainer.disable_checkpointing = trainer.disable_checkpointing, False
+        trainer.current_epoch -= 1  # save_checkpoint stores current_epoch + 1 (it expects to run inside an epoch)
+        try:
+            temporary = self.spec.state_file.with_suffix(".tmp")
+            trainer.save_checkpoint(str(temporary))
+            os.replace(temporary, self.spec.state_file)
+        finally:
+            trainer.current_epoch += 1
+            trainer.disable_checkpointing = disabled
+        self._state_token = uuid.uuid4().hex
+        token = {"token": self._state_token, "epoch": int(trainer.current_epoch)}
+        temporary = self.spec.state_token_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(token))
+        os.replace(temporary, self.spec.state_token_file)
+        return self.spec.state_file
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """(training, validation) case identifiers of the site's fold."""
+        with nnunet_environment(preprocessed=self.spec.nnunet_preprocessed, results=self.spec.nnunet_results):
+            train, validation = self.trainer.do_split()
+        return list(train), list(validation)
+
+    # ------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(
+        self,
+        received: Mapping[str, torch.Tensor],
+        options: TrainOptions,
+        plans_sha: str | None = None,
+        local_keys: Collection[str] = (),
+    ) -> dict[str, float | int | list[float]]:
+        """Dice of the global model on the site's validation cases (whole cases, sliding window, preprocessed space).
+
+        Parameters are those of :meth:`train`. Returns ``num-examples`` (validation cases), ``dice`` (the
+        mean over foreground labels of the Dice from voxel counts summed over the cases) and ``dice-per-class``.
+        """
+        self._receive(received, options, plans_sha, local_keys, fresh=False)
+        trainer = self.trainer
+        validation = self.split()[1]
+        if not validation:
+            raise SiteError(f"{self.spec.name}: fold {self.spec.fold} has no validation cases; set run-config 'fold'")
+        labels = trainer.label_manager
+        if labels.has_regions:
+            raise SiteError(f"{self.spec.name}: evaluation of region-based training is not supported")
+        foreground = list(labels.foreground_labels)
+        counts = np.zeros((len(foreground), 3))
+        predictor = self._predictor()
+        dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, validation)
+        trainer.set_deep_supervision_enabled(False)
+        try:
+            for case in validation:
+                data, seg, _, _ = dataset.load_case(case)
+                logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.ascontiguousarray(data[:])))
+                predicted = logits.argmax(0).cpu().numpy()
+                truth = np.asarray(seg[:])[0]
+                for index, label in enumerate(foreground):
+                    t, p = truth == label, predicted == label
+                    counts[index] += (np.sum(t & p), np.sum(p & ~t), np.sum(t & ~p))
+        finally:
+            trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
+        per_class = [float(2 * tp / max(2 * tp + fp + fn, 1)) for tp, fp, fn in counts]
+        dice = float(np.mean(per_class))
+        log(INFO, "%s: global model Dice %.4f on %d validation case(s)", self.spec.name, dice, len(validation))
+        return {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}
+
+    def _predictor(self) -> Any:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        trainer = self.trainer
+        if trainer.inference_allowed_mirroring_axes is None:
+            trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=trainer.inference_allowed_mirroring_axes is not None,
+            perform_everything_on_device=trainer.device.type == "cuda",
+            device=trainer.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        predictor.manual_initialization(
+            self.network,
+            trainer.plans_manager,
+            trainer.configuration_manager,
+            None,
+            trainer.dataset_json,
+            type(trainer).__name__,
+            trainer.inference_allowed_mirroring_axes,
+        )
+        self.network.eval()
+        return predictor
