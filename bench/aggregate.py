@@ -7,7 +7,8 @@ the same client updates, each in its own process so that its peak memory is its 
             Flower's ``aggregate_arrayrecords``.
 (b) ours:   each client sends canonical tensors (``to_array_record``); the server decodes
             them zero-copy and runs ``weighted_mean_`` into the global network's parameters.
-(c) floor:  one read pass (a sum) over the bytes (b) received: the memory-bandwidth floor.
+(c) floor:  one read pass (a sum) over the bytes (b) received, clients spread over as many
+            single-threaded workers as torch has threads: the memory-bandwidth floor.
 
 Run: ``python bench/aggregate.py`` (about 10 minutes and up to ~17 GB of RAM on 2 cores);
 ``--clients 2 8 --networks plain`` for a quick look.
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -90,8 +92,8 @@ def worker(variant: str, network: str, clients: int, repeats: int) -> dict:
     payload = sum(len(a.data) for a in records[0]["arrays"].values())
     del base
 
-    def stock() -> dict[str, torch.Tensor]:
-        return aggregate_arrayrecords(records, "num-examples").to_torch_state_dict()
+    def stock() -> ArrayRecord:
+        return aggregate_arrayrecords(records, "num-examples")
 
     def ours() -> dict[str, torch.Tensor]:
         updates = [from_array_record(r["arrays"]) for r in records]
@@ -99,9 +101,17 @@ def worker(variant: str, network: str, clients: int, repeats: int) -> dict:
         return net.state_dict()
 
     def floor() -> None:
-        for record in records:
+        def read(record: RecordDict) -> None:
             for tensor in from_array_record(record["arrays"]).values():
                 tensor.sum()
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(previous) as pool:
+                list(pool.map(read, records))
+        finally:
+            torch.set_num_threads(previous)
 
     run = {"stock": stock, "ours": ours, "floor": floor}[variant]
     times, peaks = [], []
@@ -115,6 +125,8 @@ def worker(variant: str, network: str, clients: int, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
         peaks.append(peak_rss_bytes() - before)
     report = {"seconds": statistics.median(times), "peak_extra": max(peaks), "payload": payload}
+    if isinstance(result, ArrayRecord):
+        result = result.to_torch_state_dict()
     if result is not None:
         report["checkpoint"] = saved_bytes(result)
         report["checksum"] = checksum(result, amap.canonical_keys)

@@ -193,3 +193,10 @@ def test_thread_count_does_not_change_the_result_and_torch_threads_are_restored(
         results.append(targets)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     assert torch.get_num_threads() == before
+
+
+def test_an_update_that_is_the_target_itself_is_read_before_it_is_overwritten():
+    target = torch.arange(10.0)
+    other = torch.full((10,), 4.0)
+    weighted_mean_({"w": target}, [{"w": other}, {"w": target}], [1, 1], chunk_elements=3)
+    assert torch.equal(target, (torch.arange(10.0) + 4.0) / 2)

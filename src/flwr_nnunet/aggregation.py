@@ -39,8 +39,9 @@ __all__ = [
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
 SORT_SCRATCH_ELEMENTS = 1 << 22
 
-Reducer = Callable[[Sequence[torch.Tensor], torch.dtype], torch.Tensor]
-"""Reduces equally long flat chunks (one per client) to one flat chunk of the given dtype."""
+Reducer = Callable[[Sequence[torch.Tensor], torch.dtype, torch.Tensor], torch.Tensor]
+"""``reducer(chunks, work_dtype, out)``: reduces equally long flat chunks (one per client) to one flat
+chunk in ``work_dtype``; it may write the result straight into ``out`` (the target's chunk) and return it."""
 
 
 def check_updates(targets: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]]) -> None:
@@ -130,8 +131,9 @@ def reduce_(
     updates
         One mapping per client with exactly the keys and shapes of ``targets``.
     reducer
-        Called with one flat chunk per client and the work dtype; returns the
-        reduced flat chunk. It may run on several threads at once.
+        Called with one flat chunk per client, the work dtype and the target's
+        flat output chunk; returns the reduced chunk (or writes it into the
+        output chunk and returns that). It may run on several threads at once.
     accumulate_dtype
         Work dtype for floating-point groups.
     chunk_elements
@@ -145,16 +147,17 @@ def reduce_(
     workers = max(1, num_threads or torch.get_num_threads())
     jobs, unpack = _chunk_jobs(targets, updates, accumulate_dtype, chunk_elements)
 
-    def run(job: tuple[torch.Tensor, list[torch.Tensor], torch.dtype]) -> None:
-        out, chunks, work = job
-        out.copy_(_finish(reducer(chunks, work), out.dtype))
+    def run(share: list[tuple[torch.Tensor, list[torch.Tensor], torch.dtype]]) -> None:
+        for out, chunks, work in share:
+            reduced = reducer(chunks, work, out)
+            if reduced is not out:
+                out.copy_(_finish(reduced, out.dtype))
 
     with _single_threaded_ops():
         if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                run(job)
+            run(jobs)
         else:
-            list(_worker_pool(workers).map(run, jobs))
+            list(_worker_pool(workers).map(run, [jobs[i::workers] for i in range(workers)]))
     for target, out in unpack:
         target.copy_(out)
 
@@ -199,8 +202,12 @@ def weighted_mean_(
     """
     factors = normalized_weights(weights, len(updates))
 
-    def mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        acc = torch.empty(chunks[0].numel(), dtype=dtype, device=chunks[0].device)
+    def mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        storage = out.untyped_storage().data_ptr()
+        direct = out.dtype == dtype and all(
+            c.device == out.device and c.untyped_storage().data_ptr() != storage for c in chunks
+        )
+        acc = out if direct else torch.empty(chunks[0].numel(), dtype=dtype, device=chunks[0].device)
         torch.mul(chunks[0].to(dtype), factors[0], out=acc)
         for chunk, factor in zip(chunks[1:], factors[1:]):
             acc.add_(chunk.to(dtype), alpha=factor)
@@ -235,7 +242,7 @@ def median_(
 ) -> None:
     """Write the element-wise median of ``updates`` into ``targets`` (unweighted; even counts average the middle two, as ``numpy.median``)."""
 
-    def median(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def median(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         ordered = _sorted_stack(chunks, dtype)
         n = len(chunks)
         if n % 2:
@@ -271,7 +278,7 @@ def trimmed_mean_(
         raise ValueError(f"beta must be in [0, 0.5), got {beta}")
     cut = int(beta * len(updates))
 
-    def trimmed_mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def trimmed_mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         return _sorted_stack(chunks, dtype)[cut : len(chunks) - cut].mean(dim=0)
 
     chunk_elements = chunk_elements or _sort_chunk(len(updates))

@@ -2,7 +2,7 @@
 
 An :class:`NnUNetModelFolder` is the folder ``nnUNetv2_predict -f all`` reads::
 
-    <results>/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>/
+    <results>/Dataset<ID>_<Name>/<Trainer>__<Plans>__<configuration>/
         plans.json  dataset.json  dataset_fingerprint.json
         fold_all/checkpoint_latest.pth    every round (with the strategy state, for resume)
         fold_all/checkpoint_previous.pth  the latest before it (fallback when latest is damaged)
@@ -61,7 +61,7 @@ class NnUNetModelFolder:
     Parameters
     ----------
     path
-        The model folder, ``<results>/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>``
+        The model folder, ``<results>/Dataset<ID>_<Name>/<Trainer>__<Plans>__<configuration>``
         (see :meth:`in_results`).
     plans
         The nnU-Net plans dict every site trains with.

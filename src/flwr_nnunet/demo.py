@@ -5,11 +5,11 @@ different intensity scale and offset, noise, contrast and object sizes, and a
 different number of cases. Label 1 is an ellipse ("organ"), label 2 a small
 disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root::
 
-    server/nnUNet_raw/DatasetXXX_Name/          dataset.json (+ one example case, for the planner)
-    server/nnUNet_preprocessed/DatasetXXX_Name/ shared plans, merged fingerprint, dataset.json
+    server/nnUNet_raw/Dataset<ID>_<Name>/          dataset.json (+ one example case, for the planner)
+    server/nnUNet_preprocessed/Dataset<ID>_<Name>/ shared plans, merged fingerprint, dataset.json
     server/nnUNet_results/                      the global model goes here
-    site-K/nnUNet_raw/DatasetXXX_Name/          imagesTr, labelsTr, imagesTs, labelsTs, dataset.json
-    site-K/nnUNet_preprocessed/DatasetXXX_Name/ the shared plans, splits_final.json, preprocessed cases
+    site-K/nnUNet_raw/Dataset<ID>_<Name>/          imagesTr, labelsTr, imagesTs, labelsTs, dataset.json
+    site-K/nnUNet_preprocessed/Dataset<ID>_<Name>/ the shared plans, splits_final.json, preprocessed cases
     site-K/nnUNet_results/                      the site's own trainer output and round state
     demo.json                                   what was made (read back by :func:`load_demo_dataset`)
 
@@ -124,12 +124,12 @@ class DemoSite:
 
     @property
     def raw_dataset_folder(self) -> Path:
-        """``<nnunet_raw>/DatasetXXX_Name``."""
+        """``<nnunet_raw>/Dataset<ID>_<Name>``."""
         return self.nnunet_raw / self.dataset_name
 
     @property
     def preprocessed_dataset_folder(self) -> Path:
-        """``<nnunet_preprocessed>/DatasetXXX_Name``."""
+        """``<nnunet_preprocessed>/Dataset<ID>_<Name>``."""
         return self.nnunet_preprocessed / self.dataset_name
 
     @property
@@ -160,7 +160,7 @@ class DemoDataset:
     root
         The folder everything lives in.
     dataset_id, dataset_name
-        nnU-Net's id and ``DatasetXXX_Name`` (the same at every site).
+        nnU-Net's id and ``Dataset<ID>_<Name>`` (the same at every site).
     plans_name, configuration
         Plans identifier (``nnUNetPlans``) and configuration (``2d`` or ``3d_fullres``).
     file_ending

@@ -46,7 +46,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "min-train-nodes": "minimum nodes per training round",
     "min-evaluate-nodes": "minimum nodes per evaluation round",
     "min-available-nodes": "nodes to wait for before a round starts",
-    "dataset": "nnU-Net dataset, DatasetXXX_Name (the same at every site)",
+    "dataset": "nnU-Net dataset, Dataset<ID>_<Name> (the same at every site)",
     "configuration": "nnU-Net configuration (2d, 3d_fullres, ...)",
     "plans": "plans identifier (nnUNetPlans)",
     "trainer": "nnU-Net trainer class (nnUNetTrainer, nnUNetTrainerBN, nnUNetTrainerNoDeepSupervision, ...)",

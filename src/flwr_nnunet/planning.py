@@ -76,7 +76,7 @@ def fingerprint_site(raw_dataset_folder: str | os.PathLike, *, samples_per_case:
     Parameters
     ----------
     raw_dataset_folder
-        ``<nnUNet_raw>/DatasetXXX_Name`` of the site (``dataset.json``, ``imagesTr``, ``labelsTr``).
+        ``<nnUNet_raw>/Dataset<ID>_<Name>`` of the site (``dataset.json``, ``imagesTr``, ``labelsTr``).
     samples_per_case
         Foreground voxels sampled per case for the intensity statistics.
 
@@ -178,11 +178,11 @@ def plan_experiment(
     Parameters
     ----------
     nnunet_raw, nnunet_preprocessed
-        Roots holding ``DatasetXXX_Name``: the raw folder needs ``dataset.json``
+        Roots holding ``Dataset<ID>_<Name>``: the raw folder needs ``dataset.json``
         (its ``numTraining`` should be the federation's total) and at least one
         training case (nnU-Net reads it to pick the image reader).
     dataset_name
-        ``DatasetXXX_Name``; every site stores its data under this name.
+        ``Dataset<ID>_<Name>``; every site stores its data under this name.
     fingerprint
         Written as ``dataset_fingerprint.json`` in the preprocessed folder first.
     planner

@@ -75,7 +75,7 @@ class SiteSpec:
     name
         Shown in logs and errors (e.g. ``site-0``).
     dataset
-        ``DatasetXXX_Name``, the same at every site.
+        ``Dataset<ID>_<Name>``, the same at every site.
     nnunet_preprocessed
         The site's ``nnUNet_preprocessed`` root (holds ``<dataset>/<plans>.json`` and the preprocessed cases).
     nnunet_results
