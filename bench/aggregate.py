@@ -59,6 +59,22 @@ def reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
+def read_once(records: list[ArrayRecord]) -> None:
+    """Decode every record and read each byte once (a sum), records spread over single-threaded workers."""
+
+    def read(record: ArrayRecord) -> None:
+        for tensor in from_array_record(record).values():
+            tensor.sum()
+
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(read, records))
+    finally:
+        torch.set_num_threads(workers)
+
+
 def client_update(canonical: dict[str, torch.Tensor], client: int) -> dict[str, torch.Tensor]:
     """A deterministic, cheap-to-make update that differs per client."""
     scale = 1.0 + 0.001 * (client + 1)
@@ -101,17 +117,7 @@ def worker(variant: str, network: str, clients: int, repeats: int) -> dict:
         return net.state_dict()
 
     def floor() -> None:
-        def read(record: RecordDict) -> None:
-            for tensor in from_array_record(record["arrays"]).values():
-                tensor.sum()
-
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(previous) as pool:
-                list(pool.map(read, records))
-        finally:
-            torch.set_num_threads(previous)
+        read_once([r["arrays"] for r in records])
 
     run = {"stock": stock, "ours": ours, "floor": floor}[variant]
     times, peaks = [], []

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
-from aggregate import client_update, peak_rss_bytes, reset_peak_rss, rss_bytes
+from aggregate import client_update, peak_rss_bytes, read_once, reset_peak_rss, rss_bytes
 from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_nnunet import AliasMap, NnUNetFedAvg, from_array_record, to_array_record
+from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
 from flwr_nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 NETWORK = "3d_fullres PlainConvUNet"
@@ -52,13 +53,10 @@ def reply(node: int, arrays: ArrayRecord, num_examples: int) -> Message:
     return make_message(metadata, content=content)
 
 
-def read_once(server_round: int, replies: list[Message]) -> tuple[None, float]:
-    """The floor: decode every canonical reply and read each byte once (a sum), nothing written."""
-    total = 0.0
-    for message in replies:
-        for tensor in from_array_record(message.content["arrays"]).values():
-            total += float(tensor.sum())
-    return None, total
+def read_floor(server_round: int, replies: list[Message]) -> tuple[None, None]:
+    """The floor: decode every canonical reply and read each byte once, nothing written."""
+    read_once([message.content["arrays"] for message in replies])
+    return None, None
 
 
 def worker(variant: str, clients: int, repeats: int, threads: int) -> dict:
@@ -85,7 +83,7 @@ def worker(variant: str, clients: int, repeats: int, threads: int) -> dict:
         sent = strategy.global_record()  # what configure_train sent this round; start() holds it during aggregation
         aggregate = strategy.aggregate_train
     else:
-        aggregate = read_once
+        aggregate = read_floor
     payload = sum(len(a.data) for a in replies[0].content["arrays"].values())
     seconds = []
     for repeat in range(repeats):
@@ -98,7 +96,7 @@ def worker(variant: str, clients: int, repeats: int, threads: int) -> dict:
             extra = peak_rss_bytes() - before
         del arrays
     del sent
-    return {"seconds": min(seconds), "extra": extra, "unique": unique, "payload": payload}
+    return {"seconds": statistics.median(seconds), "extra": extra, "unique": unique, "payload": payload}
 
 
 def measure(variant: str, clients: int, repeats: int, threads: int) -> dict:
@@ -115,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (Flower's numpy path uses one)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's own setting)"
+    )
     parser.add_argument("--worker", choices=["flower", "nnunet", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -125,7 +125,7 @@ def main() -> None:
     ours = measure("nnunet", args.clients, args.repeats, args.threads)
     floor = measure("floor", args.clients, args.repeats, args.threads)
     mb = 1e6
-    print(f"{NETWORK}, N = {args.clients} reply Messages, {args.threads} torch thread(s), best of {args.repeats}\n")
+    print(f"{NETWORK}, N = {args.clients} reply Messages, {args.threads} torch thread(s), median of {args.repeats}\n")
     print("| aggregate_train | payload per reply | wall time | speed-up | peak extra memory | / unique model bytes |")
     print("|---|---|---|---|---|---|")
     rows = (
