@@ -19,7 +19,8 @@ import io
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -122,6 +123,30 @@ def decode_array(array: Array, *, key: str = "?") -> torch.Tensor:
         and dtype agree with each other and with the ``Array``'s fields; the
         message names ``key``.
     """
+    with _read_only_views():
+        return _decode(array, key)
+
+
+def from_array_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    """Every array of ``record`` decoded with :func:`decode_array`, keys and order kept."""
+    with _read_only_views():
+        return OrderedDict((key, _decode(array, key)) for key, array in record.items())
+
+
+@contextmanager
+def _read_only_views() -> Iterator[None]:
+    """Silence torch's warning about tensors over read-only buffers: decoded tensors are only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        yield
+
+
+@functools.lru_cache(maxsize=64)
+def _declared_dtype(name: str) -> np.dtype:
+    return np.dtype(name)
+
+
+def _decode(array: Array, key: str) -> torch.Tensor:
     try:
         if array.stype != _NUMPY_STYPE:
             raise PayloadError(f"serialization type {array.stype!r} is not {_NUMPY_STYPE!r}")
@@ -139,7 +164,7 @@ def decode_array(array: Array, *, key: str = "?") -> torch.Tensor:
         bfloat16 = array.dtype == _BFLOAT16
         if bfloat16 and dtype != np.dtype("<u2"):
             raise PayloadError(f"a bfloat16 payload must hold '<u2' bit patterns, not {dtype.str!r}")
-        if not bfloat16 and np.dtype(array.dtype) != dtype.newbyteorder("="):
+        if not bfloat16 and _declared_dtype(array.dtype) != dtype.newbyteorder("="):
             raise PayloadError(f"Array.dtype {array.dtype!r} differs from the payload's {dtype.str!r}")
     except (PayloadError, TypeError) as error:
         raise PayloadError(f"array {key!r}: {error}") from None
@@ -147,12 +172,5 @@ def decode_array(array: Array, *, key: str = "?") -> torch.Tensor:
     if not dtype.isnative:
         values = values.astype(dtype.newbyteorder("="))
     values = values.reshape(shape[::-1]).T if fortran else values.reshape(shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: callers only read
-        tensor = torch.from_numpy(values)
+    tensor = torch.from_numpy(values)
     return tensor.view(torch.bfloat16) if bfloat16 else tensor
-
-
-def from_array_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
-    """Every array of ``record`` decoded with :func:`decode_array`, keys and order kept."""
-    return OrderedDict((key, decode_array(array, key=key)) for key, array in record.items())
