@@ -80,7 +80,7 @@ def test_demo_is_reused_and_other_data_is_never_overwritten(demo, tmp_path):
     with pytest.raises(ValueError, match="not a demo"):
         make_demo_dataset(tmp_path)
     assert (tmp_path / "server").is_dir()
-    with pytest.raises(FileNotFoundError, match="python -m flwr_nnunet.demo"):
+    with pytest.raises(FileNotFoundError, match="flwr-nnunet demo"):
         load_demo_dataset(tmp_path / "empty")
 
 

@@ -16,12 +16,11 @@ disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root::
 Every site uses the same dataset id and name (as real federations agree on one),
 so the plans are byte-identical across sites and the server.
 
-Command line: ``python -m flwr_nnunet.demo ROOT [--sites N] [--3d] [--seed S]``.
+Command line: ``flwr-nnunet demo ROOT [--sites N] [--3d] [--seed S]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -457,12 +456,12 @@ def load_demo_dataset(root: str | os.PathLike) -> DemoDataset:
     Raises
     ------
     FileNotFoundError
-        If ``root`` holds no demo (run ``python -m flwr_nnunet.demo ROOT`` first).
+        If ``root`` holds no demo (run ``flwr-nnunet demo ROOT`` first).
     """
     root = Path(root).absolute()
     manifest = root / _MANIFEST
     if not manifest.is_file():
-        raise FileNotFoundError(f"no demo dataset under {root}: run `python -m flwr_nnunet.demo {root}` first")
+        raise FileNotFoundError(f"no demo dataset under {root}: run `flwr-nnunet demo {root}` first")
     data = json.loads(manifest.read_text())["demo"]
     name = data["dataset_name"]
     sites = tuple(
@@ -621,25 +620,3 @@ def predict_test_cases(
     """Predict ``site``'s held-out cases with ``nnUNetv2_predict`` (see :func:`predict`) and return their Dice."""
     predict(demo, nnunet_results, site.images_ts, output, fold=fold, trainer=trainer, device=device)
     return dice_scores(output, site.labels_ts, site.test_cases, demo.file_ending)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m flwr_nnunet.demo ROOT``: make the demo dataset and print where it is."""
-    parser = argparse.ArgumentParser(prog="python -m flwr_nnunet.demo", description=main.__doc__)
-    parser.add_argument("root", help="folder to write the demo into")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites (2 or 3)")
-    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="small 3D volumes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
-    parser.add_argument("--overwrite", action="store_true", help="replace a demo made with other parameters")
-    args = parser.parse_args(argv)
-    demo = make_demo_dataset(args.root, num_sites=args.sites, dims=args.dims, seed=args.seed, overwrite=args.overwrite)
-    print(f"{demo.dataset_name} ({demo.configuration}) under {demo.root}")
-    for site in demo.sites:
-        print(
-            f"  {site.name}: {len(site.training_cases)} training cases "
-            f"({len(site.validation_cases)} validation), {len(site.test_cases)} test cases"
-        )
-
-
-if __name__ == "__main__":
-    main()
