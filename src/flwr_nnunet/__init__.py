@@ -4,13 +4,31 @@ from flwr_nnunet.aggregation import median_, trimmed_mean_, weighted_mean_
 from flwr_nnunet.aliasing import (
     AliasConflictError,
     AliasMap,
+    KeyMismatchError,
     PartialOverlapError,
     find_alias_groups,
     strip_wrapper_prefixes,
 )
 from flwr_nnunet.checkpoint import CheckpointError, NnUNetModelFolder
 from flwr_nnunet.codec import PayloadError, from_array_record, to_array_record
-from flwr_nnunet.family import strategy_from_name
+from flwr_nnunet.family import (
+    NnUNetBulyan,
+    NnUNetDPClientSideAdaptiveClipping,
+    NnUNetDPClientSideFixedClipping,
+    NnUNetDPServerSideAdaptiveClipping,
+    NnUNetDPServerSideFixedClipping,
+    NnUNetFedAdagrad,
+    NnUNetFedAdam,
+    NnUNetFedAvgM,
+    NnUNetFedMedian,
+    NnUNetFedProx,
+    NnUNetFedTrimmedAvg,
+    NnUNetFedYogi,
+    NnUNetKrum,
+    NnUNetMultiKrum,
+    NnUNetQFedAvg,
+    strategy_from_name,
+)
 from flwr_nnunet.site import Site, SiteError, SiteSpec, TrainOptions
 from flwr_nnunet.strategy import NnUNetFedAvg, ResumeError
 
@@ -18,8 +36,24 @@ __all__ = [
     "AliasConflictError",
     "AliasMap",
     "CheckpointError",
+    "KeyMismatchError",
+    "NnUNetBulyan",
+    "NnUNetDPClientSideAdaptiveClipping",
+    "NnUNetDPClientSideFixedClipping",
+    "NnUNetDPServerSideAdaptiveClipping",
+    "NnUNetDPServerSideFixedClipping",
+    "NnUNetFedAdagrad",
+    "NnUNetFedAdam",
     "NnUNetFedAvg",
+    "NnUNetFedAvgM",
+    "NnUNetFedMedian",
+    "NnUNetFedProx",
+    "NnUNetFedTrimmedAvg",
+    "NnUNetFedYogi",
+    "NnUNetKrum",
     "NnUNetModelFolder",
+    "NnUNetMultiKrum",
+    "NnUNetQFedAvg",
     "PartialOverlapError",
     "PayloadError",
     "ResumeError",
