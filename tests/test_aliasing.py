@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategy_support import tiny_network
 from torch import nn
 
 from flwr_nnunet import AliasConflictError, AliasMap, PartialOverlapError, find_alias_groups, strip_wrapper_prefixes
@@ -122,32 +123,8 @@ class Wrapper(nn.Module):
         self.module = module
 
 
-def tiny_unet() -> nn.Module:
-    arch = {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": 3,
-            "features_per_stage": [4, 8, 16],
-            "conv_op": "torch.nn.modules.conv.Conv2d",
-            "kernel_sizes": [[3, 3]] * 3,
-            "strides": [[1, 1], [2, 2], [2, 2]],
-            "n_conv_per_stage": [2, 2, 2],
-            "n_conv_per_stage_decoder": [2, 2],
-            "conv_bias": True,
-            "norm_op": "torch.nn.modules.batchnorm.BatchNorm2d",
-            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
-    return build_network(arch)
-
-
 def test_compiled_and_ddp_wrapped_networks_have_the_same_groups_after_prefix_removal():
-    net = tiny_unet()
+    net = tiny_network(norm="batch")
     plain = AliasMap.from_module(net)
     for wrapped in (torch.compile(net), Wrapper(net), Wrapper(torch.compile(net)), torch.compile(Wrapper(net))):
         sd = wrapped.state_dict()
@@ -241,7 +218,7 @@ def test_from_json_rejects_malformed_documents(document):
 
 
 def test_select_is_alias_consistent():
-    net = tiny_unet()
+    net = tiny_network(norm="batch")
     amap = AliasMap.from_module(net)
     norm = amap.select(lambda key: ".norm." in key)
     assert norm
