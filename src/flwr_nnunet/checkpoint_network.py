@@ -7,9 +7,7 @@ plans (exactly as its predictor does) still does.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 from collections import OrderedDict
@@ -23,7 +21,7 @@ from torch import nn
 
 from flwr_nnunet.aliasing import AliasMap, strip_wrapper_prefixes
 from flwr_nnunet.checkpoint_io import CheckpointError, RepairRefused
-from flwr_nnunet.networks import build_network
+from flwr_nnunet.networks import build_network, build_trainer_network
 
 __all__ = ["ModelSource", "NetworkHints", "find_model_source", "reference_alias_map"]
 
@@ -164,30 +162,20 @@ def _build_reference_network(source: ModelSource) -> tuple[nn.Module, str]:
     inputs = determine_num_input_channels(plans_manager, configuration, source.dataset_json)
     outputs = plans_manager.get_label_manager(source.dataset_json).num_segmentation_heads
     described = f"{inputs} input channel{'s' * (inputs != 1)}, {outputs} outputs"
-    trainer_class = _trainer_class(source.trainer_name)
-    if trainer_class is not None:
-        network = trainer_class.build_network_architecture(
-            plans_manager, configuration, inputs, outputs, enable_deep_supervision=False
-        )
-        return network, f"the network {source.trainer_name} builds ({described})"
+    if source.trainer_name != _DEFAULT_TRAINER:
+        try:
+            network = build_trainer_network(
+                source.plans, source.dataset_json, source.configuration, source.trainer_name, deep_supervision=False
+            )
+        except ValueError:
+            pass
+        else:
+            return network, f"the network {source.trainer_name} builds ({described})"
     network = build_network(configuration.configuration["architecture"], inputs, outputs, deep_supervision=False)
     how = f"the plans architecture ({described})"
     if source.trainer_name != _DEFAULT_TRAINER:
         how += f"; trainer {source.trainer_name} is not installed here, so its own network could not be built"
     return network, how
-
-
-def _trainer_class(trainer_name: str) -> type | None:
-    """nnU-Net's trainer class of that name when it is not the default one and can be found."""
-    if trainer_name == _DEFAULT_TRAINER:
-        return None
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            return recursive_find_trainer_class_by_name(trainer_name)
-        except (RuntimeError, AssertionError, ImportError):
-            return None
 
 
 def reference_alias_map(state_dict: Mapping[str, torch.Tensor], source: ModelSource) -> tuple[AliasMap, dict, str]:

@@ -530,7 +530,8 @@ def train_local_only(
     import torch
 
     from flwr_nnunet.aliasing import AliasMap
-    from flwr_nnunet.site import Site, SiteSpec, TrainOptions, build_trainer_network
+    from flwr_nnunet.networks import build_trainer_network
+    from flwr_nnunet.site import Site, SiteSpec, TrainOptions
 
     spec = SiteSpec(
         name=f"{site.name} (local only)",

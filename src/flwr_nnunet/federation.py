@@ -21,7 +21,7 @@ import torch
 from flwr.supercore import log
 
 from flwr_nnunet.client import data_root
-from flwr_nnunet.site import build_trainer_network
+from flwr_nnunet.networks import build_trainer_network
 
 __all__ = ["HISTORY_FILE", "PROGRESS_FILE", "RUN_CONFIG_KEYS", "RunHistory", "RunSettings", "run_server"]
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import inspect
+import io
 import json
 from typing import Any
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
-__all__ = ["STOCK_ARCHITECTURES", "build_network", "plans_sha256"]
+__all__ = ["STOCK_ARCHITECTURES", "build_network", "build_trainer_network", "plans_sha256", "trainer_class"]
 
 _NORM_KWARGS = {"eps": 1e-05, "affine": True}
 _NONLIN_KWARGS = {"inplace": True}
@@ -85,6 +88,64 @@ def build_network(
         output_channels,
         allow_init=True,
         deep_supervision=deep_supervision,
+    )
+
+
+def trainer_class(name: str) -> type:
+    """The nnU-Net trainer class called ``name`` (nnU-Net's own search, then ``nnUNet_extTrainer``).
+
+    Raises
+    ------
+    ValueError
+        If there is no such class.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the search prints where it looks
+        try:
+            found = recursive_find_trainer_class_by_name(name)
+        except (RuntimeError, AssertionError, ImportError):
+            found = None
+    if found is None:
+        raise ValueError(f"no nnU-Net trainer class {name!r} (add its folder to nnUNet_extTrainer)")
+    return found
+
+
+def build_trainer_network(
+    plans: dict,
+    dataset_json: dict,
+    configuration: str,
+    trainer: str = "nnUNetTrainer",
+    *,
+    deep_supervision: bool = True,
+) -> nn.Module:
+    """The network the trainer class ``trainer`` builds for these plans (e.g. BatchNorm for ``nnUNetTrainerBN``).
+
+    Input channels and outputs come from ``dataset_json`` as nnU-Net derives them. The server builds
+    its global model with this, so its keys and shapes are those of every site's network.
+
+    Raises
+    ------
+    ValueError
+        If there is no trainer class called ``trainer``.
+    """
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(copy.deepcopy(plans))
+    manager = plans_manager.get_configuration(configuration)
+    inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
+    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    build = trainer_class(trainer).build_network_architecture
+    if "plans_manager" in inspect.signature(build).parameters:
+        return build(plans_manager, manager, inputs, heads, deep_supervision)
+    return build(
+        manager.network_arch_class_name,
+        manager.network_arch_init_kwargs,
+        manager.network_arch_init_kwargs_req_import,
+        inputs,
+        heads,
+        deep_supervision,
     )
 
 

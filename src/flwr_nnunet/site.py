@@ -40,7 +40,7 @@ from torch import nn
 
 from flwr_nnunet.aggregation import assign_
 from flwr_nnunet.aliasing import AliasMap
-from flwr_nnunet.networks import plans_sha256
+from flwr_nnunet.networks import plans_sha256, trainer_class
 from flwr_nnunet.planning import nnunet_environment
 
 __all__ = [
@@ -50,9 +50,7 @@ __all__ = [
     "SiteError",
     "SiteSpec",
     "TrainOptions",
-    "build_trainer_network",
     "proximal_term",
-    "trainer_class",
 ]
 
 STATE_FILE = "flwr_site_state.pth"
@@ -182,53 +180,6 @@ class TrainOptions:
             seed=None if config.get("seed") is None else int(config["seed"]),
             server_round=server_round,
         )
-
-
-def trainer_class(name: str) -> type:
-    """The nnU-Net trainer class called ``name`` (nnU-Net's own search, then ``nnUNet_extTrainer``).
-
-    Raises
-    ------
-    SiteError
-        If there is no such class.
-    """
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    found = recursive_find_trainer_class_by_name(name)
-    if found is None:
-        raise SiteError(
-            f"no nnU-Net trainer class {name!r}; set run-config 'trainer' (or add its folder to nnUNet_extTrainer)"
-        )
-    return found
-
-
-def build_trainer_network(
-    plans: dict, dataset_json: dict, configuration: str, trainer: str = "nnUNetTrainer"
-) -> nn.Module:
-    """The network the trainer class ``trainer`` builds for these plans (e.g. BatchNorm for ``nnUNetTrainerBN``).
-
-    The server builds its global model with this, so its keys and shapes are those of every site's network.
-    """
-    import inspect
-
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(json.loads(json.dumps(plans)))
-    manager = plans_manager.get_configuration(configuration)
-    inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
-    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    build = trainer_class(trainer).build_network_architecture
-    if "plans_manager" in inspect.signature(build).parameters:
-        return build(plans_manager, manager, inputs, heads, True)
-    return build(
-        manager.network_arch_class_name,
-        manager.network_arch_init_kwargs,
-        manager.network_arch_init_kwargs_req_import,
-        inputs,
-        heads,
-        True,
-    )
 
 
 def proximal_term(parameters: Mapping[str, nn.Parameter], anchors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -410,8 +361,8 @@ class Site:
         spec = self.spec
         try:
             cls = trainer_class(spec.trainer)
-        except SiteError as error:
-            raise SiteError(f"{spec.name}: {error}") from None
+        except ValueError as error:
+            raise SiteError(f"{spec.name}: {error}; set run-config 'trainer'") from None
         dataset_json = json.loads((spec.dataset_folder / "dataset.json").read_text())
         plans = {**json.loads(json.dumps(plans)), "continue_training": resume}
         with nnunet_environment(preprocessed=spec.nnunet_preprocessed, results=spec.nnunet_results):

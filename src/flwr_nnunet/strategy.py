@@ -43,7 +43,7 @@ from flwr_nnunet.aggregation import assign_, check_updates, weighted_mean_
 from flwr_nnunet.aliasing import AliasMap, strip_wrapper_prefixes
 from flwr_nnunet.checkpoint import NnUNetModelFolder, tensors_sha256
 from flwr_nnunet.codec import from_array_record, to_array_record
-from flwr_nnunet.networks import plans_sha256
+from flwr_nnunet.networks import build_trainer_network, plans_sha256
 from flwr_nnunet.rounds import ResumeError, RoundRunner, comparable_run_config, run_config_sha256
 from flwr_nnunet.validation import AcceptedReply, Rejection, ReplyValidator, check_weight, non_finite_reason
 
@@ -150,8 +150,6 @@ class NnUNetFedAvg(RoundRunner, FedAvg):
 
         ``kwargs`` are the other constructor arguments.
         """
-        from flwr_nnunet.site import build_trainer_network  # imported here: it loads nnU-Net's trainers
-
         network = build_trainer_network(
             model_folder.plans, model_folder.dataset_json, model_folder.configuration, model_folder.trainer_name
         )
