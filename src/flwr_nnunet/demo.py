@@ -189,10 +189,11 @@ class DemoDataset:
         """Held-out test case identifiers per site name."""
         return {site.name: site.test_cases for site in self.sites}
 
-    def run_config(self) -> dict[str, str | int]:
+    def run_config(self) -> dict[str, str | bool]:
         """Run-config values (``[tool.flwr.app.config]`` keys) that point a run at this dataset."""
         return {
-            "demo-root": str(self.root),
+            "data-root": str(self.root),
+            "make-demo": False,
             "dataset": self.dataset_name,
             "configuration": self.configuration,
             "plans": self.plans_name,
