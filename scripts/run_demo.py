@@ -26,15 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from flwr_nnunet.demo import (
-    DemoDataset,
-    DemoSite,
-    dice_scores,
-    gather_test_images,
-    make_demo_dataset,
-    predict,
-    train_local_only,
-)
+from flwr_nnunet.demo import DemoDataset, DemoSite, make_demo_dataset
+from flwr_nnunet.heldout import dice_scores, gather_test_images, predict, train_local_only
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORT = 39091

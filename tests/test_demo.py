@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flwr_nnunet.demo import (
-    dice_scores,
-    load_demo_dataset,
-    make_demo_dataset,
-    predict_test_cases,
-    train_local_only,
-)
+from flwr_nnunet.demo import load_demo_dataset, make_demo_dataset
+from flwr_nnunet.heldout import dice_scores, predict_test_cases, train_local_only
 from flwr_nnunet.networks import plans_sha256
 from flwr_nnunet.planning import merge_fingerprints
 from flwr_nnunet.site import Site, SiteSpec, TrainOptions
