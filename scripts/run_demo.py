@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
 from flwr_nnunet.demo import DemoDataset, DemoSite, make_demo_dataset
 from flwr_nnunet.heldout import dice_scores, gather_test_images, predict, train_local_only
 
@@ -173,7 +175,11 @@ def main() -> None:
     for site in demo.sites:
         others = [dice(local[site.name], other)["mean"] for other in demo.sites if other is not site]
         print(_row(site.name, dice(federated, site), dice(local[site.name], site), sum(others) / len(others)))
-    model = results / demo.dataset_name / f"nnUNetTrainer__{demo.plans_name}__{demo.configuration}"
+    model = (
+        results
+        / demo.dataset_name
+        / convert_trainer_plans_config_to_identifier("nnUNetTrainer", demo.plans_name, demo.configuration)
+    )
     print(f"\nglobal model: {model}\ntotal wall time: {time.monotonic() - started:.0f} s")
 
 

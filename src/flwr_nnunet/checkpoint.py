@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from flwr.supercore import log
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
 from flwr_nnunet.aliasing import AliasMap
 from flwr_nnunet.checkpoint_io import CheckpointError, atomic_save, atomic_write, fsync_directory, load_checkpoint
@@ -117,7 +118,8 @@ class NnUNetModelFolder:
         ``options`` are the constructor's ``trainer_name`` and ``inference_allowed_mirroring_axes``.
         """
         trainer_name = options.get("trainer_name", "nnUNetTrainer")
-        path = Path(results) / plans["dataset_name"] / f"{trainer_name}__{plans['plans_name']}__{configuration}"
+        model = convert_trainer_plans_config_to_identifier(trainer_name, plans["plans_name"], configuration)
+        path = Path(results) / plans["dataset_name"] / model
         return cls(path, plans, dataset_json, dataset_fingerprint, configuration, **options)
 
     def __repr__(self) -> str:

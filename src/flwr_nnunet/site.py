@@ -36,10 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.supercore import log
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 from torch import nn
 
 from flwr_nnunet.aggregation import assign_
 from flwr_nnunet.aliasing import AliasMap
+from flwr_nnunet.checkpoint_io import atomic_write
 from flwr_nnunet.networks import plans_sha256, trainer_class
 from flwr_nnunet.planning import nnunet_environment
 
@@ -111,7 +113,7 @@ class SiteSpec:
     @property
     def output_folder(self) -> Path:
         """The trainer's fold folder, where the round state lives."""
-        model = f"{self.trainer}__{self.plans}__{self.configuration}"
+        model = convert_trainer_plans_config_to_identifier(self.trainer, self.plans, self.configuration)
         return Path(self.nnunet_results) / self.dataset / model / f"fold_{self.fold}"
 
     @property
@@ -550,17 +552,13 @@ class Site:
         disabled, trainer.disable_checkpointing = trainer.disable_checkpointing, False
         trainer.current_epoch -= 1  # save_checkpoint stores current_epoch + 1 (it expects to run inside an epoch)
         try:
-            temporary = self.spec.state_file.with_suffix(".tmp")
-            trainer.save_checkpoint(str(temporary))
-            os.replace(temporary, self.spec.state_file)
+            atomic_write(self.spec.state_file, trainer.save_checkpoint)  # it torch.saves into the file it is given
         finally:
             trainer.current_epoch += 1
             trainer.disable_checkpointing = disabled
         self._state_token = uuid.uuid4().hex
-        token = {"token": self._state_token, "epoch": int(trainer.current_epoch)}
-        temporary = self.spec.state_token_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(token))
-        os.replace(temporary, self.spec.state_token_file)
+        token = json.dumps({"token": self._state_token, "epoch": int(trainer.current_epoch)}).encode()
+        atomic_write(self.spec.state_token_file, lambda file: file.write(token))
         return self.spec.state_file
 
     def split(self) -> tuple[list[str], list[str]]:
