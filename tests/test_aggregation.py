@@ -200,3 +200,22 @@ def test_an_update_that_is_the_target_itself_is_read_before_it_is_overwritten():
     other = torch.full((10,), 4.0)
     weighted_mean_({"w": target}, [{"w": other}, {"w": target}], [1, 1], chunk_elements=3)
     assert torch.equal(target, (torch.arange(10.0) + 4.0) / 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_check_finite_names_exactly_the_groups_whose_mean_holds_nan_or_inf(threads):
+    big = torch.full((600,), 3e38)  # finite, but a float32 sum of a chunk overflows
+    clean = {"big": big, "nan": torch.ones(600), "inf": torch.ones(5), "count": torch.tensor(3)}
+    poisoned = {**clean, "nan": torch.ones(600), "inf": torch.ones(5)}
+    poisoned["nan"][517] = float("nan")
+    poisoned["inf"][0] = float("inf")
+    targets = {k: torch.empty_like(v) for k, v in clean.items()}
+    found = weighted_mean_(targets, [clean, poisoned], [1, 1], chunk_elements=256, num_threads=threads)
+    assert found == []
+    found = weighted_mean_(
+        targets, [clean, poisoned], [1, 1], chunk_elements=256, num_threads=threads, check_finite=True
+    )
+    assert found == ["nan", "inf"]
+    assert torch.equal(targets["big"], big) and int(targets["count"]) == 3
+    found = weighted_mean_(targets, [clean, clean], [1, 1], chunk_elements=256, num_threads=threads, check_finite=True)
+    assert found == []

@@ -44,6 +44,10 @@ Reducer = Callable[[Sequence[torch.Tensor], torch.dtype, torch.Tensor], torch.Te
 chunk in ``work_dtype``; it may write the result straight into ``out`` (the target's chunk) and return it."""
 
 
+_Job = tuple[str, torch.Tensor, list[torch.Tensor], torch.dtype]
+"""(group key, output chunk, one input chunk per update, work dtype)."""
+
+
 def check_updates(targets: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]]) -> None:
     """Raise ``ValueError`` naming the first update whose keys or shapes differ from ``targets``."""
     if not updates:
@@ -121,7 +125,8 @@ def reduce_(
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     num_threads: int | None = None,
-) -> None:
+    check_finite: bool = False,
+) -> list[str]:
     """Write ``reducer`` over ``updates`` into ``targets``, chunk by chunk, in place.
 
     Parameters
@@ -142,16 +147,27 @@ def reduce_(
         Threads that reduce chunks side by side (default: ``torch.get_num_threads()``).
         Each chunk runs single-threaded: torch's own intra-op threads would pay a
         barrier per chunk-sized op, which costs 10-100x on a busy machine.
+    check_finite
+        Also look for NaN/Inf in each floating-point result chunk while it is in cache.
+
+    Returns
+    -------
+    list[str]
+        With ``check_finite``, the keys (in ``targets`` order) whose result holds
+        NaN or Inf, e.g. because an update did; otherwise ``[]``.
     """
     check_updates(targets, updates)
     workers = max(1, num_threads or torch.get_num_threads())
     jobs, unpack = _chunk_jobs(targets, updates, accumulate_dtype, chunk_elements)
+    non_finite: set[str] = set()
 
-    def run(share: list[tuple[torch.Tensor, list[torch.Tensor], torch.dtype]]) -> None:
-        for out, chunks, work in share:
+    def run(share: list[_Job]) -> None:
+        for key, out, chunks, work in share:
             reduced = reducer(chunks, work, out)
             if reduced is not out:
                 out.copy_(_finish(reduced, out.dtype))
+            if check_finite and out.is_floating_point() and not _all_finite(out):
+                non_finite.add(key)
 
     with _single_threaded_ops():
         if workers == 1 or len(jobs) == 1:
@@ -160,6 +176,13 @@ def reduce_(
             list(_worker_pool(workers).map(run, [jobs[i::workers] for i in range(workers)]))
     for target, out in unpack:
         target.copy_(out)
+    return [key for key in targets if key in non_finite]
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether a floating chunk holds no NaN/Inf: its sum is finite, or else no element is NaN/Inf
+    (a sum of large finite values may overflow)."""
+    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 
 def _chunk_jobs(
@@ -167,9 +190,9 @@ def _chunk_jobs(
     updates: Sequence[Mapping[str, torch.Tensor]],
     accumulate_dtype: torch.dtype,
     chunk_elements: int,
-) -> tuple[list[tuple[torch.Tensor, list[torch.Tensor], torch.dtype]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(output chunk, one input chunk per update, work dtype) for every chunk of every group,
-    and the (target, contiguous stand-in) pairs to copy back for non-contiguous targets."""
+) -> tuple[list[_Job], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A job for every chunk of every group, and the (target, contiguous stand-in) pairs
+    to copy back for non-contiguous targets."""
     jobs, unpack = [], []
     for key, target in targets.items():
         work = _work_dtype(target, accumulate_dtype)
@@ -181,7 +204,7 @@ def _chunk_jobs(
         flat_out = out.view(-1)
         for start in range(0, flat_out.numel(), chunk_elements):
             end = min(start + chunk_elements, flat_out.numel())
-            jobs.append((flat_out[start:end], [f[start:end] for f in flats], work))
+            jobs.append((key, flat_out[start:end], [f[start:end] for f in flats], work))
     return jobs, unpack
 
 
@@ -193,12 +216,13 @@ def weighted_mean_(
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     num_threads: int | None = None,
-) -> None:
+    check_finite: bool = False,
+) -> list[str]:
     """Write the weighted mean of ``updates`` into ``targets`` in place.
 
     ``weights`` (one per update, e.g. ``num-examples``) must be finite, >= 0
-    and not all zero; they are normalised in float64. The keyword options are
-    those of :func:`reduce_`.
+    and not all zero; they are normalised in float64. The keyword options and
+    the return value are those of :func:`reduce_`.
     """
     factors = normalized_weights(weights, len(updates))
 
@@ -208,18 +232,19 @@ def weighted_mean_(
             c.device == out.device and c.untyped_storage().data_ptr() != storage for c in chunks
         )
         acc = out if direct else torch.empty(chunks[0].numel(), dtype=dtype, device=chunks[0].device)
-        torch.mul(chunks[0].to(dtype), factors[0], out=acc)
+        torch.mul(chunks[0], factors[0], out=acc)
         for chunk, factor in zip(chunks[1:], factors[1:]):
-            acc.add_(chunk.to(dtype), alpha=factor)
+            acc.add_(chunk if chunk.dtype == dtype else chunk.to(dtype), alpha=factor)
         return acc
 
-    reduce_(
+    return reduce_(
         targets,
         updates,
         mean,
         accumulate_dtype=accumulate_dtype,
         chunk_elements=chunk_elements,
         num_threads=num_threads,
+        check_finite=check_finite,
     )
 
 

@@ -343,12 +343,20 @@ class NnUNetFedAvg(RoundRunner, FedAvg):
         updates: Sequence[Mapping[str, torch.Tensor]],
         weights: Sequence[float],
     ) -> None:
-        """Reduce every group into ``targets`` (the network's canonical tensors), one group at a time.
+        """Reduce every group into ``targets`` (the network's canonical tensors) with :meth:`reduce_group_`.
 
-        In :meth:`aggregate_train`'s single-pass mode, raises ``_NonFiniteResult``
-        naming the first group whose result holds NaN/Inf (it then rolls back and
-        rejects the replies that caused it).
+        The default weighted mean reduces all groups in one pass over the thread
+        pool. In :meth:`aggregate_train`'s single-pass mode, raises
+        ``_NonFiniteResult`` naming the first group whose result holds NaN/Inf
+        (it then rolls back and rejects the replies that caused it).
         """
+        if type(self).reduce_group_ is NnUNetFedAvg.reduce_group_:
+            non_finite = weighted_mean_(
+                targets, updates, weights, accumulate_dtype=self.accumulate_dtype, check_finite=self._check_results
+            )
+            if non_finite:
+                raise _NonFiniteResult(non_finite[0])
+            return
         for key, target in targets.items():
             self.reduce_group_(key, target, [u[key] for u in updates], weights)
             if self._check_results and target.is_floating_point() and non_finite_reason(key, target):
