@@ -34,6 +34,7 @@ from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
 from flwr_nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 NETWORK = "3d_fullres PlainConvUNet"
+VARIANTS = ("flower", "nnunet", "floor")
 
 
 def reply(node: int, arrays: ArrayRecord, num_examples: int) -> Message:
@@ -59,7 +60,7 @@ def read_floor(server_round: int, replies: list[Message]) -> tuple[None, None]:
     return None, None
 
 
-def worker(variant: str, clients: int, repeats: int, threads: int) -> dict:
+def worker(variant: str, clients: int, repeats: int, threads: int, device: str) -> dict:
     """Build the replies, then time ``aggregate_train`` ``repeats`` times; memory of the first call."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -75,12 +76,12 @@ def worker(variant: str, clients: int, repeats: int, threads: int) -> dict:
         else:
             arrays = to_array_record(update)
         replies.append(reply(client + 1, arrays, 10 + client))
-    sent = None
+    held = None  # the global record start() holds while it aggregates: the previous round's result
     if variant == "flower":
         aggregate = FedAvg().aggregate_train
     elif variant == "nnunet":
-        strategy = NnUNetFedAvg(network)
-        sent = strategy.global_record()  # what configure_train sent this round; start() holds it during aggregation
+        strategy = NnUNetFedAvg(network.to(device))
+        held = strategy.global_record()  # what configure_train sent in round 1
         aggregate = strategy.aggregate_train
     else:
         aggregate = read_floor
@@ -94,15 +95,15 @@ def worker(variant: str, clients: int, repeats: int, threads: int) -> dict:
         seconds.append(time.perf_counter() - start)
         if repeat == 0:
             extra = peak_rss_bytes() - before
-        del arrays
-    del sent
+        held = arrays  # as start(): the result becomes the global record, the previous one is released
+    del held
     return {"seconds": statistics.median(seconds), "extra": extra, "unique": unique, "payload": payload}
 
 
-def measure(variant: str, clients: int, repeats: int, threads: int) -> dict:
+def measure(variant: str, clients: int, repeats: int, threads: int, device: str) -> dict:
     """Run :func:`worker` in a fresh interpreter and return its result."""
     command = [sys.executable, __file__, "--worker", variant, "--clients", str(clients)]
-    command += ["--repeats", str(repeats), "--threads", str(threads)]
+    command += ["--repeats", str(repeats), "--threads", str(threads), "--device", device]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{variant} worker failed:\n{done.stderr[-3000:]}")
@@ -116,16 +117,18 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's own setting)"
     )
+    parser.add_argument("--device", default="cpu", help="where NnUNetFedAvg's global network lives (cpu, cuda)")
     parser.add_argument("--worker", choices=["flower", "nnunet", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.clients, args.repeats, args.threads)))
+        print(json.dumps(worker(args.worker, args.clients, args.repeats, args.threads, args.device)))
         return
-    flower = measure("flower", args.clients, args.repeats, args.threads)
-    ours = measure("nnunet", args.clients, args.repeats, args.threads)
-    floor = measure("floor", args.clients, args.repeats, args.threads)
+    flower, ours, floor = (measure(v, args.clients, args.repeats, args.threads, args.device) for v in VARIANTS)
     mb = 1e6
-    print(f"{NETWORK}, N = {args.clients} reply Messages, {args.threads} torch thread(s), median of {args.repeats}\n")
+    print(
+        f"{NETWORK}, N = {args.clients} reply Messages, {args.threads} torch thread(s), "
+        f"NnUNetFedAvg's network on {args.device}, median of {args.repeats}\n"
+    )
     print("| aggregate_train | payload per reply | wall time | speed-up | peak extra memory | / unique model bytes |")
     print("|---|---|---|---|---|---|")
     rows = (
