@@ -12,7 +12,8 @@ from flwr_nnunet.demo import load_demo_dataset, make_demo_dataset
 from flwr_nnunet.heldout import dice_scores, predict_test_cases, train_local_only
 from flwr_nnunet.networks import plans_sha256
 from flwr_nnunet.planning import merge_fingerprints
-from flwr_nnunet.site import Site, SiteSpec, TrainOptions
+from flwr_nnunet.site import Site
+from flwr_nnunet.site_spec import SiteSpec, TrainOptions
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from flwr_nnunet.checkpoint_io import load_checkpoint
 from flwr_nnunet.demo import DemoSite, make_demo_dataset
 from flwr_nnunet.federation import HISTORY_FILE
 from flwr_nnunet.networks import build_trainer_network
-from flwr_nnunet.site import STATE_FILE, STATE_TOKEN_FILE, SiteSpec
+from flwr_nnunet.site_spec import STATE_FILE, STATE_TOKEN_FILE, SiteSpec
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -14,7 +14,8 @@ from flwr_nnunet.client import dp_clipping_mod, site_spec
 from flwr_nnunet.codec import from_array_record, to_array_record
 from flwr_nnunet.demo import make_demo_dataset
 from flwr_nnunet.networks import build_trainer_network, plans_sha256
-from flwr_nnunet.site import Site, SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.site import Site
+from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ from flwr_nnunet.family import (
     NnUNetQFedAvg,
     strategy_from_name,
 )
-from flwr_nnunet.site import Site, SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.site import Site
+from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
 from flwr_nnunet.strategy import NnUNetFedAvg, ResumeError
 
 __all__ = [

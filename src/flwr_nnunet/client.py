@@ -22,7 +22,8 @@ from flwr.supercore import log
 
 from flwr_nnunet.codec import from_array_record, to_array_record
 from flwr_nnunet.networks import plans_sha256
-from flwr_nnunet.site import Site, SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.site import Site
+from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
 
 __all__ = [
     "CLIENT_DP_MODES",

@@ -19,7 +19,8 @@ import torch
 from flwr_nnunet.aliasing import AliasMap
 from flwr_nnunet.demo import LABELS, DemoDataset, DemoSite
 from flwr_nnunet.networks import build_trainer_network
-from flwr_nnunet.site import Site, SiteSpec, TrainOptions
+from flwr_nnunet.site import Site
+from flwr_nnunet.site_spec import SiteSpec, TrainOptions
 
 __all__ = ["dice_scores", "gather_test_images", "predict", "predict_test_cases", "train_local_only"]
 

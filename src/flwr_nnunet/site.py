@@ -28,7 +28,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -36,184 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.supercore import log
-from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 from torch import nn
 
 from flwr_nnunet.aggregation import assign_
 from flwr_nnunet.aliasing import AliasMap
 from flwr_nnunet.checkpoint_io import atomic_write
+from flwr_nnunet.fedprox import ProximalLoss
 from flwr_nnunet.networks import plans_sha256, trainer_class
 from flwr_nnunet.planning import nnunet_environment
+from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
 
-__all__ = [
-    "STATE_FILE",
-    "STATE_TOKEN_FILE",
-    "Site",
-    "SiteError",
-    "SiteSpec",
-    "TrainOptions",
-    "proximal_term",
-]
-
-STATE_FILE = "flwr_site_state.pth"
-"""Name of the per-site round state (an nnU-Net trainer checkpoint) in the trainer's fold folder."""
-
-STATE_TOKEN_FILE = "flwr_site_state.json"
-"""Beside the state: a fresh token per saved round, so a process can tell that another one trained since."""
-
-
-class SiteError(RuntimeError):
-    """A site cannot take part in a round; the message says why and what fixes it."""
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """Where a site's data lives and which nnU-Net training it runs.
-
-    Parameters
-    ----------
-    name
-        Shown in logs and errors (e.g. ``site-0``).
-    dataset
-        ``Dataset<ID>_<Name>``, the same at every site.
-    nnunet_preprocessed
-        The site's ``nnUNet_preprocessed`` root (holds ``<dataset>/<plans>.json`` and the preprocessed cases).
-    nnunet_results
-        The site's ``nnUNet_results`` root: the trainer's logs and the round state go to
-        ``<dataset>/<trainer>__<plans>__<configuration>/fold_<fold>/``.
-    configuration
-        nnU-Net configuration (``2d``, ``3d_fullres``, ...).
-    plans
-        Plans identifier (``nnUNetPlans``).
-    trainer
-        nnU-Net trainer class name (``nnUNetTrainer``, ``nnUNetTrainerBN``, ``nnUNetTrainerNoDeepSupervision``, ...);
-        classes outside nnU-Net are found through ``nnUNet_extTrainer``.
-    fold
-        The split of ``splits_final.json`` whose ``train`` cases are trained on and whose ``val`` cases are
-        evaluated (``"all"``: every case for both).
-    device
-        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    """
-
-    name: str
-    dataset: str
-    nnunet_preprocessed: Path
-    nnunet_results: Path
-    configuration: str = "2d"
-    plans: str = "nnUNetPlans"
-    trainer: str = "nnUNetTrainer"
-    fold: int | str = 0
-    device: str = "auto"
-
-    @property
-    def dataset_folder(self) -> Path:
-        """``<nnunet_preprocessed>/<dataset>``."""
-        return Path(self.nnunet_preprocessed) / self.dataset
-
-    @property
-    def output_folder(self) -> Path:
-        """The trainer's fold folder, where the round state lives."""
-        model = convert_trainer_plans_config_to_identifier(self.trainer, self.plans, self.configuration)
-        return Path(self.nnunet_results) / self.dataset / model / f"fold_{self.fold}"
-
-    @property
-    def state_file(self) -> Path:
-        """The round state written after every round."""
-        return self.output_folder / STATE_FILE
-
-    @property
-    def state_token_file(self) -> Path:
-        """The token of the newest round state."""
-        return self.output_folder / STATE_TOKEN_FILE
-
-    def torch_device(self) -> torch.device:
-        """The device to train on."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """What one round of local training does (read from the server's config record).
-
-    Parameters
-    ----------
-    local_epochs
-        nnU-Net epochs per round (config ``local-epochs``).
-    num_epochs
-        Length of the learning-rate schedule: the federation's rounds x local epochs (config ``num-epochs``).
-    iterations_per_epoch, val_iterations_per_epoch
-        Training and pseudo-Dice batches per epoch (``iterations-per-epoch``, ``val-iterations-per-epoch``);
-        ``None`` keeps the trainer's own (250 and 50 for ``nnUNetTrainer``).
-    proximal_mu
-        FedProx coefficient (``proximal-mu``): the local loss gains ``mu / 2 * ||w - w_global||^2``.
-    seed
-        Seeds Python, numpy and torch at the start of the round (``seed``; mixed with the round and the
-        site name), so a rebuilt site repeats the live one's round exactly; ``None`` leaves them alone.
-    server_round
-        The round (``server-round``); round 1 starts a fresh trainer.
-    """
-
-    local_epochs: int = 1
-    num_epochs: int = 1
-    iterations_per_epoch: int | None = None
-    val_iterations_per_epoch: int | None = None
-    proximal_mu: float = 0.0
-    seed: int | None = None
-    server_round: int = 1
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TrainOptions:
-        """Options from a received ``ConfigRecord`` (missing keys take the defaults above)."""
-
-        def optional_int(key: str) -> int | None:
-            value = config.get(key)
-            return None if value is None or int(value) <= 0 else int(value)
-
-        local_epochs = int(config.get("local-epochs", 1))
-        server_round = int(config.get("server-round", 1))
-        return cls(
-            local_epochs=local_epochs,
-            num_epochs=int(config.get("num-epochs", local_epochs * server_round)),
-            iterations_per_epoch=optional_int("iterations-per-epoch"),
-            val_iterations_per_epoch=optional_int("val-iterations-per-epoch"),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            seed=None if config.get("seed") is None else int(config["seed"]),
-            server_round=server_round,
-        )
-
-
-def proximal_term(parameters: Mapping[str, nn.Parameter], anchors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``sum ||p - anchor||^2`` over the parameters (FedProx's proximal term, without ``mu / 2``)."""
-    return sum(((parameters[key] - anchor) ** 2).sum() for key, anchor in anchors.items())
-
-
-class _ProximalLoss:
-    """The trainer's loss plus ``mu / 2 * ||w - w_global||^2`` over the trainable parameters."""
-
-    def __init__(self, loss: Any, parameters: Mapping[str, nn.Parameter], mu: float):
-        self.loss = loss
-        self.parameters = dict(parameters)
-        self.anchors = {key: p.detach().clone() for key, p in self.parameters.items() if p.requires_grad}
-        self.mu = mu
-
-    def __call__(self, output: Any, target: Any) -> torch.Tensor:
-        return self.loss(output, target) + 0.5 * self.mu * proximal_term(self.parameters, self.anchors)
-
-
-def _fix(site: SiteSpec, *, what: str) -> str:
-    dataset_id = site.dataset[7:10] if site.dataset.startswith("Dataset") else site.dataset
-    commands = {
-        "preprocess": f"nnUNetv2_preprocess -d {dataset_id} -plans_name {site.plans} -c {site.configuration}",
-        "plans": (
-            f"copy the federation's {site.plans}.json into {site.dataset_folder} "
-            f"(nnUNetv2_move_plans_between_datasets), then run "
-            f"nnUNetv2_preprocess -d {dataset_id} -plans_name {site.plans} -c {site.configuration}"
-        ),
-        "fingerprint": f"nnUNetv2_extract_fingerprint -d {dataset_id}",
-    }
-    return commands[what]
+__all__ = ["Site"]
 
 
 def _seed_everything(seed: int, server_round: int, name: str) -> None:
@@ -293,16 +125,16 @@ class Site:
         if not folder.is_dir():
             raise SiteError(
                 f"{spec.name}: dataset folder {folder} not found; point {where} at the site's nnUNet_preprocessed "
-                f"root, or plan and preprocess the dataset: {_fix(spec, what='plans')}"
+                f"root, or plan and preprocess the dataset: {spec.fix_command('plans')}"
             )
         plans_file = folder / f"{spec.plans}.json"
         if not plans_file.is_file():
-            raise SiteError(f"{spec.name}: plans {plans_file} not found; {_fix(spec, what='plans')}")
+            raise SiteError(f"{spec.name}: plans {plans_file} not found; {spec.fix_command('plans')}")
         plans = json.loads(plans_file.read_text())
         if plans_sha is not None and plans_sha256(plans) != plans_sha:
             raise SiteError(
                 f"{spec.name}: {plans_file} differs from the server's plans (plans-sha256 "
-                f"{plans_sha256(plans)[:12]}... != {plans_sha[:12]}...); {_fix(spec, what='plans')}"
+                f"{plans_sha256(plans)[:12]}... != {plans_sha[:12]}...); {spec.fix_command('plans')}"
             )
         if spec.configuration not in plans.get("configurations", {}):
             raise SiteError(
@@ -311,11 +143,11 @@ class Site:
             )
         for name, what in (("dataset.json", "plans"), ("dataset_fingerprint.json", "fingerprint")):
             if not (folder / name).is_file():
-                raise SiteError(f"{spec.name}: {folder / name} not found; run {_fix(spec, what=what)}")
+                raise SiteError(f"{spec.name}: {folder / name} not found; run {spec.fix_command(what)}")
         identifier = plans["configurations"][spec.configuration].get("data_identifier", "")
         data = folder / identifier
         if not identifier or not data.is_dir() or not any(data.iterdir()):
-            raise SiteError(f"{spec.name}: {data} holds no preprocessed cases; run {_fix(spec, what='preprocess')}")
+            raise SiteError(f"{spec.name}: {data} holds no preprocessed cases; run {spec.fix_command('preprocess')}")
         return plans
 
     # ---------------------------------------------------------------- trainer
@@ -465,7 +297,7 @@ class Site:
         outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
         trainer.on_train_epoch_end(outputs)
         loss = trainer.loss
-        if isinstance(loss, _ProximalLoss):
+        if isinstance(loss, ProximalLoss):
             trainer.loss = loss.loss
         with torch.no_grad():
             trainer.on_validation_epoch_start()
@@ -512,13 +344,13 @@ class Site:
             _seed_everything(options.seed, options.server_round, self.spec.name)
         trainer = self.trainer
         if options.proximal_mu > 0:
-            trainer.loss = _ProximalLoss(trainer.loss, dict(self.network.named_parameters()), options.proximal_mu)
+            trainer.loss = ProximalLoss(trainer.loss, dict(self.network.named_parameters()), options.proximal_mu)
         try:
             with _progress_plot_once(trainer):
                 for _ in range(options.local_epochs):
                     self._run_epoch()
         finally:
-            if isinstance(trainer.loss, _ProximalLoss):
+            if isinstance(trainer.loss, ProximalLoss):
                 trainer.loss = trainer.loss.loss
         self.save_state()
         logger = trainer.logger

@@ -1,0 +1,155 @@
+"""What a site is and what one round of its training does: folders, nnU-Net setup, round options."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+__all__ = ["STATE_FILE", "STATE_TOKEN_FILE", "SiteError", "SiteSpec", "TrainOptions"]
+
+STATE_FILE = "flwr_site_state.pth"
+"""Name of the per-site round state (an nnU-Net trainer checkpoint) in the trainer's fold folder."""
+
+STATE_TOKEN_FILE = "flwr_site_state.json"
+"""Beside the state: a fresh token per saved round, so a process can tell that another one trained since."""
+
+
+class SiteError(RuntimeError):
+    """A site cannot take part in a round; the message says why and what fixes it."""
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where a site's data lives and which nnU-Net training it runs.
+
+    Parameters
+    ----------
+    name
+        Shown in logs and errors (e.g. ``site-0``).
+    dataset
+        ``Dataset<ID>_<Name>``, the same at every site.
+    nnunet_preprocessed
+        The site's ``nnUNet_preprocessed`` root (holds ``<dataset>/<plans>.json`` and the preprocessed cases).
+    nnunet_results
+        The site's ``nnUNet_results`` root: the trainer's logs and the round state go to
+        ``<dataset>/<trainer>__<plans>__<configuration>/fold_<fold>/``.
+    configuration
+        nnU-Net configuration (``2d``, ``3d_fullres``, ...).
+    plans
+        Plans identifier (``nnUNetPlans``).
+    trainer
+        nnU-Net trainer class name (``nnUNetTrainer``, ``nnUNetTrainerBN``, ``nnUNetTrainerNoDeepSupervision``, ...);
+        classes outside nnU-Net are found through ``nnUNet_extTrainer``.
+    fold
+        The split of ``splits_final.json`` whose ``train`` cases are trained on and whose ``val`` cases are
+        evaluated (``"all"``: every case for both).
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    """
+
+    name: str
+    dataset: str
+    nnunet_preprocessed: Path
+    nnunet_results: Path
+    configuration: str = "2d"
+    plans: str = "nnUNetPlans"
+    trainer: str = "nnUNetTrainer"
+    fold: int | str = 0
+    device: str = "auto"
+
+    @property
+    def dataset_folder(self) -> Path:
+        """``<nnunet_preprocessed>/<dataset>``."""
+        return Path(self.nnunet_preprocessed) / self.dataset
+
+    @property
+    def output_folder(self) -> Path:
+        """The trainer's fold folder, where the round state lives."""
+        model = convert_trainer_plans_config_to_identifier(self.trainer, self.plans, self.configuration)
+        return Path(self.nnunet_results) / self.dataset / model / f"fold_{self.fold}"
+
+    @property
+    def state_file(self) -> Path:
+        """The round state written after every round."""
+        return self.output_folder / STATE_FILE
+
+    @property
+    def state_token_file(self) -> Path:
+        """The token of the newest round state."""
+        return self.output_folder / STATE_TOKEN_FILE
+
+    def fix_command(self, what: str) -> str:
+        """The nnU-Net step that makes this site ready: ``what`` is ``plans``, ``preprocess`` or ``fingerprint``."""
+        dataset_id = self.dataset[7:10] if self.dataset.startswith("Dataset") else self.dataset
+        commands = {
+            "preprocess": f"nnUNetv2_preprocess -d {dataset_id} -plans_name {self.plans} -c {self.configuration}",
+            "plans": (
+                f"copy the federation's {self.plans}.json into {self.dataset_folder} "
+                f"(nnUNetv2_move_plans_between_datasets), then run "
+                f"nnUNetv2_preprocess -d {dataset_id} -plans_name {self.plans} -c {self.configuration}"
+            ),
+            "fingerprint": f"nnUNetv2_extract_fingerprint -d {dataset_id}",
+        }
+        return commands[what]
+
+    def torch_device(self) -> torch.device:
+        """The device to train on."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What one round of local training does (read from the server's config record).
+
+    Parameters
+    ----------
+    local_epochs
+        nnU-Net epochs per round (config ``local-epochs``).
+    num_epochs
+        Length of the learning-rate schedule: the federation's rounds x local epochs (config ``num-epochs``).
+    iterations_per_epoch, val_iterations_per_epoch
+        Training and pseudo-Dice batches per epoch (``iterations-per-epoch``, ``val-iterations-per-epoch``);
+        ``None`` keeps the trainer's own (250 and 50 for ``nnUNetTrainer``).
+    proximal_mu
+        FedProx coefficient (``proximal-mu``): the local loss gains ``mu / 2 * ||w - w_global||^2``.
+    seed
+        Seeds Python, numpy and torch at the start of the round (``seed``; mixed with the round and the
+        site name), so a rebuilt site repeats the live one's round exactly; ``None`` leaves them alone.
+    server_round
+        The round (``server-round``); round 1 starts a fresh trainer.
+    """
+
+    local_epochs: int = 1
+    num_epochs: int = 1
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+    proximal_mu: float = 0.0
+    seed: int | None = None
+    server_round: int = 1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrainOptions:
+        """Options from a received ``ConfigRecord`` (missing keys take the defaults above)."""
+
+        def optional_int(key: str) -> int | None:
+            value = config.get(key)
+            return None if value is None or int(value) <= 0 else int(value)
+
+        local_epochs = int(config.get("local-epochs", 1))
+        server_round = int(config.get("server-round", 1))
+        return cls(
+            local_epochs=local_epochs,
+            num_epochs=int(config.get("num-epochs", local_epochs * server_round)),
+            iterations_per_epoch=optional_int("iterations-per-epoch"),
+            val_iterations_per_epoch=optional_int("val-iterations-per-epoch"),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            seed=None if config.get("seed") is None else int(config["seed"]),
+            server_round=server_round,
+        )
