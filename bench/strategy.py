@@ -113,7 +113,7 @@ def measure(variant: str, clients: int, repeats: int, threads: int, device: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's own setting)"
     )

@@ -209,7 +209,7 @@ def test_resume_restores_a_dp_wrappers_clipping_norm(tmp_path):
 
 
 def test_from_model_folder_builds_the_network_nnunet_builds(tmp_path):
-    from flwr_nnunet.family import NnUNetFedYogi
+    from flwr_nnunet.server_optimizers import NnUNetFedYogi
 
     strategy = NnUNetFedYogi.from_model_folder(folder_for(tmp_path), eta=0.05)
 

@@ -13,22 +13,21 @@ from flwr_nnunet.checkpoint import CheckpointError, NnUNetModelFolder
 from flwr_nnunet.codec import PayloadError, from_array_record, to_array_record
 from flwr_nnunet.family import (
     NnUNetBulyan,
-    NnUNetDPClientSideAdaptiveClipping,
-    NnUNetDPClientSideFixedClipping,
-    NnUNetDPServerSideAdaptiveClipping,
-    NnUNetDPServerSideFixedClipping,
-    NnUNetFedAdagrad,
-    NnUNetFedAdam,
-    NnUNetFedAvgM,
     NnUNetFedMedian,
     NnUNetFedProx,
     NnUNetFedTrimmedAvg,
-    NnUNetFedYogi,
     NnUNetKrum,
     NnUNetMultiKrum,
     NnUNetQFedAvg,
     strategy_from_name,
 )
+from flwr_nnunet.privacy import (
+    NnUNetDPClientSideAdaptiveClipping,
+    NnUNetDPClientSideFixedClipping,
+    NnUNetDPServerSideAdaptiveClipping,
+    NnUNetDPServerSideFixedClipping,
+)
+from flwr_nnunet.server_optimizers import NnUNetFedAdagrad, NnUNetFedAdam, NnUNetFedAvgM, NnUNetFedYogi
 from flwr_nnunet.site import Site
 from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
 from flwr_nnunet.strategy import NnUNetFedAvg, ResumeError

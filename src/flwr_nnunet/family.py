@@ -15,17 +15,17 @@ arguments of the Flower strategy it is named after, with Flower's defaults.
   network). Norms and noise count each shared tensor once because records are
   canonical.
 
-:func:`strategy_from_name` builds any of them from run-config values.
+:func:`strategy_from_name` builds any of them from run-config values; the server
+optimizers live in :mod:`flwr_nnunet.server_optimizers`, the DP wrappers in
+:mod:`flwr_nnunet.privacy`.
 """
 
 from __future__ import annotations
 
-import math
-from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -33,10 +33,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import (
     Bulyan,
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -45,29 +41,27 @@ from flwr.serverapp.strategy import (
     QFedAvg,
 )
 from flwr.supercore import log
-from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from torch import nn
 
 from flwr_nnunet.aggregation import median_, trimmed_mean_, weighted_mean_
 from flwr_nnunet.codec import encode_tensor
-from flwr_nnunet.rounds import RoundRunner
+from flwr_nnunet.privacy import (
+    AliasAwareDP,
+    NnUNetDPClientSideAdaptiveClipping,
+    NnUNetDPClientSideFixedClipping,
+    NnUNetDPServerSideAdaptiveClipping,
+    NnUNetDPServerSideFixedClipping,
+)
+from flwr_nnunet.server_optimizers import NnUNetFedAdagrad, NnUNetFedAdam, NnUNetFedAvgM, NnUNetFedYogi
 from flwr_nnunet.strategy import NnUNetFedAvg
 
 __all__ = [
     "DP_WRAPPERS",
     "STRATEGIES",
     "NnUNetBulyan",
-    "NnUNetDPClientSideAdaptiveClipping",
-    "NnUNetDPClientSideFixedClipping",
-    "NnUNetDPServerSideAdaptiveClipping",
-    "NnUNetDPServerSideFixedClipping",
-    "NnUNetFedAdagrad",
-    "NnUNetFedAdam",
-    "NnUNetFedAvgM",
     "NnUNetFedMedian",
     "NnUNetFedProx",
     "NnUNetFedTrimmedAvg",
-    "NnUNetFedYogi",
     "NnUNetKrum",
     "NnUNetMultiKrum",
     "NnUNetQFedAvg",
@@ -97,214 +91,6 @@ class NnUNetFedTrimmedAvg(NnUNetFedAvg, FedTrimmedAvg):
     ) -> None:
         """Write the element-wise trimmed mean of ``values`` into ``target``."""
         trimmed_mean_({key: target}, [{key: v} for v in values], self.beta, accumulate_dtype=self.accumulate_dtype)
-
-
-class _ServerOptimizer(NnUNetFedAvg):
-    """Weighted mean in place, then a server step per floating-point group.
-
-    Integer groups (BatchNorm's ``num_batches_tracked``) keep the mean. The
-    per-group buffers named in ``buffer_names`` are the resume state.
-    """
-
-    buffer_names: tuple[str, ...] = ()
-
-    def __init__(self, network: nn.Module, **kwargs: Any) -> None:
-        super().__init__(network, **kwargs)
-        self.buffers: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.buffer_names}
-
-    def server_step_enabled(self) -> bool:
-        """Whether the server step changes anything (FedAvgM without momentum and lr 1 is FedAvg)."""
-        return True
-
-    @abstractmethod
-    def step_group_(self, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
-        """Replace ``target`` (holding the mean of the replies) by the server update from ``previous``."""
-
-    def aggregate_(
-        self,
-        targets: Mapping[str, torch.Tensor],
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
-    ) -> None:
-        """Weighted mean into ``targets``, then :meth:`step_group_` on every floating-point group."""
-        if not self.server_step_enabled():
-            super().aggregate_(targets, updates, weights)
-            return
-        previous = OrderedDict((k, t.detach().clone()) for k, t in targets.items() if t.is_floating_point())
-        super().aggregate_(targets, updates, weights)
-        with torch.no_grad():
-            for key, before in previous.items():
-                self.step_group_(key, targets[key], before)
-
-    def buffer(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
-        """The state buffer ``name`` of group ``key`` (zeros the first time)."""
-        buffers = self.buffers[name]
-        if key not in buffers:
-            buffers[key] = torch.zeros_like(like)
-        return buffers[key]
-
-    def strategy_state(self) -> dict[str, Any]:
-        """The per-group buffers (moments, momentum)."""
-        return {name: dict(buffers) for name, buffers in self.buffers.items()}
-
-    def load_strategy_state(self, state: Mapping[str, Any]) -> None:
-        """Restore the per-group buffers onto the network's devices and dtypes."""
-        for name in self.buffer_names:
-            saved = state.get(name, {})
-            unknown = set(saved) - set(self.global_tensors)
-            if unknown:
-                raise ValueError(f"strategy state {name!r} has unknown keys {sorted(unknown)[:3]}")
-            self.buffers[name] = {
-                k: t.to(device=self.global_tensors[k].device, dtype=self.global_tensors[k].dtype).clone()
-                for k, t in saved.items()
-            }
-
-
-class NnUNetFedAvgM(_ServerOptimizer):
-    """FedAvgM: server learning rate and momentum on the pseudo-gradient, as Flower's ``FedAvgM``.
-
-    Parameters
-    ----------
-    server_learning_rate : float (default: 1.0)
-        Server-side learning rate.
-    server_momentum : float (default: 0.0)
-        Server-side momentum.
-    **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
-    """
-
-    buffer_names = ("momentum",)
-
-    def __init__(
-        self, network: nn.Module, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0, **kwargs: Any
-    ) -> None:
-        super().__init__(network, **kwargs)
-        self.server_learning_rate = server_learning_rate
-        self.server_momentum = server_momentum
-
-    def server_step_enabled(self) -> bool:
-        """Off (plain FedAvg) when the learning rate is 1 and momentum 0, as in Flower."""
-        return self.server_momentum != 0.0 or self.server_learning_rate != 1.0
-
-    def summary(self) -> None:
-        """Log the FedAvgM settings, then FedAvg's."""
-        log(
-            INFO,
-            "\t├──> FedAvgM: server learning rate %s, momentum %s",
-            self.server_learning_rate,
-            self.server_momentum,
-        )
-        super().summary()
-
-    def step_group_(self, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
-        """``x = x_prev - lr * (momentum * v + (x_prev - mean))``."""
-        gradient = previous - target
-        if self.server_momentum > 0.0:
-            if key in self.buffers["momentum"]:
-                gradient = self.buffers["momentum"][key].mul_(self.server_momentum).add_(gradient)
-            self.buffers["momentum"][key] = gradient
-        target.copy_(previous - self.server_learning_rate * gradient)
-
-
-class _FedOpt(_ServerOptimizer):
-    """Adaptive server optimizers (Reddi et al., 2021) with Flower's update rules.
-
-    Each subclass lists its arguments and Flower's defaults in ``DEFAULTS``;
-    they become attributes of the same names.
-    """
-
-    buffer_names = ("m", "v")
-    DEFAULTS: ClassVar[Mapping[str, float]] = {}
-
-    def __init__(self, network: nn.Module, **kwargs: Any) -> None:
-        options = {name: float(kwargs.pop(name, default)) for name, default in self.DEFAULTS.items()}
-        super().__init__(network, **kwargs)
-        self.beta_1 = self.beta_2 = 0.0
-        for name, value in options.items():
-            setattr(self, name, value)
-
-    def summary(self) -> None:
-        """Log the optimizer settings, then FedAvg's."""
-        settings = " | ".join(f"{name} {getattr(self, name)}" for name in self.DEFAULTS)
-        log(INFO, "\t├──> %s: %s", type(self).__name__, settings)
-        super().summary()
-
-    @abstractmethod
-    def update_v_(self, v: torch.Tensor, delta: torch.Tensor) -> None:
-        """Update the second moment ``v`` in place."""
-
-    def step_size(self) -> float:
-        """The server learning rate of this round."""
-        return self.eta
-
-    def step_group_(self, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
-        """``m = b1 m + (1 - b1) delta``; ``v`` by the rule; ``x = x_prev + step * m / (sqrt(v) + tau)``."""
-        delta = target - previous
-        m = self.buffer("m", key, delta)
-        m.mul_(self.beta_1).add_(delta, alpha=1.0 - self.beta_1)
-        v = self.buffer("v", key, delta)
-        self.update_v_(v, delta)
-        target.copy_(previous + self.step_size() * m / (v.sqrt() + self.tau))
-
-
-class NnUNetFedAdagrad(_FedOpt):
-    """FedAdagrad: ``v += delta^2`` (no first-moment decay).
-
-    Parameters
-    ----------
-    eta, eta_l, tau : float (defaults 0.1, 0.1, 1e-3, as Flower's ``FedAdagrad``)
-        Server learning rate, client learning rate (informational), adaptivity.
-    **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
-    """
-
-    DEFAULTS: ClassVar[Mapping[str, float]] = {"eta": 1e-1, "eta_l": 1e-1, "tau": 1e-3}
-
-    def update_v_(self, v: torch.Tensor, delta: torch.Tensor) -> None:
-        """``v += delta^2``."""
-        v.add_(delta * delta)
-
-
-class NnUNetFedAdam(_FedOpt):
-    """FedAdam: ``v = b2 v + (1 - b2) delta^2`` and Flower's bias-corrected step.
-
-    Parameters
-    ----------
-    eta, eta_l, beta_1, beta_2, tau : float (defaults 0.1, 0.1, 0.9, 0.99, 1e-3, as Flower's ``FedAdam``)
-        Server and client learning rates, moment decays, adaptivity.
-    **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
-    """
-
-    DEFAULTS: ClassVar[Mapping[str, float]] = {"eta": 1e-1, "eta_l": 1e-1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
-
-    def update_v_(self, v: torch.Tensor, delta: torch.Tensor) -> None:
-        """``v = b2 v + (1 - b2) delta^2``."""
-        v.mul_(self.beta_2).add_(delta * delta, alpha=1.0 - self.beta_2)
-
-    def step_size(self) -> float:
-        """``eta * sqrt(1 - b2^(r+1)) / (1 - b1^(r+1))`` for round r, as Flower computes it."""
-        r = self.current_round + 1.0
-        return self.eta * math.sqrt(1 - self.beta_2**r) / (1 - self.beta_1**r)
-
-
-class NnUNetFedYogi(_FedOpt):
-    """FedYogi: ``v = v - (1 - b2) delta^2 sign(v - delta^2)``.
-
-    Parameters
-    ----------
-    eta, eta_l, beta_1, beta_2, tau : float (defaults 1e-2, 0.0316, 0.9, 0.99, 1e-3, as Flower's ``FedYogi``)
-        Server and client learning rates, moment decays, adaptivity.
-    **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
-    """
-
-    DEFAULTS: ClassVar[Mapping[str, float]] = {"eta": 1e-2, "eta_l": 0.0316, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
-
-    def update_v_(self, v: torch.Tensor, delta: torch.Tensor) -> None:
-        """``v = v - (1 - b2) delta^2 sign(v - delta^2)``."""
-        squared = delta * delta
-        v.sub_((1.0 - self.beta_2) * squared * torch.sign(v - squared))
 
 
 class _FlowerAggregated(NnUNetFedAvg):
@@ -397,76 +183,6 @@ class NnUNetQFedAvg(_FlowerAggregated, QFedAvg):
         return messages
 
 
-class _AliasAwareDP(RoundRunner):
-    """Mixin for Flower's DP wrappers around an :class:`NnUNetFedAvg` family member.
-
-    Replies are validated (and made canonical) before Flower clips them; the
-    noised aggregate is written into the network; ``start``/``resume`` continue
-    runs like :class:`NnUNetFedAvg`'s and the resume state includes the wrapper's.
-    """
-
-    strategy: NnUNetFedAvg
-    clipping_norm: float
-
-    def __init__(self, strategy: NnUNetFedAvg, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(strategy, NnUNetFedAvg):
-            raise TypeError(f"{type(self).__name__} wraps an NnUNetFedAvg family member, got {type(strategy).__name__}")
-        super().__init__(strategy, *args, **kwargs)
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower's wrapper step on the network's canonical record."""
-        return super().configure_train(server_round, self.strategy.sync_global(arrays), config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, let Flower clip/aggregate/noise, then write the noised model into the network."""
-        core = self.strategy
-        core.current_round = server_round
-        valid = core.valid_messages(server_round, replies, is_train=True)
-        arrays, metrics = super().aggregate_train(server_round, valid)
-        if arrays is None:
-            return None, metrics
-        core.load_global_(arrays, cast=True)
-        return core.global_record(), metrics
-
-    def strategy_state(self) -> dict[str, Any]:
-        """The wrapped strategy's state and the current clipping norm."""
-        return {"inner": self.strategy.strategy_state(), "clipping_norm": float(self.clipping_norm)}
-
-    def load_strategy_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`strategy_state` returned."""
-        self.strategy.load_strategy_state(state.get("inner", {}))
-        self.clipping_norm = float(state.get("clipping_norm", self.clipping_norm))
-
-    @property
-    def core(self) -> NnUNetFedAvg:
-        """The wrapped family member: network, model folder, rounds."""
-        return self.strategy
-
-
-class NnUNetDPServerSideFixedClipping(_AliasAwareDP, DifferentialPrivacyServerSideFixedClipping):
-    """Central DP, server-side fixed clipping (``noise_multiplier``, ``clipping_norm``, ``num_sampled_clients``)."""
-
-
-class NnUNetDPClientSideFixedClipping(_AliasAwareDP, DifferentialPrivacyClientSideFixedClipping):
-    """Central DP, client-side fixed clipping (clients use Flower's ``fixedclipping_mod``)."""
-
-
-class NnUNetDPServerSideAdaptiveClipping(_AliasAwareDP, DifferentialPrivacyServerSideAdaptiveClipping):
-    """Central DP, server-side adaptive clipping (``noise_multiplier``, ``num_sampled_clients``, ...)."""
-
-
-class NnUNetDPClientSideAdaptiveClipping(_AliasAwareDP, DifferentialPrivacyClientSideAdaptiveClipping):
-    """Central DP, client-side adaptive clipping (clients use ``adaptiveclipping_mod``; replies need ``norm_bit``)."""
-
-    def __init__(self, strategy: NnUNetFedAvg, *args: Any, **kwargs: Any) -> None:
-        super().__init__(strategy, *args, **kwargs)
-        strategy.validator.required_metrics += (KEY_NORM_BIT,)
-
-
 STRATEGIES: dict[str, type[NnUNetFedAvg]] = {
     "fedavg": NnUNetFedAvg,
     "fedavgm": NnUNetFedAvgM,
@@ -503,7 +219,7 @@ def strategy_from_name(
     dp: str | None = None,
     dp_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
-) -> NnUNetFedAvg | _AliasAwareDP:
+) -> NnUNetFedAvg | AliasAwareDP:
     """Build a family member by name, optionally wrapped for differential privacy.
 
     Parameters
