@@ -203,7 +203,7 @@ def test_an_update_that_is_the_target_itself_is_read_before_it_is_overwritten():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_check_finite_names_exactly_the_groups_whose_mean_holds_nan_or_inf(threads):
+def test_check_finite_names_exactly_the_groups_whose_result_holds_nan_or_inf(threads):
     big = torch.full((600,), 3e38)  # finite, but a float32 sum of a chunk overflows
     clean = {"big": big, "nan": torch.ones(600), "inf": torch.ones(5), "count": torch.tensor(3)}
     poisoned = {**clean, "nan": torch.ones(600), "inf": torch.ones(5)}
@@ -219,3 +219,9 @@ def test_check_finite_names_exactly_the_groups_whose_mean_holds_nan_or_inf(threa
     assert torch.equal(targets["big"], big) and int(targets["count"]) == 3
     found = weighted_mean_(targets, [clean, clean], [1, 1], chunk_elements=256, num_threads=threads, check_finite=True)
     assert found == []
+    assert median_(targets, [clean, poisoned, poisoned], chunk_elements=256, check_finite=True) == ["nan", "inf"]
+    assert median_(targets, [clean, clean, poisoned, poisoned], chunk_elements=256, check_finite=True) == ["nan", "inf"]
+    assert trimmed_mean_(targets, [clean, clean, poisoned], 0.0, chunk_elements=256, check_finite=True) == [
+        "nan",
+        "inf",
+    ]

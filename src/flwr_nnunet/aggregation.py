@@ -264,24 +264,29 @@ def median_(
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int | None = None,
     num_threads: int | None = None,
-) -> None:
-    """Write the element-wise median of ``updates`` into ``targets`` (unweighted; even counts average the middle two, as ``numpy.median``)."""
+    check_finite: bool = False,
+) -> list[str]:
+    """Write the element-wise median of ``updates`` into ``targets`` (unweighted; even counts average the middle two, as ``numpy.median``).
+
+    The keyword options and the return value are those of :func:`reduce_`.
+    """
 
     def median(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         ordered = _sorted_stack(chunks, dtype)
         n = len(chunks)
         if n % 2:
             return ordered[n // 2]
-        return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        return ordered[n // 2 - 1] / 2 + ordered[n // 2] / 2  # halved first: no overflow near the dtype's max
 
     chunk_elements = chunk_elements or _sort_chunk(len(updates))
-    reduce_(
+    return reduce_(
         targets,
         updates,
         median,
         accumulate_dtype=accumulate_dtype,
         chunk_elements=chunk_elements,
         num_threads=num_threads,
+        check_finite=check_finite,
     )
 
 
@@ -293,27 +298,31 @@ def trimmed_mean_(
     accumulate_dtype: torch.dtype = torch.float32,
     chunk_elements: int | None = None,
     num_threads: int | None = None,
-) -> None:
+    check_finite: bool = False,
+) -> list[str]:
     """Write the element-wise trimmed mean of ``updates`` into ``targets`` (unweighted).
 
     ``int(beta * n)`` of the lowest and of the highest values are cut at every
-    element, as Flower's ``FedTrimmedAvg`` and ``scipy.stats.trim_mean`` do.
+    element, as Flower's ``FedTrimmedAvg`` and ``scipy.stats.trim_mean`` do. The keyword
+    options and the return value are those of :func:`reduce_`.
     """
     if not 0.0 <= beta < 0.5:
         raise ValueError(f"beta must be in [0, 0.5), got {beta}")
     cut = int(beta * len(updates))
 
     def trimmed_mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-        return _sorted_stack(chunks, dtype)[cut : len(chunks) - cut].mean(dim=0)
+        kept = _sorted_stack(chunks, dtype)[cut : len(chunks) - cut]
+        return (kept / len(kept)).sum(dim=0)  # divided first: a sum of values near the dtype's max would overflow
 
     chunk_elements = chunk_elements or _sort_chunk(len(updates))
-    reduce_(
+    return reduce_(
         targets,
         updates,
         trimmed_mean,
         accumulate_dtype=accumulate_dtype,
         chunk_elements=chunk_elements,
         num_threads=num_threads,
+        check_finite=check_finite,
     )
 
 
