@@ -90,6 +90,10 @@ def test_integer_and_bool_rule_rounds_and_keeps_dtype():
     assert targets["count"].dtype == torch.int64 and targets["count"].item() == 16  # 15.75 -> 16
     assert targets["flag"].tolist() == [True, True, False]  # weights .5, .75, 0
 
+    big = 2**25 + 1  # not a float32; exact in float64
+    weighted_mean_(targets, [{**u, "count": torch.tensor(big)} for u in updates], [2, 1, 1])
+    assert targets["count"].item() == big
+
 
 @settings(max_examples=40, deadline=None)
 @given(

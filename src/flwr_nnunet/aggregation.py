@@ -232,9 +232,13 @@ def weighted_mean_(
             c.device == out.device and c.untyped_storage().data_ptr() != storage for c in chunks
         )
         acc = out if direct else torch.empty(chunks[0].numel(), dtype=dtype, device=chunks[0].device)
-        torch.mul(chunks[0], factors[0], out=acc)
+
+        def in_dtype(chunk: torch.Tensor) -> torch.Tensor:
+            return chunk if chunk.dtype == dtype else chunk.to(dtype)  # int64 * float would compute in float32
+
+        torch.mul(in_dtype(chunks[0]), factors[0], out=acc)
         for chunk, factor in zip(chunks[1:], factors[1:]):
-            acc.add_(chunk if chunk.dtype == dtype else chunk.to(dtype), alpha=factor)
+            acc.add_(in_dtype(chunk), alpha=factor)
         return acc
 
     return reduce_(
