@@ -10,7 +10,10 @@ the same client updates, each in its own process so that its peak memory is its 
 (c) floor:  one read pass (a sum) over the bytes (b) received, clients spread over as many
             single-threaded workers as torch has threads: the memory-bandwidth floor.
 
-Run: ``python bench/aggregate.py`` (about 10 minutes and up to ~17 GB of RAM on 2 cores);
+Times are the best of ``--repeats`` calls, as ``timeit`` reports them: on a shared machine
+interference only ever adds time. Peak memory is the largest over the calls.
+
+Run: ``python bench/aggregate.py`` (about 15 minutes and up to ~17 GB of RAM on 2 cores);
 ``--clients 2 8 --networks plain`` for a quick look.
 """
 
@@ -20,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -130,7 +132,7 @@ def worker(variant: str, network: str, clients: int, repeats: int) -> dict:
         result = run()
         times.append(time.perf_counter() - start)
         peaks.append(peak_rss_bytes() - before)
-    report = {"seconds": statistics.median(times), "peak_extra": max(peaks), "payload": payload}
+    report = {"seconds": min(times), "peak_extra": max(peaks), "payload": payload}
     if isinstance(result, ArrayRecord):
         result = result.to_torch_state_dict()
     if result is not None:
@@ -163,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=["plain", "resenc"])
     parser.add_argument("--clients", nargs="+", type=int, default=[2, 8, 32])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", choices=["stock", "ours", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -171,7 +173,7 @@ def main() -> None:
         return
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, median of {args.repeats}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, best of {args.repeats}\n"
     )
     print(
         "| network | N | (a) stock s | (b) ours s | (c) floor s | speed-up a/b | b/c "
