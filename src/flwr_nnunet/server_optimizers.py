@@ -18,6 +18,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
+from flwr_nnunet.codec import from_array_record
 from flwr_nnunet.strategy import NnUNetFedAvg
 
 __all__ = ["NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi"]
@@ -54,11 +55,21 @@ class _ServerOptimizer(NnUNetFedAvg):
         if not self.server_step_enabled():
             super().aggregate_(targets, updates, weights)
             return
-        previous = OrderedDict((k, t.detach().clone()) for k, t in targets.items() if t.is_floating_point())
+        previous = self._values_before_the_mean(targets)
         super().aggregate_(targets, updates, weights)
         with torch.no_grad():
             for key, before in previous.items():
                 self.step_group_(key, targets[key], before)
+
+    def _values_before_the_mean(self, targets: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """The floating-point groups as they are before this round's mean: read-only views of the record last
+        sent, which holds exactly them, when the targets are on the CPU (no copy of the model); else copies."""
+        floating = [k for k, t in targets.items() if t.is_floating_point()]
+        sent = self._record
+        if sent is not None and all(targets[k].device.type == "cpu" and k in sent for k in floating):
+            decoded = from_array_record(sent)
+            return OrderedDict((k, decoded[k]) for k in floating)
+        return OrderedDict((k, targets[k].detach().clone()) for k in floating)
 
     def buffer(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
         """The state buffer ``name`` of group ``key`` (zeros the first time)."""
