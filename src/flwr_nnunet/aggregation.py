@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -257,8 +258,21 @@ def _sort_chunk(clients: int) -> int:
     return max(4096, SORT_SCRATCH_ELEMENTS // max(clients, 1))
 
 
-def _sorted_stack(chunks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack([c.to(dtype) for c in chunks]).sort(dim=0).values
+def _reduce_sorted_(
+    targets: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    reduce_sorted: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk_elements: int | None,
+    **options: Any,
+) -> list[str]:
+    """:func:`reduce_` with ``reduce_sorted`` applied to each chunk's client values stacked and sorted along dim 0."""
+
+    def reducer(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        return reduce_sorted(torch.stack([c.to(dtype) for c in chunks]).sort(dim=0).values)
+
+    chunk_elements = chunk_elements or _sort_chunk(len(updates))
+    return reduce_(targets, updates, reducer, chunk_elements=chunk_elements, **options)
 
 
 def median_(
@@ -274,19 +288,17 @@ def median_(
 
     The keyword options and the return value are those of :func:`reduce_`.
     """
+    n = len(updates)
 
-    def median(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-        ordered = _sorted_stack(chunks, dtype)
-        n = len(chunks)
+    def middle(ordered: torch.Tensor) -> torch.Tensor:
         if n % 2:
             return ordered[n // 2]
         return ordered[n // 2 - 1] / 2 + ordered[n // 2] / 2  # halved first: no overflow near the dtype's max
 
-    chunk_elements = chunk_elements or _sort_chunk(len(updates))
-    return reduce_(
+    return _reduce_sorted_(
         targets,
         updates,
-        median,
+        middle,
         accumulate_dtype=accumulate_dtype,
         chunk_elements=chunk_elements,
         num_threads=num_threads,
@@ -314,15 +326,14 @@ def trimmed_mean_(
         raise ValueError(f"beta must be in [0, 0.5), got {beta}")
     cut = int(beta * len(updates))
 
-    def trimmed_mean(chunks: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-        kept = _sorted_stack(chunks, dtype)[cut : len(chunks) - cut]
+    def kept_mean(ordered: torch.Tensor) -> torch.Tensor:
+        kept = ordered[cut : len(ordered) - cut]
         return (kept / len(kept)).sum(dim=0)  # divided first: a sum of values near the dtype's max would overflow
 
-    chunk_elements = chunk_elements or _sort_chunk(len(updates))
-    return reduce_(
+    return _reduce_sorted_(
         targets,
         updates,
-        trimmed_mean,
+        kept_mean,
         accumulate_dtype=accumulate_dtype,
         chunk_elements=chunk_elements,
         num_threads=num_threads,
