@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flwr_nnunet.client import dp_clipping_mod, handle_message
+from flwr_nnunet.apps.client import dp_clipping_mod, handle_message
 
 app = ClientApp(mods=[dp_clipping_mod])
 

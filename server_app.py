@@ -3,7 +3,7 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flwr_nnunet.federation import run_server
+from flwr_nnunet.apps.server import run_server
 
 app = ServerApp()
 

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from flwr_nnunet import AliasMap, from_array_record, to_array_record, weighted_mean_
-from flwr_nnunet.networks import STOCK_ARCHITECTURES, build_network
+from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 NETWORKS = {"plain": "3d_fullres PlainConvUNet", "resenc": "3d_fullres ResEnc M"}
 MEMORY_GIB = 24

@@ -31,7 +31,7 @@ from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
-from flwr_nnunet.networks import STOCK_ARCHITECTURES, build_network
+from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 NETWORK = "3d_fullres PlainConvUNet"
 VARIANTS = ("flower", "nnunet", "floor")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-from flwr_nnunet.demo import DemoDataset, DemoSite, make_demo_dataset
-from flwr_nnunet.heldout import dice_scores, gather_test_images, predict, train_local_only
+from flwr_nnunet.demo.data import DemoDataset, DemoSite, make_demo_dataset
+from flwr_nnunet.demo.heldout import dice_scores, gather_test_images, predict, train_local_only
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORT = 39091

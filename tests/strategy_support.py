@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_nnunet import AliasMap, from_array_record, to_array_record
-from flwr_nnunet.networks import STOCK_ARCHITECTURES, build_network
+from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 RUN_ID = 7
 SERVER_NODE = 1

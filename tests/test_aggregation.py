@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flwr_nnunet import AliasMap, median_, trimmed_mean_, weighted_mean_
-from flwr_nnunet.aggregation import assign_
-from flwr_nnunet.codec import from_array_record, to_array_record
-from flwr_nnunet.networks import STOCK_ARCHITECTURES, build_network
+from flwr_nnunet.core.reduce import assign_
+from flwr_nnunet.core.codec import from_array_record, to_array_record
+from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 
 def perturbed(canonical: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -14,8 +14,8 @@ from strategy_support import tiny_network
 from torch import nn
 
 from flwr_nnunet import AliasConflictError, AliasMap, PartialOverlapError, find_alias_groups, strip_wrapper_prefixes
-from flwr_nnunet.aliasing import KeyMismatchError
-from flwr_nnunet.networks import STOCK_ARCHITECTURES, build_network
+from flwr_nnunet.core.aliasing import KeyMismatchError
+from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 EXPECTED = {  # (keys, groups) of the stock networks: see ../shared/notes/nnunet-2.8.md
     "3d_fullres PlainConvUNet": (292, 108),

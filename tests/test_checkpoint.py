@@ -22,7 +22,7 @@ from strategy_support import (
 )
 
 from flwr_nnunet import AliasMap, CheckpointError, NnUNetModelFolder, ResumeError, strategy_from_name, to_array_record
-from flwr_nnunet.checkpoint import STATE_KEY
+from flwr_nnunet.nnunet.model_folder import STATE_KEY
 
 PLANS = tiny_plans()
 DICE = {1: 0.3, 2: 0.5, 3: 0.4, 4: 0.6}
@@ -209,7 +209,7 @@ def test_resume_restores_a_dp_wrappers_clipping_norm(tmp_path):
 
 
 def test_from_model_folder_builds_the_network_nnunet_builds(tmp_path):
-    from flwr_nnunet.server_optimizers import NnUNetFedYogi
+    from flwr_nnunet.strategy.server_optimizers import NnUNetFedYogi
 
     strategy = NnUNetFedYogi.from_model_folder(folder_for(tmp_path), eta=0.05)
 

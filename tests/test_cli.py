@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from flwr_nnunet import AliasMap
-from flwr_nnunet.checkpoint_io import CheckpointError, atomic_save, load_checkpoint
+from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, load_checkpoint
 from flwr_nnunet.cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, main
-from flwr_nnunet.demo import load_demo_dataset
-from flwr_nnunet.networks import build_network
+from flwr_nnunet.demo.data import load_demo_dataset
+from flwr_nnunet.nnunet.networks import build_network
 
 BIN = Path(sys.executable).parent
 CPU_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
@@ -291,7 +291,7 @@ def test_plain_and_compiled_state_dicts_need_the_plans_from_the_command_line(tra
 
 def _small_3d_plans(features: list[int], convs: int) -> tuple[dict, dict, dict]:
     """(architecture, plans, dataset_json) of a 3d_fullres PlainConvUNet with these stage widths."""
-    from flwr_nnunet.networks import STOCK_ARCHITECTURES
+    from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES
 
     architecture = copy.deepcopy(STOCK_ARCHITECTURES["3d_fullres PlainConvUNet"])
     kwargs, n = architecture["arch_kwargs"], len(features)
@@ -342,7 +342,7 @@ def test_a_global_checkpoint_finds_its_plans_in_the_model_folder_and_shrinks_to_
 @pytest.mark.slow
 def test_a_trainer_variant_network_is_rebuilt_and_its_integer_counters_restored(capsys, tmp_path):
     """nnUNetTrainerBN swaps in BatchNorm; per-key arithmetic turned its int64 counters into floats."""
-    from flwr_nnunet.networks import STOCK_ARCHITECTURES
+    from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES
 
     architecture, plans, dataset_json = _small_3d_plans([4, 8, 8], convs=1)
     batchnorm = STOCK_ARCHITECTURES["3d_fullres PlainConvUNet BatchNorm"]["arch_kwargs"]["norm_op"]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flwr_nnunet import PayloadError, from_array_record, to_array_record
-from flwr_nnunet.codec import decode_array, encode_tensor
+from flwr_nnunet.core.codec import decode_array, encode_tensor
 
 DTYPES = [
     torch.float32,

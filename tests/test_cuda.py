@@ -27,10 +27,10 @@ from strategy_support import (
 from test_checkpoint import RUN_CONFIG, folder_for, load, site
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, strategy_from_name
-from flwr_nnunet.demo import make_demo_dataset
-from flwr_nnunet.networks import build_trainer_network, plans_sha256
-from flwr_nnunet.site import Site
-from flwr_nnunet.site_spec import SiteSpec, TrainOptions
+from flwr_nnunet.demo.data import make_demo_dataset
+from flwr_nnunet.nnunet.networks import build_trainer_network, plans_sha256
+from flwr_nnunet.site.site import Site
+from flwr_nnunet.site.spec import SiteSpec, TrainOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flwr_nnunet.demo import load_demo_dataset, make_demo_dataset
-from flwr_nnunet.heldout import dice_scores, predict_test_cases, train_local_only
-from flwr_nnunet.networks import plans_sha256
-from flwr_nnunet.planning import merge_fingerprints
-from flwr_nnunet.site import Site
-from flwr_nnunet.site_spec import SiteSpec, TrainOptions
+from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
+from flwr_nnunet.demo.heldout import dice_scores, predict_test_cases, train_local_only
+from flwr_nnunet.nnunet.networks import plans_sha256
+from flwr_nnunet.nnunet.planning import merge_fingerprints
+from flwr_nnunet.site.site import Site
+from flwr_nnunet.site.spec import SiteSpec, TrainOptions
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from flwr.serverapp.strategy import FedAvg
 from strategy_support import canonical, metadata, perturbed, reply, tiny_network, tiny_plans
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
-from flwr_nnunet.networks import plans_sha256
-from flwr_nnunet.validation import AcceptedReply, Rejection, ReplyValidator, check_weight
+from flwr_nnunet.nnunet.networks import plans_sha256
+from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, ReplyValidator, check_weight
 
 PLANS = tiny_plans()
 

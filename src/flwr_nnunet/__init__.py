@@ -1,7 +1,7 @@
 """flwr-nnunet: federated nnU-Net with Flower, aggregating each shared tensor once."""
 
-from flwr_nnunet.aggregation import median_, trimmed_mean_, weighted_mean_
-from flwr_nnunet.aliasing import (
+from flwr_nnunet.core.reduce import median_, trimmed_mean_, weighted_mean_
+from flwr_nnunet.core.aliasing import (
     AliasConflictError,
     AliasMap,
     KeyMismatchError,
@@ -9,9 +9,9 @@ from flwr_nnunet.aliasing import (
     find_alias_groups,
     strip_wrapper_prefixes,
 )
-from flwr_nnunet.checkpoint import CheckpointError, NnUNetModelFolder
-from flwr_nnunet.codec import PayloadError, from_array_record, to_array_record
-from flwr_nnunet.family import (
+from flwr_nnunet.nnunet.model_folder import CheckpointError, NnUNetModelFolder
+from flwr_nnunet.core.codec import PayloadError, from_array_record, to_array_record
+from flwr_nnunet.strategy.registry import (
     NnUNetBulyan,
     NnUNetFedMedian,
     NnUNetFedProx,
@@ -21,16 +21,16 @@ from flwr_nnunet.family import (
     NnUNetQFedAvg,
     strategy_from_name,
 )
-from flwr_nnunet.privacy import (
+from flwr_nnunet.strategy.privacy import (
     NnUNetDPClientSideAdaptiveClipping,
     NnUNetDPClientSideFixedClipping,
     NnUNetDPServerSideAdaptiveClipping,
     NnUNetDPServerSideFixedClipping,
 )
-from flwr_nnunet.server_optimizers import NnUNetFedAdagrad, NnUNetFedAdam, NnUNetFedAvgM, NnUNetFedYogi
-from flwr_nnunet.site import Site
-from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
-from flwr_nnunet.strategy import NnUNetFedAvg, ResumeError
+from flwr_nnunet.strategy.server_optimizers import NnUNetFedAdagrad, NnUNetFedAdam, NnUNetFedAvgM, NnUNetFedYogi
+from flwr_nnunet.site.site import Site
+from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.strategy.fedavg import NnUNetFedAvg, ResumeError
 
 __all__ = [
     "AliasConflictError",

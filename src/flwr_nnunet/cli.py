@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flwr_nnunet.checkpoint_io import CheckpointError, RepairRefused
-from flwr_nnunet.checkpoint_network import NetworkHints
-from flwr_nnunet.checkpoint_repair import InspectReport, RepairReport, inspect_checkpoint, repair_checkpoint
+from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused
+from flwr_nnunet.repair.network_source import NetworkHints
+from flwr_nnunet.repair.checkpoint_repair import InspectReport, RepairReport, inspect_checkpoint, repair_checkpoint
 
 __all__ = ["main"]
 
@@ -67,7 +67,7 @@ def run_repair(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``flwr-nnunet demo ROOT``."""
-    from flwr_nnunet.demo import make_demo_dataset
+    from flwr_nnunet.demo.data import make_demo_dataset
 
     demo = make_demo_dataset(args.root, num_sites=args.sites, dims=args.dims, seed=args.seed, overwrite=args.overwrite)
     print(f"{demo.dataset_name}, configuration {demo.configuration}, shared plans {demo.plans_file}")

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from flwr.supercore import log
 
-from flwr_nnunet.client import data_root
-from flwr_nnunet.networks import build_trainer_network
+from flwr_nnunet.apps.client import data_root
+from flwr_nnunet.nnunet.networks import build_trainer_network
 
 __all__ = ["HISTORY_FILE", "PROGRESS_FILE", "RUN_CONFIG_KEYS", "RunHistory", "RunSettings", "run_server"]
 
@@ -297,7 +297,7 @@ def prepare_data(settings: RunSettings) -> None:
     """
     if not settings.make_demo:
         return
-    from flwr_nnunet.demo import load_demo_dataset, make_demo_dataset
+    from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
 
     try:
         demo = load_demo_dataset(settings.data_root)
@@ -315,8 +315,8 @@ def prepare_data(settings: RunSettings) -> None:
 
 def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
     """The global network (from the shared plans) and the named strategy around it, with its model folder."""
-    from flwr_nnunet.checkpoint import NnUNetModelFolder
-    from flwr_nnunet.family import strategy_from_name
+    from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
+    from flwr_nnunet.strategy.registry import strategy_from_name
 
     folder = settings.server_dataset_folder
     fix = "run with make-demo=true, or put the federation's plans, dataset.json and dataset_fingerprint.json there"

@@ -3,7 +3,7 @@
 In simulation, the node's ``partition-id`` K picks ``<data-root>/site-K``; in
 deployment the SuperNode's ``--node-config`` names the site's folders
 (:data:`NODE_CONFIG_KEYS`). :func:`handle_message` routes ``train`` and
-``evaluate`` messages to the node's :class:`~flwr_nnunet.site.Site`, kept
+``evaluate`` messages to the node's :class:`~flwr_nnunet.site.site.Site`, kept
 alive between rounds where the process survives.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from flwr.supercore import log
 
-from flwr_nnunet.codec import from_array_record, to_array_record
-from flwr_nnunet.networks import plans_sha256
-from flwr_nnunet.site import Site
-from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.core.codec import from_array_record, to_array_record
+from flwr_nnunet.nnunet.networks import plans_sha256
+from flwr_nnunet.site.site import Site
+from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 
 __all__ = [
     "CLIENT_DP_MODES",

@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from flwr_nnunet.rounds import RoundRunner
-from flwr_nnunet.strategy import NnUNetFedAvg
+from flwr_nnunet.strategy.rounds import RoundRunner
+from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 
 __all__ = [
     "AliasAwareDP",

@@ -18,8 +18,8 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.codec import from_array_record
-from flwr_nnunet.strategy import NnUNetFedAvg
+from flwr_nnunet.core.codec import from_array_record
+from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 
 __all__ = ["NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi"]
 
@@ -105,7 +105,7 @@ class NnUNetFedAvgM(_ServerOptimizer):
     server_momentum : float (default: 0.0)
         Server-side momentum.
     **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
+        The arguments of :class:`~flwr_nnunet.strategy.fedavg.NnUNetFedAvg`.
     """
 
     buffer_names = ("momentum",)
@@ -190,7 +190,7 @@ class NnUNetFedAdagrad(_FedOpt):
     eta, eta_l, tau : float (defaults 0.1, 0.1, 1e-3, as Flower's ``FedAdagrad``)
         Server learning rate, client learning rate (informational), adaptivity.
     **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
+        The arguments of :class:`~flwr_nnunet.strategy.fedavg.NnUNetFedAvg`.
     """
 
     DEFAULTS: ClassVar[Mapping[str, float]] = {"eta": 1e-1, "eta_l": 1e-1, "tau": 1e-3}
@@ -208,7 +208,7 @@ class NnUNetFedAdam(_FedOpt):
     eta, eta_l, beta_1, beta_2, tau : float (defaults 0.1, 0.1, 0.9, 0.99, 1e-3, as Flower's ``FedAdam``)
         Server and client learning rates, moment decays, adaptivity.
     **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
+        The arguments of :class:`~flwr_nnunet.strategy.fedavg.NnUNetFedAvg`.
     """
 
     DEFAULTS: ClassVar[Mapping[str, float]] = {"eta": 1e-1, "eta_l": 1e-1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
@@ -231,7 +231,7 @@ class NnUNetFedYogi(_FedOpt):
     eta, eta_l, beta_1, beta_2, tau : float (defaults 1e-2, 0.0316, 0.9, 0.99, 1e-3, as Flower's ``FedYogi``)
         Server and client learning rates, moment decays, adaptivity.
     **kwargs
-        The arguments of :class:`~flwr_nnunet.strategy.NnUNetFedAvg`.
+        The arguments of :class:`~flwr_nnunet.strategy.fedavg.NnUNetFedAvg`.
     """
 
     DEFAULTS: ClassVar[Mapping[str, float]] = {"eta": 1e-2, "eta_l": 0.0316, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}

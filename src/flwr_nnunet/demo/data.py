@@ -16,7 +16,7 @@ disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root::
 Every site uses the same dataset id and name (as real federations agree on one),
 so the plans are byte-identical across sites and the server.
 
-Held-out evaluation and local-only baselines: :mod:`flwr_nnunet.heldout`.
+Held-out evaluation and local-only baselines: :mod:`flwr_nnunet.demo.heldout`.
 Command line: ``flwr-nnunet demo ROOT [--sites N] [--3d] [--seed S]``.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr_nnunet.planning import (
+from flwr_nnunet.nnunet.planning import (
     fingerprint_site,
     install_plans,
     merge_fingerprints,

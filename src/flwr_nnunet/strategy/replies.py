@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from flwr_nnunet.aliasing import AliasConflictError, AliasMap, strip_wrapper_prefixes
-from flwr_nnunet.codec import PayloadError, from_array_record
+from flwr_nnunet.core.aliasing import AliasConflictError, AliasMap, strip_wrapper_prefixes
+from flwr_nnunet.core.codec import PayloadError, from_array_record
 
 __all__ = ["AcceptedReply", "Rejection", "ReplyValidator", "check_weight", "non_finite_reason"]
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flwr_nnunet.aliasing import AliasMap
-from flwr_nnunet.demo import LABELS, DemoDataset, DemoSite
-from flwr_nnunet.networks import build_trainer_network
-from flwr_nnunet.site import Site
-from flwr_nnunet.site_spec import SiteSpec, TrainOptions
+from flwr_nnunet.core.aliasing import AliasMap
+from flwr_nnunet.demo.data import LABELS, DemoDataset, DemoSite
+from flwr_nnunet.nnunet.networks import build_trainer_network
+from flwr_nnunet.site.site import Site
+from flwr_nnunet.site.spec import SiteSpec, TrainOptions
 
 __all__ = ["dice_scores", "gather_test_images", "predict", "predict_test_cases", "train_local_only"]
 
@@ -69,7 +69,7 @@ def train_local_only(
     """Train ``site`` alone for ``epochs`` epochs (the baseline a federation is compared with).
 
     Starts from the same initial weights as the federated run with the same
-    ``seed`` and trains through the same :class:`~flwr_nnunet.site.Site` code,
+    ``seed`` and trains through the same :class:`~flwr_nnunet.site.site.Site` code,
     as one long round. Returns the nnU-Net model folder under ``results``
     (``fold_<fold>/checkpoint_final.pth``, usable with ``nnUNetv2_predict -f 0``).
     """

@@ -39,13 +39,13 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.aggregation import assign_, check_updates, weighted_mean_
-from flwr_nnunet.aliasing import AliasMap, strip_wrapper_prefixes
-from flwr_nnunet.checkpoint import NnUNetModelFolder, tensors_sha256
-from flwr_nnunet.codec import from_array_record, to_array_record
-from flwr_nnunet.networks import build_trainer_network, plans_sha256
-from flwr_nnunet.rounds import ResumeError, RoundRunner, comparable_run_config, run_config_sha256
-from flwr_nnunet.validation import AcceptedReply, Rejection, ReplyValidator, check_weight, non_finite_reason
+from flwr_nnunet.core.reduce import assign_, check_updates, weighted_mean_
+from flwr_nnunet.core.aliasing import AliasMap, strip_wrapper_prefixes
+from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder, tensors_sha256
+from flwr_nnunet.core.codec import from_array_record, to_array_record
+from flwr_nnunet.nnunet.networks import build_trainer_network, plans_sha256
+from flwr_nnunet.strategy.rounds import ResumeError, RoundRunner, comparable_run_config, run_config_sha256
+from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, ReplyValidator, check_weight, non_finite_reason
 
 __all__ = ["NnUNetFedAvg", "ResumeError"]
 
@@ -73,7 +73,7 @@ class NnUNetFedAvg(RoundRunner, FedAvg):
     Parameters
     ----------
     network : torch.nn.Module
-        The global model (normally ``flwr_nnunet.networks.build_network`` of the
+        The global model (normally ``flwr_nnunet.nnunet.networks.build_network`` of the
         plans). Its parameters are overwritten in place every round; move it to
         its device before building the strategy.
     plans : dict, optional

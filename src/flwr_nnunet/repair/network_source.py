@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from flwr_nnunet.aliasing import AliasMap, strip_wrapper_prefixes
-from flwr_nnunet.checkpoint_io import CheckpointError, RepairRefused
-from flwr_nnunet.networks import build_network, build_trainer_network
+from flwr_nnunet.core.aliasing import AliasMap, strip_wrapper_prefixes
+from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused
+from flwr_nnunet.nnunet.networks import build_network, build_trainer_network
 
 __all__ = ["ModelSource", "NetworkHints", "find_model_source", "reference_alias_map"]
 

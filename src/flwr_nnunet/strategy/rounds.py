@@ -1,4 +1,4 @@
-"""Running rounds of an :class:`~flwr_nnunet.strategy.NnUNetFedAvg`: Flower's loop that checkpoints and resumes.
+"""Running rounds of an :class:`~flwr_nnunet.strategy.fedavg.NnUNetFedAvg`: Flower's loop that checkpoints and resumes.
 
 ``run_rounds`` is ``Strategy.start`` continuing after the last completed round
 and writing ``checkpoint_latest.pth`` each round; ``resume_run`` loads the
@@ -23,12 +23,12 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log
 
-from flwr_nnunet.aggregation import check_updates
-from flwr_nnunet.aliasing import AliasConflictError
-from flwr_nnunet.checkpoint import STATE_KEY, CheckpointError
+from flwr_nnunet.core.reduce import check_updates
+from flwr_nnunet.core.aliasing import AliasConflictError
+from flwr_nnunet.nnunet.model_folder import STATE_KEY, CheckpointError
 
 if TYPE_CHECKING:
-    from flwr_nnunet.strategy import NnUNetFedAvg
+    from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 
 __all__ = [
     "RUN_CONFIG_IGNORED_KEYS",

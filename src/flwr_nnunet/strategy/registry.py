@@ -1,6 +1,6 @@
 """The alias-aware family: every Flower built-in strategy on an nnU-Net network.
 
-Each member is an :class:`~flwr_nnunet.strategy.NnUNetFedAvg` (canonical
+Each member is an :class:`~flwr_nnunet.strategy.fedavg.NnUNetFedAvg` (canonical
 records, shared aliases, reply validation, checkpoints, resume) that takes the
 arguments of the Flower strategy it is named after, with Flower's defaults.
 
@@ -16,8 +16,8 @@ arguments of the Flower strategy it is named after, with Flower's defaults.
   canonical.
 
 :func:`strategy_from_name` builds any of them from run-config values; the server
-optimizers live in :mod:`flwr_nnunet.server_optimizers`, the DP wrappers in
-:mod:`flwr_nnunet.privacy`.
+optimizers live in :mod:`flwr_nnunet.strategy.server_optimizers`, the DP wrappers in
+:mod:`flwr_nnunet.strategy.privacy`.
 """
 
 from __future__ import annotations
@@ -43,17 +43,17 @@ from flwr.serverapp.strategy import (
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.aggregation import median_, trimmed_mean_, weighted_mean_
-from flwr_nnunet.codec import encode_tensor
-from flwr_nnunet.privacy import (
+from flwr_nnunet.core.reduce import median_, trimmed_mean_, weighted_mean_
+from flwr_nnunet.core.codec import encode_tensor
+from flwr_nnunet.strategy.privacy import (
     AliasAwareDP,
     NnUNetDPClientSideAdaptiveClipping,
     NnUNetDPClientSideFixedClipping,
     NnUNetDPServerSideAdaptiveClipping,
     NnUNetDPServerSideFixedClipping,
 )
-from flwr_nnunet.server_optimizers import NnUNetFedAdagrad, NnUNetFedAdam, NnUNetFedAvgM, NnUNetFedYogi
-from flwr_nnunet.strategy import NnUNetFedAvg
+from flwr_nnunet.strategy.server_optimizers import NnUNetFedAdagrad, NnUNetFedAdam, NnUNetFedAvgM, NnUNetFedYogi
+from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 
 __all__ = [
     "DP_WRAPPERS",

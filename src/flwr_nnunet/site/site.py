@@ -37,13 +37,13 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.aggregation import assign_
-from flwr_nnunet.aliasing import AliasMap
-from flwr_nnunet.checkpoint_io import atomic_write
-from flwr_nnunet.fedprox import ProximalLoss
-from flwr_nnunet.networks import plans_sha256, trainer_class
-from flwr_nnunet.planning import nnunet_environment
-from flwr_nnunet.site_spec import SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.core.reduce import assign_
+from flwr_nnunet.core.aliasing import AliasMap
+from flwr_nnunet.nnunet.checkpoint_io import atomic_write
+from flwr_nnunet.site.fedprox import ProximalLoss
+from flwr_nnunet.nnunet.networks import plans_sha256, trainer_class
+from flwr_nnunet.nnunet.planning import nnunet_environment
+from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 
 __all__ = ["Site"]
 

@@ -1,0 +1,1 @@
+"""``flwr-nnunet inspect`` and ``repair``: checkpoints bloated or diverged by per-key arithmetic."""

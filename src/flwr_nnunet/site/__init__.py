@@ -1,0 +1,1 @@
+"""One hospital: a persistent nnU-Net trainer across rounds, its evaluation, the proximal loss."""
