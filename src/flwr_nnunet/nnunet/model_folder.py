@@ -17,7 +17,6 @@ digests, strategy state). Everything loads with ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from flwr.supercore import log
 from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
 from flwr_nnunet.core.aliasing import AliasMap
+from flwr_nnunet.nnunet.digests import tensors_sha256  # also re-exported here until strategy/ imports it from digests
 from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, atomic_write, fsync_directory, load_checkpoint
 
 __all__ = ["CHECKPOINT_NAMES", "STATE_KEY", "CheckpointError", "NnUNetModelFolder", "tensors_sha256"]
@@ -38,17 +38,6 @@ CHECKPOINT_NAMES = ("latest", "previous", "best", "final")
 STATE_KEY = "flwr_nnunet"
 STATE_FORMAT = "flwr-nnunet/global-checkpoint"
 STATE_VERSION = 1
-
-
-def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """A digest of tensors: keys, dtypes, shapes and bytes, in order."""
-    digest = hashlib.sha256()
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:

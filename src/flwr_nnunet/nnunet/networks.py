@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import io
-import json
 from typing import Any
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
+
+from flwr_nnunet.nnunet.digests import plans_sha256  # re-exported until every caller imports it from digests
 
 __all__ = ["STOCK_ARCHITECTURES", "build_network", "build_trainer_network", "plans_sha256", "trainer_class"]
 
@@ -147,13 +147,3 @@ def build_trainer_network(
         heads,
         deep_supervision,
     )
-
-
-def plans_sha256(plans: dict) -> str:
-    """A digest of an nnU-Net plans dict that does not depend on key order or whitespace.
-
-    Server and sites compare it (config key ``plans-sha256``) to make sure every
-    site trains the architecture and preprocessing the server aggregates.
-    """
-    canonical = json.dumps(plans, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()

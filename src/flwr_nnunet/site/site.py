@@ -41,7 +41,8 @@ from flwr_nnunet.core.reduce import assign_
 from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.nnunet.checkpoint_io import atomic_write
 from flwr_nnunet.site.fedprox import ProximalLoss
-from flwr_nnunet.nnunet.networks import plans_sha256, trainer_class
+from flwr_nnunet.nnunet.digests import plans_sha256
+from flwr_nnunet.nnunet.networks import trainer_class
 from flwr_nnunet.nnunet.planning import nnunet_environment
 from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 

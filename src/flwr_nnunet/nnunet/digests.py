@@ -1,0 +1,50 @@
+"""The project's digests: canonical JSON (plans, run configs) and tensors.
+
+Every sha256 the project stores or compares is computed here, so a digest
+written by one part (a checkpoint, the ``plans-sha256`` config key) is always
+reproduced bit for bit by another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["canonical_json_sha256", "plans_sha256", "tensors_sha256"]
+
+
+def canonical_json_sha256(obj: Any, *, default: Callable[[Any], Any] | None = None) -> str:
+    """The sha256 hex digest of ``obj`` as canonical JSON.
+
+    Canonical means: keys sorted at every level, no whitespace, ASCII only; so
+    the digest does not depend on dict key order or on how a file was
+    formatted, and changes when any value does. ``default`` is passed to
+    :func:`json.dumps` for values JSON cannot encode (``str`` stringifies
+    them); without it such a value raises ``TypeError``.
+    """
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=default)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def plans_sha256(plans: dict) -> str:
+    """A digest of an nnU-Net plans dict that does not depend on key order or whitespace.
+
+    Server and sites compare it (config key ``plans-sha256``) to make sure every
+    site trains the architecture and preprocessing the server aggregates.
+    """
+    return canonical_json_sha256(plans)
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A digest of tensors: keys, dtypes, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))
+    return digest.hexdigest()
