@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from flwr.supercore import log
 
+from flwr_nnunet.apps.run_config import data_root, run_config_value
 from flwr_nnunet.core.codec import from_array_record, to_array_record
 from flwr_nnunet.nnunet.networks import plans_sha256
 from flwr_nnunet.site.site import Site
@@ -28,8 +29,6 @@ from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 __all__ = [
     "CLIENT_DP_MODES",
     "NODE_CONFIG_KEYS",
-    "data_root",
-    "default_data_root",
     "dp_clipping_mod",
     "handle_message",
     "live_site",
@@ -46,18 +45,6 @@ NODE_CONFIG_KEYS = {
 """Deployment: ``flower-supernode --node-config "nnunet-preprocessed='/data/pp' nnunet-results='/data/res'"``."""
 
 _LIVE: dict[tuple[int, SiteSpec], Site] = {}
-
-
-def default_data_root(run_config: Mapping[str, Any]) -> Path:
-    """Where the demo lives when run-config ``data-root`` is empty: ``$FLWR_HOME/flwr-nnunet-demo`` (``-3d``)."""
-    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")).expanduser()
-    return home / ("flwr-nnunet-demo-3d" if run_config.get("demo-3d") else "flwr-nnunet-demo")
-
-
-def data_root(run_config: Mapping[str, Any]) -> Path:
-    """Run-config ``data-root`` (folders ``server/`` and ``site-K/``), absolute."""
-    value = str(run_config.get("data-root", "") or "")
-    return (Path(value).expanduser() if value else default_data_root(run_config)).absolute()
 
 
 def _fold(value: Any) -> int | str:
@@ -92,14 +79,14 @@ def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], nod
             )
     return SiteSpec(
         name=name,
-        dataset=str(run_config.get("dataset", "Dataset987_FedDemo")),
+        dataset=str(run_config_value(run_config, "dataset")),
         nnunet_preprocessed=Path(preprocessed).expanduser().absolute(),
         nnunet_results=Path(results).expanduser().absolute(),
-        configuration=str(run_config.get("configuration", "2d")),
-        plans=str(run_config.get("plans", "nnUNetPlans")),
-        trainer=str(run_config.get("trainer", "nnUNetTrainer")),
-        fold=_fold(node_config.get("fold", run_config.get("fold", 0))),
-        device=str(node_config.get("device", run_config.get("device", "auto"))),
+        configuration=str(run_config_value(run_config, "configuration")),
+        plans=str(run_config_value(run_config, "plans")),
+        trainer=str(run_config_value(run_config, "trainer")),
+        fold=_fold(node_config.get("fold", run_config_value(run_config, "fold"))),
+        device=str(node_config.get("device", run_config_value(run_config, "device"))),
     )
 
 

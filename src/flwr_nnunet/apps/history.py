@@ -1,0 +1,133 @@
+"""A run's history: per-round aggregated and per-site metrics, as JSON and as a progress plot.
+
+:class:`RunHistory` files what the strategy's metric aggregation sees each
+round and writes ``flwr_history.json`` (atomically) and ``flwr_progress.png``
+into the model folder after every round.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr_nnunet.nnunet.checkpoint_io import atomic_write
+
+__all__ = ["HISTORY_FILE", "PROGRESS_FILE", "RunHistory"]
+
+HISTORY_FILE = "flwr_history.json"
+PROGRESS_FILE = "flwr_progress.png"
+
+
+class RunHistory:
+    """Per-round aggregated and per-site metrics, written as JSON and plotted after every round.
+
+    Its :meth:`train_metrics` / :meth:`evaluate_metrics` are the strategy's
+    metric aggregation functions: they note each site's metrics (the site name
+    travels in the reply's ``config`` record) and return Flower's weighted mean.
+
+    Parameters
+    ----------
+    folder
+        Where ``flwr_history.json`` and ``flwr_progress.png`` go (the model folder).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    @property
+    def json_file(self) -> Path:
+        """``<folder>/flwr_history.json``."""
+        return self.folder / HISTORY_FILE
+
+    @property
+    def plot_file(self) -> Path:
+        """``<folder>/flwr_progress.png``."""
+        return self.folder / PROGRESS_FILE
+
+    def load(self) -> None:
+        """Read an earlier run's history (for a resumed run)."""
+        if self.json_file.is_file():
+            self.rounds = {int(r): v for r, v in json.loads(self.json_file.read_text())["rounds"].items()}
+
+    def _note(self, stage: str, records: Sequence[Any], weight_key: str) -> Any:
+        from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+        sites = {}
+        for index, record in enumerate(records):
+            about = record.config_records.get("config")
+            name = str(about.get("site-name", f"reply-{index}")) if about is not None else f"reply-{index}"
+            sites[name] = {k: v for metrics in record.metric_records.values() for k, v in metrics.items()}
+        aggregated = aggregate_metricrecords(list(records), weight_key)
+        self._pending[stage] = {"aggregated": dict(aggregated), "sites": sites}
+        return aggregated
+
+    def train_metrics(self, records: Sequence[Any], weight_key: str) -> Any:
+        """``train_metrics_aggr_fn``: note each site's training metrics, return the weighted mean."""
+        return self._note("train", records, weight_key)
+
+    def evaluate_metrics(self, records: Sequence[Any], weight_key: str) -> Any:
+        """``evaluate_metrics_aggr_fn``: note each site's evaluation metrics, return the weighted mean."""
+        return self._note("evaluate", records, weight_key)
+
+    def end_round(self, server_round: int, *_: Any) -> None:
+        """``post_round_fn``: file the round's metrics, write the JSON and the plot."""
+        self.rounds[server_round] = self._pending
+        self._pending = {}
+        self.write()
+
+    def write(self) -> None:
+        """Write ``flwr_history.json`` and ``flwr_progress.png``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"rounds": {str(r): self.rounds[r] for r in sorted(self.rounds)}}, indent=1)
+        atomic_write(self.json_file, lambda file: file.write(text.encode()))
+        self.plot()
+
+    def series(self, stage: str, metric: str) -> dict[str, tuple[list[int], list[float]]]:
+        """``{"aggregated" | site name: (rounds, values)}`` of one metric."""
+        lines: dict[str, tuple[list[int], list[float]]] = {}
+        for server_round in sorted(self.rounds):
+            entry = self.rounds[server_round].get(stage, {})
+            values = {"aggregated": entry.get("aggregated", {}), **entry.get("sites", {})}
+            for name, metrics in values.items():
+                if isinstance(metrics.get(metric), (int, float)):
+                    rounds, points = lines.setdefault(name, ([], []))
+                    rounds.append(server_round)
+                    points.append(float(metrics[metric]))
+        return lines
+
+    def plot(self) -> None:
+        """Dice (evaluation and training pseudo-Dice) and training loss per round, aggregated and per site."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        dice = self.series("evaluate", "dice")
+        pseudo = self.series("train", "pseudo-dice")
+        loss = self.series("train", "train-loss")
+        names = ["aggregated", *sorted({*dice, *pseudo, *loss} - {"aggregated"})]
+        colors = {name: f"C{index % 10}" for index, name in enumerate(names)}
+        width = {name: 3.0 if name == "aggregated" else 1.5 for name in names}
+        figure, (dice_axis, loss_axis) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+        for name, (rounds, values) in dice.items():
+            dice_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=f"{name} Dice")
+        for name, (rounds, values) in pseudo.items():
+            dice_axis.plot(rounds, values, ":", color=colors[name], lw=width[name], label=f"{name} pseudo-Dice")
+        for name, (rounds, values) in loss.items():
+            loss_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=name)
+        dice_axis.set_ylabel("Dice (validation: solid; training pseudo-Dice: dotted)")
+        loss_axis.set_ylabel("training loss")
+        loss_axis.set_xlabel("round")
+        loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for axis in (dice_axis, loss_axis):
+            axis.grid(alpha=0.3)
+            if axis.lines:
+                axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(self.plot_file)
+        plt.close(figure)

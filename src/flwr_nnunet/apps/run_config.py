@@ -1,0 +1,290 @@
+"""The run config's one schema: every ``[tool.flwr.app.config]`` key, its type, default and meaning.
+
+pyproject.toml, :class:`RunSettings`, the client's defaults and the README's
+table all follow :data:`RUN_CONFIG` (the tests check pyproject.toml and the
+README against it; :func:`markdown_table` renders the README's table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RUN_CONFIG",
+    "RUN_CONFIG_KEYS",
+    "RunSettings",
+    "Setting",
+    "data_root",
+    "default_data_root",
+    "markdown_table",
+    "parse_options",
+    "run_config_value",
+]
+
+Value = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run-config key: its TOML type, its default (as in pyproject.toml) and what it means."""
+
+    key: str
+    type: type
+    default: Value
+    meaning: str
+
+    def read(self, run_config: Mapping[str, Any]) -> Value:
+        """This key's value in ``run_config`` (the default when missing), as :attr:`type`.
+
+        Strings of the right form are converted (``'3'`` for an int, ``'true'`` for a bool, ``1`` for a string).
+
+        Raises
+        ------
+        ValueError
+            If the value is not of the key's type and does not convert to it.
+        """
+        value = run_config.get(self.key, self.default)
+        if type(value) is self.type:
+            return value
+        text = str(value).strip()
+        if self.type is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if self.type is not bool and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):
+                return self.type(text)
+        raise ValueError(
+            f"run-config {self.key!r} must be {self.type.__name__} (default {_toml(self.default)}), got {value!r}"
+        )
+
+
+def _toml(value: Value) -> str:
+    return json.dumps(value)
+
+
+RUN_CONFIG: tuple[Setting, ...] = (
+    Setting("num-server-rounds", int, 8, "federated rounds (the run's total; a resumed run continues to it)"),
+    Setting("local-epochs", int, 1, "nnU-Net epochs each site trains per round"),
+    Setting("iterations-per-epoch", int, 40, "training batches per epoch (0: the trainer's own, 250)"),
+    Setting("val-iterations-per-epoch", int, 5, "pseudo-Dice batches per epoch (0: the trainer's own, 50)"),
+    Setting(
+        "strategy",
+        str,
+        "fedavg",
+        "fedavg, fedavgm, fedprox, fedadagrad, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum, multikrum, "
+        "bulyan, qfedavg",
+    ),
+    Setting(
+        "strategy-options",
+        str,
+        "",
+        "extra strategy arguments, 'name=value' separated by spaces (e.g. 'eta=0.01 beta_1=0.9')",
+    ),
+    Setting(
+        "proximal-mu",
+        float,
+        0.0,
+        "FedProx coefficient mu (> 0 adds mu/2 times the squared distance to the global weights to every site's "
+        "loss, with any strategy)",
+    ),
+    Setting(
+        "dp",
+        str,
+        "",
+        "differential privacy wrapper: '', server-fixed, server-adaptive, client-fixed, client-adaptive "
+        "(client-* clip on the sites, via the ClientApp's mod)",
+    ),
+    Setting(
+        "dp-options",
+        str,
+        "",
+        "DP wrapper arguments, 'name=value' separated by spaces "
+        "(e.g. 'noise_multiplier=1.0 clipping_norm=10 num_sampled_clients=3')",
+    ),
+    Setting("fraction-train", float, 1.0, "fraction of connected nodes sampled for training each round"),
+    Setting("fraction-evaluate", float, 1.0, "fraction of connected nodes sampled for evaluation each round"),
+    Setting("min-train-nodes", int, 2, "minimum nodes per training round"),
+    Setting("min-evaluate-nodes", int, 2, "minimum nodes per evaluation round"),
+    Setting("min-available-nodes", int, 2, "nodes to wait for before a round starts"),
+    Setting("dataset", str, "Dataset987_FedDemo", "nnU-Net dataset, DatasetXXX_Name (the same at every site)"),
+    Setting("configuration", str, "2d", "nnU-Net configuration (2d, 3d_fullres, ...)"),
+    Setting("plans", str, "nnUNetPlans", "plans identifier"),
+    Setting(
+        "trainer",
+        str,
+        "nnUNetTrainer",
+        "nnU-Net trainer class (nnUNetTrainer, nnUNetTrainerBN, nnUNetTrainerNoDeepSupervision, ...; others via "
+        "nnUNet_extTrainer)",
+    ),
+    Setting(
+        "fold",
+        str,
+        "0",
+        "split of each site's splits_final.json: train on 'train', evaluate on 'val' ('all': both on every case; "
+        "node-config 'fold' overrides it)",
+    ),
+    Setting(
+        "data-root",
+        str,
+        "",
+        "folder with server/ and site-K/ nnU-Net roots ('': $FLWR_HOME/flwr-nnunet-demo, or -demo-3d)",
+    ),
+    Setting("results-dir", str, "", "nnUNet_results of the global model ('': <data-root>/server/nnUNet_results)"),
+    Setting("make-demo", bool, True, "make the synthetic demo under data-root if it is not there"),
+    Setting(
+        "demo-3d",
+        bool,
+        False,
+        "make the demo with small 3D volumes (then set configuration='3d_fullres'; see configs/demo-3d.toml)",
+    ),
+    Setting("demo-sites", int, 3, "number of demo sites (2 or 3)"),
+    Setting("resume", bool, False, "continue a killed run from the model folder's last checkpoint"),
+    Setting("seed", int, 0, "seeds the global model's initialisation and every site's round"),
+    Setting(
+        "device",
+        str,
+        "auto",
+        "where the sites train: auto (CUDA when present), cpu or cuda (node-config 'device' overrides it)",
+    ),
+    Setting("round-timeout", float, 3600.0, "seconds to wait for replies each round"),
+)
+"""Every run-config key, in pyproject.toml's order."""
+
+_SETTINGS = {setting.key: setting for setting in RUN_CONFIG}
+
+RUN_CONFIG_KEYS: dict[str, str] = {setting.key: setting.meaning for setting in RUN_CONFIG}
+"""Every ``[tool.flwr.app.config]`` key this app reads, with its meaning."""
+
+
+def run_config_value(run_config: Mapping[str, Any], key: str) -> Value:
+    """``run_config[key]`` checked and typed by the schema, or the schema's default (see :meth:`Setting.read`)."""
+    return _SETTINGS[key].read(run_config)
+
+
+def markdown_table() -> str:
+    """The README's run-config table: ``| key | default | meaning |``, one row per key."""
+    rows = [f"| `{s.key}` | `{_toml(s.default)}` | {s.meaning} |" for s in RUN_CONFIG]
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows]) + "\n"
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``'eta=0.01 beta_1=0.9 name=x'`` -> ``{'eta': 0.01, 'beta_1': 0.9, 'name': 'x'}`` (ints, floats, bools, strings).
+
+    Raises
+    ------
+    ValueError
+        For an item without ``=``.
+    """
+    options: dict[str, Any] = {}
+    for item in shlex.split(text or ""):
+        if "=" not in item:
+            raise ValueError(f"option {item!r} is not of the form name=value")
+        name, value = item.split("=", 1)
+        options[name.strip()] = _option(value.strip())
+    return options
+
+
+def _option(text: str) -> Value:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def default_data_root(run_config: Mapping[str, Any]) -> Path:
+    """Where the demo lives when run-config ``data-root`` is empty: ``$FLWR_HOME/flwr-nnunet-demo`` (``-3d``)."""
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")).expanduser()
+    return home / ("flwr-nnunet-demo-3d" if run_config_value(run_config, "demo-3d") else "flwr-nnunet-demo")
+
+
+def data_root(run_config: Mapping[str, Any]) -> Path:
+    """Run-config ``data-root`` (folders ``server/`` and ``site-K/``), absolute."""
+    value = str(run_config_value(run_config, "data-root"))
+    return (Path(value).expanduser() if value else default_data_root(run_config)).absolute()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config, typed; build it with :meth:`from_run_config` (``from_run_config({})``: the defaults).
+
+    One attribute per key of :data:`RUN_CONFIG` (``num-server-rounds`` is
+    ``num_rounds``, ``-`` becomes ``_``); the option strings are parsed into
+    dicts and ``data-root`` / ``results-dir`` resolved into absolute paths.
+    """
+
+    num_rounds: int
+    local_epochs: int
+    iterations_per_epoch: int
+    val_iterations_per_epoch: int
+    strategy: str
+    strategy_options: dict[str, Any]
+    proximal_mu: float
+    dp: str
+    dp_options: dict[str, Any]
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    dataset: str
+    configuration: str
+    plans: str
+    trainer: str
+    fold: str
+    data_root: Path
+    results_dir: Path
+    make_demo: bool
+    demo_3d: bool
+    demo_sites: int
+    resume: bool
+    seed: int
+    device: str
+    round_timeout: float
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Typed settings from ``context.run_config`` (missing keys take the schema's defaults).
+
+        Raises
+        ------
+        ValueError
+            For a value of the wrong type (naming the key and its type) or a malformed option string.
+        """
+        values: dict[str, Any] = {
+            "num_rounds" if s.key == "num-server-rounds" else s.key.replace("-", "_"): s.read(config)
+            for s in RUN_CONFIG
+        }
+        values["strategy_options"] = parse_options(values["strategy_options"])
+        values["dp_options"] = parse_options(values["dp_options"])
+        root = values["data_root"] = data_root(config)
+        results = values["results_dir"]
+        values["results_dir"] = Path(results).expanduser().absolute() if results else root / "server" / "nnUNet_results"
+        return cls(**values)
+
+    @property
+    def server_dataset_folder(self) -> Path:
+        """``<data-root>/server/nnUNet_preprocessed/<dataset>``: shared plans, dataset.json, fingerprint."""
+        return self.data_root / "server" / "nnUNet_preprocessed" / self.dataset
+
+    def train_config(self) -> dict[str, Any]:
+        """What every site needs each round (sent in the train and evaluate ``ConfigRecord``)."""
+        config: dict[str, Any] = {
+            "local-epochs": self.local_epochs,
+            "num-epochs": self.num_rounds * self.local_epochs,
+            "iterations-per-epoch": self.iterations_per_epoch,
+            "val-iterations-per-epoch": self.val_iterations_per_epoch,
+            "seed": self.seed,
+        }
+        if self.proximal_mu > 0:
+            config["proximal-mu"] = self.proximal_mu
+        return config
