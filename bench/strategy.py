@@ -81,7 +81,7 @@ def worker(variant: str, clients: int, repeats: int, threads: int, device: str) 
         aggregate = FedAvg().aggregate_train
     elif variant == "nnunet":
         strategy = NnUNetFedAvg(network.to(device))
-        held = strategy.global_record()  # what configure_train sent in round 1
+        held = strategy.model.record()  # what configure_train sent in round 1
         aggregate = strategy.aggregate_train
     else:
         aggregate = read_floor

@@ -76,10 +76,10 @@ def test_start_writes_an_nnunet_model_folder_the_predictor_uses(tmp_path):
         "checkpoint_previous.pth",
     ]
     final = load(folder.checkpoint_path("final"))
-    amap = strategy.alias_map
+    amap = strategy.model.alias_map
     assert list(final["network_weights"]) == list(amap.keys)
     assert AliasMap.from_state_dict(final["network_weights"]) == amap  # aliases share storage again
-    assert all(torch.equal(final["network_weights"][k], v) for k, v in strategy.network.state_dict().items())
+    assert all(torch.equal(final["network_weights"][k], v) for k, v in strategy.model.network.state_dict().items())
     assert final[STATE_KEY]["server_round"] == 2 and final[STATE_KEY]["strategy_state"] == {}
     assert set(load(folder.checkpoint_path("latest"))[STATE_KEY]["strategy_state"]) == {"m", "v"}
     best = load(folder.checkpoint_path("best"))
@@ -91,7 +91,7 @@ def test_start_writes_an_nnunet_model_folder_the_predictor_uses(tmp_path):
     image = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
     segmentation = predictor.predict_single_npy_array(image, {"spacing": [999.0, 1.0, 1.0]})
     assert segmentation.shape == (1, 32, 32) and set(np.unique(segmentation)) <= {0, 1}
-    assert all(torch.equal(predictor.network.state_dict()[k], v) for k, v in strategy.network.state_dict().items())
+    assert all(torch.equal(predictor.network.state_dict()[k], v) for k, v in strategy.model.network.state_dict().items())
 
 
 def test_resume_continues_with_round_counter_and_fedadam_moments(tmp_path):
@@ -112,9 +112,9 @@ def test_resume_continues_with_round_counter_and_fedadam_moments(tmp_path):
     resumed.start(LoopbackGrid([1, 2], recording_site), initial_arrays=ignored, num_rounds=4)
 
     assert [r for kind, r in rounds if kind == MessageType.TRAIN] == [3, 3, 4, 4]
-    assert resumed.completed_rounds == 4 and resumed.best_dice == 0.6
-    for key, value in canonical(uninterrupted.network).items():
-        assert torch.equal(canonical(resumed.network)[key], value), key
+    assert resumed.checkpoints.completed_rounds == 4 and resumed.checkpoints.best_dice == 0.6
+    for key, value in canonical(uninterrupted.model.network).items():
+        assert torch.equal(canonical(resumed.model.network)[key], value), key
         for moment in ("m", "v"):
             assert torch.equal(resumed.buffers[moment][key], uninterrupted.buffers[moment][key]), (moment, key)
 
@@ -144,7 +144,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     if damage == "truncate":
         latest.write_bytes(bytes(data[: len(data) // 2]))
     else:
-        largest = max(canonical(strategy.network).values(), key=torch.Tensor.numel)
+        largest = max(canonical(strategy.model.network).values(), key=torch.Tensor.numel)
         data[data.index(largest.numpy().tobytes()) + 100] ^= 0xFF
         latest.write_bytes(bytes(data))
 
@@ -153,7 +153,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     resumed = fedadam(tmp_path, seed=3)
     assert resumed.resume() == 2
     previous = load(folder.checkpoint_path("previous"))["network_weights"]
-    assert all(torch.equal(v, previous[k]) for k, v in resumed.network.state_dict().items())
+    assert all(torch.equal(v, previous[k]) for k, v in resumed.model.network.state_dict().items())
 
     latest.write_bytes(b"")
     folder.checkpoint_path("previous").write_bytes(b"not a checkpoint")
@@ -204,7 +204,7 @@ def test_resume_restores_a_dp_wrappers_clipping_norm(tmp_path):
             torch.equal(t, first.strategy.buffers[moment][k]) for k, t in resumed.strategy.buffers[moment].items()
         )
     assert all(
-        torch.equal(v, first.strategy.network.state_dict()[k]) for k, v in resumed.strategy.network.state_dict().items()
+        torch.equal(v, first.strategy.model.network.state_dict()[k]) for k, v in resumed.strategy.model.network.state_dict().items()
     )
 
 
@@ -213,5 +213,5 @@ def test_from_model_folder_builds_the_network_nnunet_builds(tmp_path):
 
     strategy = NnUNetFedYogi.from_model_folder(folder_for(tmp_path), eta=0.05)
 
-    assert strategy.alias_map == AliasMap.from_module(tiny_network())
+    assert strategy.model.alias_map == AliasMap.from_module(tiny_network())
     assert (strategy.plans, strategy.eta, strategy.model_folder.configuration) == (PLANS, 0.05, "2d")

@@ -54,7 +54,7 @@ def test_aggregation_into_a_cuda_network_is_exact_keeps_aliases_and_drops_a_nan_
     network = tiny_network("batch").cuda()
     amap = AliasMap.from_module(network)
     strategy = NnUNetFedAvg(network, plans=PLANS)
-    strategy.global_record()  # what configure_train sent: the roll-back point of the NaN check
+    strategy.model.record()  # what configure_train sent: the roll-back point of the NaN check
     base = on_cpu(canonical(network))
     updates = [perturbed(base, seed) for seed in (1, 2, 3)]
     weights = [3, 1, 4.5]
@@ -76,7 +76,7 @@ def test_aggregation_into_a_cuda_network_is_exact_keeps_aliases_and_drops_a_nan_
     assert all(torch.equal(torch.from_numpy(arrays[k].numpy()), after[k].cpu()) for k in after)
 
     weights_on_disk = io.BytesIO()
-    torch.save(strategy.network_weights(), weights_on_disk)
+    torch.save(strategy.model.network_weights(), weights_on_disk)
     weights_on_disk.seek(0)
     loaded = torch.load(weights_on_disk, weights_only=True)
     assert all(t.device.type == "cpu" for t in loaded.values())
@@ -99,13 +99,13 @@ def test_fedadam_on_a_cuda_network_checkpoints_and_resumes_like_an_uninterrupted
     assert resumed.resume() == 2
     resumed.start(LoopbackGrid([1, 2], site), num_rounds=4)
 
-    assert resumed.completed_rounds == 4
-    for key, value in canonical(uninterrupted.network).items():
-        assert value.is_cuda and torch.equal(canonical(resumed.network)[key], value), key
+    assert resumed.checkpoints.completed_rounds == 4
+    for key, value in canonical(uninterrupted.model.network).items():
+        assert value.is_cuda and torch.equal(canonical(resumed.model.network)[key], value), key
         for moment in ("m", "v"):
             assert torch.equal(resumed.buffers[moment][key], uninterrupted.buffers[moment][key]), (moment, key)
     final = load(resumed.model_folder.checkpoint_path("final"))
-    assert AliasMap.from_state_dict(final["network_weights"]) == resumed.alias_map
+    assert AliasMap.from_state_dict(final["network_weights"]) == resumed.model.alias_map
 
 
 @pytest.mark.parametrize(("dims", "compiled"), [(2, True), (3, False)])

@@ -95,7 +95,7 @@ def test_matches_flowers_strategy_on_canonical_records(name):
     network = tiny_network()
     ours = strategy_from_name(name, network=network, **OPTIONS.get(name, {}))
     theirs = _flower(name)
-    global_record = ours.global_record()
+    global_record = ours.model.record()
     for server_round in (1, 2, 3):
         sent = received(next(iter(ours.configure_train(server_round, None, ConfigRecord(), _grid()))))
         list(theirs.configure_train(server_round, global_record, ConfigRecord(), _grid()))
@@ -139,7 +139,7 @@ def test_strategy_from_name_errors_and_options():
         dp="server-adaptive",
         dp_options={"noise_multiplier": 0.1, "num_sampled_clients": 4},
     )
-    assert isinstance(wrapped, DP_WRAPPERS["server-adaptive"]) and wrapped.strategy.network is not None
+    assert isinstance(wrapped, DP_WRAPPERS["server-adaptive"]) and wrapped.strategy.model.network is not None
 
 
 def _norm(tensors) -> float:
@@ -208,6 +208,6 @@ def test_a_nan_found_in_the_aggregate_is_rolled_back_exactly():
     with_bad.aggregate_train(1, [*good[:1], reply(NODES[3], broken, 50), *good[1:]])
     without.aggregate_train(1, _replies(sent, 1, nodes=NODES[:3]))
 
-    for key, value in canonical(without.network).items():
-        assert torch.equal(canonical(with_bad.network)[key], value), key
+    for key, value in canonical(without.model.network).items():
+        assert torch.equal(canonical(with_bad.model.network)[key], value), key
         assert torch.equal(with_bad.buffers["m"][key], without.buffers["m"][key]), key

@@ -80,11 +80,11 @@ def test_configure_sends_canonical_tensors_alias_map_and_plans_digest():
     assert evaluate[0].metadata.message_type == MessageType.EVALUATE
     for message in (train[0], evaluate[0]):
         config = message.content["config"]
-        assert AliasMap.from_json(config["alias-map"]) == strategy.alias_map
+        assert AliasMap.from_json(config["alias-map"]) == strategy.model.alias_map
         assert config["plans-sha256"] == plans_sha256(PLANS)
         assert config["server-round"] == 5
         sent = received(message)
-        assert list(sent) == list(strategy.alias_map.canonical_keys)
+        assert list(sent) == list(strategy.model.alias_map.canonical_keys)
         assert all(torch.equal(sent[k], v) for k, v in canonical(network).items())
     assert train[0].content["config"]["local-epochs"] == 2
 
@@ -98,15 +98,15 @@ def test_initial_arrays_with_every_key_are_loaded_into_the_network():
     messages = list(strategy.configure_train(1, to_array_record(other.state_dict()), ConfigRecord(), grid))
 
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in network.state_dict().items())
-    assert list(received(messages[0])) == list(strategy.alias_map.canonical_keys)
-    assert _storages(network) == len(strategy.alias_map.groups)
+    assert list(received(messages[0])) == list(strategy.model.alias_map.canonical_keys)
+    assert _storages(network) == len(strategy.model.alias_map.groups)
 
 
 def test_local_groups_stay_at_each_site_alias_consistently():
     network = tiny_network()
     strategy = NnUNetFedAvg(network, local_keys=lambda key: ".norm." in key, min_available_nodes=1, min_train_nodes=1)
-    amap = strategy.alias_map
-    local = set(strategy.local_groups)
+    amap = strategy.model.alias_map
+    local = set(strategy.model.local_groups)
     norm_aliases = [k for k in amap.keys if amap.canonical_of(k) in local]
     assert local and any(".all_modules.1." in k for k in norm_aliases)  # the alias of .norm. is local too
     grid = LoopbackGrid([1], handler=lambda node, message: None)
@@ -146,7 +146,7 @@ def make_strategy(network, plans):
         network,
         plans=plans,
         local_keys=lambda key: ".norm." in key,  # FedBN: normalization stays local
-        post_round_fn=lambda rnd, strategy: print(f"round {rnd} done, best Dice {strategy.best_dice}"),
+        post_round_fn=lambda rnd, strategy: print(f"round {rnd} done, best Dice {strategy.checkpoints.best_dice}"),
         min_train_nodes=2,
     )
 
@@ -163,12 +163,12 @@ def test_readme_custom_strategy(capsys):
 
     strategy.aggregate_train(1, [reply(i + 1, u, n) for i, (u, n) in enumerate(zip(updates, examples))])
     strategy.aggregate_evaluate(1, [evaluate_reply(1, 0.5), evaluate_reply(2, 0.75)])
-    strategy.end_round(1)
+    strategy.on_round_end(1)
 
     after = canonical(network)
     for key, value in after.items():
         stack = torch.stack([u[key].double() for u in updates])
-        if key in strategy.local_groups:
+        if key in strategy.model.local_groups:
             expected = before[key].double()
         elif key.startswith("decoder."):
             expected = stack.median(dim=0).values
@@ -178,10 +178,10 @@ def test_readme_custom_strategy(capsys):
     assert "round 1 done, best Dice 0.625" in capsys.readouterr().out
 
 
-def test_flowers_reply_check_gets_canonical_replies_with_their_other_records():
+def test_valid_messages_are_canonical_replies_with_their_other_records():
     network = tiny_network()
     strategy = NnUNetFedAvg(network, min_train_nodes=1)
-    amap = strategy.alias_map
+    amap = strategy.model.alias_map
     tensors = perturbed(_snapshot(canonical(network)), 1)
     full = OrderedDict((k, tensors[amap.canonical_of(k)]) for k in amap.keys)
     in_order = reply(1, tensors, 4, config={"site-name": "site-0"})
@@ -189,9 +189,9 @@ def test_flowers_reply_check_gets_canonical_replies_with_their_other_records():
     broken = reply(3, tensors, 0)
     compiled = reply(4, OrderedDict((f"_orig_mod.{k}", v) for k, v in tensors.items()), 4)
 
-    valid, others = strategy._check_and_log_replies([in_order, every_key, broken, compiled], is_train=True)
+    valid = strategy.valid_messages(1, [in_order, every_key, broken, compiled], is_train=True)
 
-    assert valid[0] is in_order and others == [broken]
+    assert len(valid) == 3 and valid[0] is in_order and all(m is not broken for m in valid)
     assert list(valid[2].content["arrays"].keys()) == list(amap.canonical_keys)
     assert list(valid[1].content["arrays"].keys()) == list(amap.canonical_keys)
     assert valid[1].content["config"]["site-name"] == "site-1" and valid[1].content["metrics"]["num-examples"] == 4

@@ -99,7 +99,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = {
         "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
-        "best_dice": strategy.best_dice,
+        "best_dice": strategy.checkpoints.best_dice,
     }
     (folder.path / "history.json").write_text(json.dumps(summary))
 

@@ -113,15 +113,15 @@ def _strategy(configured: bool, **kwargs) -> NnUNetFedAvg:
     """
     strategy = NnUNetFedAvg(tiny_network(), plans=PLANS, **kwargs)
     if configured:
-        strategy.global_record()
+        strategy.model.record()
     return strategy
 
 
 @pytest.mark.parametrize("configured", [False, True])
 def test_each_malformed_reply_is_rejected_and_the_valid_ones_aggregated(flwr_log, configured):
     strategy = _strategy(configured, min_train_nodes=2)
-    network = strategy.network
-    amap = strategy.alias_map
+    network = strategy.model.network
+    amap = strategy.model.alias_map
     base = OrderedDict((k, v.clone()) for k, v in canonical(network).items())
     good = [perturbed(base, 1), perturbed(base, 2), perturbed(base, 3)]
     weights = [5, 7.5, 11]
@@ -151,9 +151,9 @@ def test_each_malformed_reply_is_rejected_and_the_valid_ones_aggregated(flwr_log
 @pytest.mark.parametrize("configured", [False, True])
 def test_all_bad_round_keeps_the_model_bit_identical(flwr_log, configured):
     strategy = _strategy(configured, min_train_nodes=1)
-    network = strategy.network
+    network = strategy.model.network
     before = {k: v.clone() for k, v in network.state_dict().items()}
-    bad = _malformed(OrderedDict((k, v.clone()) for k, v in canonical(network).items()), strategy.alias_map)
+    bad = _malformed(OrderedDict((k, v.clone()) for k, v in canonical(network).items()), strategy.model.alias_map)
 
     assert strategy.aggregate_train(1, list(bad.values())) == (None, None)
     assert strategy.aggregate_train(2, []) == (None, None)
@@ -227,5 +227,5 @@ def test_load_global_refuses_bad_arrays_and_keeps_the_model():
     bad[key].view(-1)[0] = math.nan
 
     with pytest.raises(ValueError, match="NaN"):
-        strategy.load_global_(to_array_record(bad))
+        strategy.model.load_(to_array_record(bad))
     assert all(torch.equal(v, before[k]) for k, v in canonical(network).items())

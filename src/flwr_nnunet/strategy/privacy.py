@@ -11,6 +11,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -19,7 +20,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from flwr_nnunet.strategy.rounds import RoundRunner
+from flwr_nnunet.strategy.checkpoints import StatefulStrategy
+from flwr_nnunet.strategy.rounds import run_rounds
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 
 __all__ = [
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class AliasAwareDP(RoundRunner):
+class AliasAwareDP:
     """Mixin for Flower's DP wrappers around an :class:`NnUNetFedAvg` family member.
 
     Replies are validated (and made canonical) before Flower clips them; the
@@ -58,27 +60,35 @@ class AliasAwareDP(RoundRunner):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, let Flower clip/aggregate/noise, then write the noised model into the network."""
         core = self.strategy
-        core.current_round = server_round
         valid = core.valid_messages(server_round, replies, is_train=True)
         arrays, metrics = super().aggregate_train(server_round, valid)
         if arrays is None:
             return None, metrics
-        core.load_global_(arrays, cast=True)
-        return core.global_record(), metrics
+        core.model.load_(arrays, cast=True)
+        return core.model.record(), metrics
 
     def strategy_state(self) -> dict[str, Any]:
         """The wrapped strategy's state and the current clipping norm."""
-        return {"inner": self.strategy.strategy_state(), "clipping_norm": float(self.clipping_norm)}
+        inner = self.strategy.strategy_state() if isinstance(self.strategy, StatefulStrategy) else {}
+        return {"inner": inner, "clipping_norm": float(self.clipping_norm)}
 
     def load_strategy_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`strategy_state` returned."""
-        self.strategy.load_strategy_state(state.get("inner", {}))
+        if isinstance(self.strategy, StatefulStrategy):
+            self.strategy.load_strategy_state(state.get("inner", {}))
         self.clipping_norm = float(state.get("clipping_norm", self.clipping_norm))
 
-    @property
-    def core(self) -> NnUNetFedAvg:
-        """The wrapped family member: network, model folder, rounds."""
-        return self.strategy
+    def resume(self, run_config: Mapping[str, Any] | None = None) -> int:
+        """As :meth:`NnUNetFedAvg.resume`, restoring the wrapper's state too."""
+        return self.strategy.checkpoints.resume(self, run_config)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:
+        """As :meth:`NnUNetFedAvg.start`, each round going through the wrapper."""
+        core = self.strategy
+        return run_rounds(
+            self, core.model, core.checkpoints, grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
+            on_round_end=core.on_round_end, **kwargs,
+        )
 
 
 class NnUNetDPServerSideFixedClipping(AliasAwareDP, DifferentialPrivacyServerSideFixedClipping):

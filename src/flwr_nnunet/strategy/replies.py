@@ -13,13 +13,25 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from logging import WARNING
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.supercore import log
 
 from flwr_nnunet.core.aliasing import AliasConflictError, AliasMap, strip_wrapper_prefixes
 from flwr_nnunet.core.codec import PayloadError, from_array_record
 
-__all__ = ["AcceptedReply", "Rejection", "ReplyValidator", "check_weight", "non_finite_reason"]
+__all__ = [
+    "AcceptedReply",
+    "Rejection",
+    "ReplyValidator",
+    "check_weight",
+    "enough_replies",
+    "log_rejection",
+    "non_finite_reason",
+    "tensors_problem",
+]
 
 PLANS_SHA256_KEY = "plans-sha256"
 
@@ -91,6 +103,38 @@ def non_finite_reason(key: str, tensor: torch.Tensor) -> str | None:
     return f"{key!r} holds {nan} NaN and {inf} Inf values"
 
 
+
+def tensors_problem(
+    reference: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], *, check_finite: bool = True
+) -> str | None:
+    """Why ``tensors`` (``reference``'s keys) differ from ``reference`` in shape or dtype or are not finite, or None."""
+    for key, like in reference.items():
+        tensor = tensors[key]
+        if tensor.shape != like.shape:
+            return f"{key!r} has shape {tuple(tensor.shape)}, expected {tuple(like.shape)}"
+        if tensor.dtype != like.dtype:
+            return f"{key!r} has dtype {tensor.dtype}, expected {like.dtype}"
+    for key, tensor in tensors.items() if check_finite else ():
+        reason = non_finite_reason(key, tensor)
+        if reason:
+            return reason
+    return None
+
+
+def log_rejection(stage: str, server_round: int, rejection: Rejection) -> None:
+    """One warning line naming the stage, round, node and reason."""
+    log(WARNING, "%s: round %d: rejected reply from node %d: %s", stage, server_round, rejection.node_id, rejection.reason)
+
+
+def enough_replies(stage: str, server_round: int, count: int, minimum: int) -> bool:
+    """Whether ``count`` valid replies meet ``minimum`` (at least 1); logs what happens when they do not."""
+    needed = max(1, minimum)
+    if count >= needed:
+        return True
+    outcome = "global model unchanged" if stage == "aggregate_train" else "no metrics this round"
+    log(WARNING, "%s: round %d: %d valid replies, fewer than the %d required: %s", stage, server_round, count, needed, outcome)
+    return False
+
 class ReplyValidator:
     """Checks replies against the global model's canonical tensors.
 
@@ -130,7 +174,7 @@ class ReplyValidator:
         required_metrics: Collection[str] = (),
     ) -> None:
         self.alias_map = alias_map
-        self.specs = OrderedDict((k, (tuple(t.shape), t.dtype)) for k, t in reference.items())
+        self.reference = reference
         self.plans_sha256 = plans_sha256
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
@@ -219,8 +263,8 @@ class ReplyValidator:
         if len(given) == len(self.alias_map.keys) and given == set(self.alias_map.keys):
             tensors = self.alias_map.collapse(tensors)
             given = set(tensors)
-        expected = set(self.specs)
-        missing = [k for k in self.specs if k not in given]
+        expected = set(self.reference)
+        missing = [k for k in self.reference if k not in given]
         extra = sorted(given - expected - self.optional_keys)
         if missing or extra:
             parts = []
@@ -229,18 +273,8 @@ class ReplyValidator:
             if extra:
                 parts.append(f"{len(extra)} unknown keys (first: {extra[:3]})")
             raise KeyError("keys differ from the global model: " + "; ".join(parts))
-        return OrderedDict((k, tensors[k]) for k in self.specs)
+        return OrderedDict((k, tensors[k]) for k in self.reference)
 
     def check_tensors(self, tensors: Mapping[str, torch.Tensor], *, check_finite: bool = True) -> str | None:
         """Why ``tensors`` (the reference's keys) do not fit the reference's shapes and dtypes or are not finite."""
-        for key, (shape, dtype) in self.specs.items():
-            tensor = tensors[key]
-            if tuple(tensor.shape) != shape:
-                return f"{key!r} has shape {tuple(tensor.shape)}, expected {shape}"
-            if tensor.dtype != dtype:
-                return f"{key!r} has dtype {tensor.dtype}, expected {dtype}"
-        for key, tensor in tensors.items() if check_finite else ():
-            reason = non_finite_reason(key, tensor)
-            if reason:
-                return reason
-        return None
+        return tensors_problem(self.reference, tensors, check_finite=check_finite)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from logging import INFO
 from typing import Any, ClassVar
@@ -18,7 +17,6 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.core.codec import from_array_record
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 
 __all__ = ["NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi"]
@@ -42,34 +40,27 @@ class _ServerOptimizer(NnUNetFedAvg):
         return True
 
     @abstractmethod
-    def step_group_(self, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
+    def step_group_(self, server_round: int, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
         """Replace ``target`` (holding the mean of the replies) by the server update from ``previous``."""
 
-    def aggregate_(
+    def reduce_all_(
         self,
+        server_round: int,
         targets: Mapping[str, torch.Tensor],
         updates: Sequence[Mapping[str, torch.Tensor]],
         weights: Sequence[float],
-    ) -> None:
-        """Weighted mean into ``targets``, then :meth:`step_group_` on every floating-point group."""
-        if not self.server_step_enabled():
-            super().aggregate_(targets, updates, weights)
-            return
-        previous = self._values_before_the_mean(targets)
-        super().aggregate_(targets, updates, weights)
+    ) -> list[str]:
+        """Weighted mean into ``targets``, then :meth:`step_group_` on every floating-point group
+        (from the pre-round values, read from the record sent this round)."""
+        snapshot = self.model.snapshot()
+        non_finite = super().reduce_all_(server_round, targets, updates, weights)
+        if non_finite or not self.server_step_enabled():
+            return non_finite
+        previous = self.model.values_in(snapshot, [k for k, t in targets.items() if t.is_floating_point()])
         with torch.no_grad():
             for key, before in previous.items():
-                self.step_group_(key, targets[key], before)
-
-    def _values_before_the_mean(self, targets: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-        """The floating-point groups as they are before this round's mean: read-only views of the record last
-        sent, which holds exactly them, when the targets are on the CPU (no copy of the model); else copies."""
-        floating = [k for k, t in targets.items() if t.is_floating_point()]
-        sent = self._record
-        if sent is not None and all(targets[k].device.type == "cpu" and k in sent for k in floating):
-            decoded = from_array_record(sent)
-            return OrderedDict((k, decoded[k]) for k in floating)
-        return OrderedDict((k, targets[k].detach().clone()) for k in floating)
+                self.step_group_(server_round, key, targets[key], before)
+        return []
 
     def buffer(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
         """The state buffer ``name`` of group ``key`` (zeros the first time)."""
@@ -86,11 +77,11 @@ class _ServerOptimizer(NnUNetFedAvg):
         """Restore the per-group buffers onto the network's devices and dtypes."""
         for name in self.buffer_names:
             saved = state.get(name, {})
-            unknown = set(saved) - set(self.global_tensors)
+            unknown = set(saved) - set(self.model.tensors)
             if unknown:
                 raise ValueError(f"strategy state {name!r} has unknown keys {sorted(unknown)[:3]}")
             self.buffers[name] = {
-                k: t.to(device=self.global_tensors[k].device, dtype=self.global_tensors[k].dtype).clone()
+                k: t.to(device=self.model.tensors[k].device, dtype=self.model.tensors[k].dtype).clone()
                 for k, t in saved.items()
             }
 
@@ -131,7 +122,7 @@ class NnUNetFedAvgM(_ServerOptimizer):
         )
         super().summary()
 
-    def step_group_(self, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
+    def step_group_(self, server_round: int, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
         """``x = x_prev - lr * (momentum * v + (x_prev - mean))``."""
         gradient = previous - target
         if self.server_momentum > 0.0:
@@ -168,18 +159,18 @@ class _FedOpt(_ServerOptimizer):
     def update_v_(self, v: torch.Tensor, delta: torch.Tensor) -> None:
         """Update the second moment ``v`` in place."""
 
-    def step_size(self) -> float:
-        """The server learning rate of this round."""
+    def step_size(self, server_round: int) -> float:
+        """The server learning rate of round ``server_round``."""
         return self.eta
 
-    def step_group_(self, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
+    def step_group_(self, server_round: int, key: str, target: torch.Tensor, previous: torch.Tensor) -> None:
         """``m = b1 m + (1 - b1) delta``; ``v`` by the rule; ``x = x_prev + step * m / (sqrt(v) + tau)``."""
         delta = target - previous
         m = self.buffer("m", key, delta)
         m.mul_(self.beta_1).add_(delta, alpha=1.0 - self.beta_1)
         v = self.buffer("v", key, delta)
         self.update_v_(v, delta)
-        target.copy_(previous + self.step_size() * m / (v.sqrt() + self.tau))
+        target.copy_(previous + self.step_size(server_round) * m / (v.sqrt() + self.tau))
 
 
 class NnUNetFedAdagrad(_FedOpt):
@@ -217,9 +208,9 @@ class NnUNetFedAdam(_FedOpt):
         """``v = b2 v + (1 - b2) delta^2``."""
         v.mul_(self.beta_2).add_(delta * delta, alpha=1.0 - self.beta_2)
 
-    def step_size(self) -> float:
+    def step_size(self, server_round: int) -> float:
         """``eta * sqrt(1 - b2^(r+1)) / (1 - b1^(r+1))`` for round r, as Flower computes it."""
-        r = self.current_round + 1.0
+        r = server_round + 1.0
         return self.eta * math.sqrt(1 - self.beta_2**r) / (1 - self.beta_1**r)
 
 
