@@ -179,7 +179,9 @@ class RunCheckpoints:
             canonical = self.model.alias_map.collapse(checkpoint["network_weights"])
             check_updates(self.model.all_tensors, [canonical])
         except (KeyError, AliasConflictError, ValueError) as error:
-            raise ResumeError(f"cannot resume from {path}: its network differs from this one ({error.args[0]})") from None
+            raise ResumeError(
+                f"cannot resume from {path}: its network differs from this one ({error.args[0]})"
+            ) from None
         self.model.assign_all_(canonical)
         if isinstance(strategy, StatefulStrategy):
             strategy.load_strategy_state(state.get("strategy_state") or {})

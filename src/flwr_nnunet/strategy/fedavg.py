@@ -30,20 +30,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any, ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Result
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.core.aliasing import strip_wrapper_prefixes
 from flwr_nnunet.core.reduce import weighted_mean_
 from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
 from flwr_nnunet.nnunet.networks import build_trainer_network, plans_sha256
@@ -51,12 +48,11 @@ from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
 from flwr_nnunet.strategy.replies import (
     AcceptedReply,
-    Rejection,
     ReplyValidator,
-    check_weight,
-    enough_replies,
-    log_rejection,
+    aggregate_metrics,
+    canonical_message,
     non_finite_reason,
+    without_non_finite,
 )
 from flwr_nnunet.strategy.rounds import run_rounds
 
@@ -129,7 +125,9 @@ class NnUNetFedAvg(FedAvg):
         self.plans = plans
         self.plans_sha256 = None if plans is None else plans_sha256(plans)
         self.model = GlobalModel(network, local_keys=local_keys)
-        self.checkpoints = RunCheckpoints(self.model, model_folder, plans_sha256=self.plans_sha256, run_config=run_config)
+        self.checkpoints = RunCheckpoints(
+            self.model, model_folder, plans_sha256=self.plans_sha256, run_config=run_config
+        )
         self.accumulate_dtype = accumulate_dtype
         self.post_round_fn = post_round_fn
         self.validator = ReplyValidator(
@@ -196,45 +194,21 @@ class NnUNetFedAvg(FedAvg):
     def accept_replies(
         self, server_round: int, replies: Iterable[Message], *, is_train: bool, check_finite: bool = True
     ) -> list[AcceptedReply]:
-        """Validate replies, log one line per rejected reply, return the accepted ones sorted by node id
-        (so the floating-point result does not depend on arrival order), or none when fewer than
-        ``min_train_nodes`` / ``min_evaluate_nodes`` are valid."""
-        stage = "aggregate_train" if is_train else "aggregate_evaluate"
-        replies = list(replies)
-        accepted: list[AcceptedReply] = []
-        for message in replies:
-            result = self.validator.check_train(message, check_finite=check_finite) if is_train else (
-                self.validator.check_evaluate(message)
-            )
-            if isinstance(result, AcceptedReply) and is_train:
-                reason = check_weight(self.reply_weight(result), "reply_weight()")
-                result = Rejection(result.node_id, reason) if reason else result
-            if isinstance(result, Rejection):
-                log_rejection(stage, server_round, result)
-            else:
-                accepted.append(result)
-        log(INFO, "%s: round %d: %d of %d replies accepted", stage, server_round, len(accepted), len(replies))
-        minimum = self.min_train_nodes if is_train else self.min_evaluate_nodes
-        return sorted(accepted, key=lambda a: a.node_id) if enough_replies(stage, server_round, len(accepted), minimum) else []
-
-    def canonical_message(self, reply: AcceptedReply, keys: Sequence[str] | None = None) -> Message:
-        """The reply itself when its arrays are exactly ``keys`` in order, else a copy whose ``ArrayRecord``
-        holds only the canonical arrays for ``keys`` (default: every aggregated group), in order; the copy
-        shares the ``Array`` objects (no bytes are copied) and keeps the reply's other records."""
-        keys = list(self.model.tensors) if keys is None else list(keys)
-        content = reply.message.content
-        record = content[self.arrayrecord_key]
-        if list(record.keys()) == keys:
-            return reply.message
-        records = {name: value for name, value in content.items() if name != self.arrayrecord_key}
-        names = strip_wrapper_prefixes({name: name for name in record})  # canonical -> the reply's name
-        records[self.arrayrecord_key] = ArrayRecord(OrderedDict((k, record[names[k]]) for k in keys))
-        return make_message(reply.message.metadata, content=RecordDict(records))
+        """The valid replies by node id, weighed by :meth:`reply_weight` for training, or none when fewer than
+        ``min_train_nodes`` / ``min_evaluate_nodes`` are (see :meth:`ReplyValidator.accept`)."""
+        return self.validator.accept(
+            server_round,
+            replies,
+            weight=self.reply_weight if is_train else None,
+            minimum=self.min_train_nodes if is_train else self.min_evaluate_nodes,
+            check_finite=check_finite,
+        )
 
     def valid_messages(self, server_round: int, replies: Iterable[Message], *, is_train: bool) -> list[Message]:
         """The accepted replies as messages (canonical, for training): what Flower's own aggregation takes."""
         accepted = self.accept_replies(server_round, replies, is_train=is_train)
-        return [self.canonical_message(a) if is_train else a.message for a in accepted]
+        keys = list(self.model.tensors)
+        return [canonical_message(a.message, keys, self.arrayrecord_key) if is_train else a.message for a in accepted]
 
     # ------------------------------------------------------------ aggregation
 
@@ -270,15 +244,6 @@ class NnUNetFedAvg(FedAvg):
         """Reduce one alias group's client values into ``target`` in place (override point; default: weighted mean)."""
         weighted_mean_({key: target}, [{key: v} for v in values], weights, accumulate_dtype=self.accumulate_dtype)
 
-    def _aggregate_metrics(
-        self, aggregate: Callable[[list[RecordDict], str], MetricRecord], messages: Sequence[Message], stage: str
-    ) -> MetricRecord | None:
-        try:
-            return aggregate([m.content for m in messages], self.weighted_by_key)
-        except (ValueError, TypeError, KeyError, ZeroDivisionError) as error:
-            log(WARNING, "%s: metrics could not be aggregated (%s); skipping them", stage, error)
-            return None
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -302,11 +267,11 @@ class NnUNetFedAvg(FedAvg):
             if not non_finite:
                 break
             self.model.roll_back_(snapshot)
-            accepted = self._without_non_finite(server_round, accepted, non_finite[0])
+            accepted = without_non_finite(server_round, accepted, non_finite[0], self.min_train_nodes)
         if not accepted:
             return None, None
         self.model.changed()
-        metrics = self._aggregate_metrics(self.train_metrics_aggr_fn, [a.message for a in accepted], "aggregate_train")
+        metrics = aggregate_metrics(self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "aggregate_train")
         log(
             INFO,
             "aggregate_train: round %d: aggregated %d replies (nodes %s, total weight %g) into %d groups "
@@ -321,29 +286,12 @@ class NnUNetFedAvg(FedAvg):
         )
         return self.model.record(), metrics
 
-    def _without_non_finite(self, server_round: int, accepted: Sequence[AcceptedReply], key: str) -> list[AcceptedReply]:
-        """The replies whose ``key`` is finite, the others rejected; none (model unchanged) when every reply's
-        is finite (the reduction itself overflowed) or too few remain."""
-        kept = []
-        for reply in accepted:
-            reason = non_finite_reason(key, reply.tensors[key])
-            if reason:
-                log_rejection("aggregate_train", server_round, Rejection(reply.node_id, reason))
-            else:
-                kept.append(reply)
-        if len(kept) == len(accepted):
-            log(WARNING, "aggregate_train: round %d: the mean of %r overflowed: global model unchanged", server_round, key)
-            return []
-        return kept if enough_replies("aggregate_train", server_round, len(kept), self.min_train_nodes) else []
-
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate valid evaluation metrics; save ``checkpoint_best.pth`` when the aggregated ``dice`` improves."""
         accepted = self.accept_replies(server_round, replies, is_train=False)
         if not accepted:
             return None
-        metrics = self._aggregate_metrics(
-            self.evaluate_metrics_aggr_fn, [a.message for a in accepted], "aggregate_evaluate"
-        )
+        metrics = aggregate_metrics(self.evaluate_metrics_aggr_fn, accepted, self.weighted_by_key, "aggregate_evaluate")
         if metrics is not None:
             self.checkpoints.note_dice(server_round, metrics.get("dice"))
         return metrics
@@ -362,13 +310,21 @@ class NnUNetFedAvg(FedAvg):
         """
         return self.checkpoints.resume(self, run_config)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:
+    def start(
+        self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any
+    ) -> Result:
         """Run rounds ``checkpoints.completed_rounds + 1`` to ``num_rounds``, checkpointing each (see
         :func:`~flwr_nnunet.strategy.rounds.run_rounds`; ``kwargs``: ``timeout``, ``train_config``,
         ``evaluate_config``, ``evaluate_fn``, as Flower's ``Strategy.start``)."""
         return run_rounds(
-            self, self.model, self.checkpoints, grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
-            on_round_end=self.on_round_end, **kwargs,
+            self,
+            self.model,
+            self.checkpoints,
+            grid,
+            initial_arrays=initial_arrays,
+            num_rounds=num_rounds,
+            on_round_end=self.on_round_end,
+            **kwargs,
         )
 
 

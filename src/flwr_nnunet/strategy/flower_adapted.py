@@ -22,6 +22,7 @@ from torch import nn
 from flwr_nnunet.core.codec import encode_tensor
 from flwr_nnunet.core.reduce import weighted_mean_
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
+from flwr_nnunet.strategy.replies import canonical_message
 
 __all__ = ["NnUNetBulyan", "NnUNetKrum", "NnUNetMultiKrum", "NnUNetQFedAvg"]
 
@@ -41,7 +42,8 @@ class _FlowerAggregated(NnUNetFedAvg):
         accepted = self.accept_replies(server_round, replies, is_train=True)
         if not accepted:
             return None, None
-        messages = [self.canonical_message(a, self.floating_keys()) for a in accepted]
+        keys = self.floating_keys()
+        messages = [canonical_message(a.message, keys, self.arrayrecord_key) for a in accepted]
         try:
             arrays, metrics = super(NnUNetFedAvg, self).aggregate_train(server_round, messages)
         except (AggregationError, ValueError, TypeError) as error:

@@ -82,12 +82,20 @@ class AliasAwareDP:
         """As :meth:`NnUNetFedAvg.resume`, restoring the wrapper's state too."""
         return self.strategy.checkpoints.resume(self, run_config)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:
+    def start(
+        self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any
+    ) -> Result:
         """As :meth:`NnUNetFedAvg.start`, each round going through the wrapper."""
         core = self.strategy
         return run_rounds(
-            self, core.model, core.checkpoints, grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
-            on_round_end=core.on_round_end, **kwargs,
+            self,
+            core.model,
+            core.checkpoints,
+            grid,
+            initial_arrays=initial_arrays,
+            num_rounds=num_rounds,
+            on_round_end=core.on_round_end,
+            **kwargs,
         )
 
 

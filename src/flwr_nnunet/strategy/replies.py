@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from logging import WARNING
+from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
 from flwr.supercore import log
 
 from flwr_nnunet.core.aliasing import AliasConflictError, AliasMap, strip_wrapper_prefixes
@@ -26,11 +27,14 @@ __all__ = [
     "AcceptedReply",
     "Rejection",
     "ReplyValidator",
+    "aggregate_metrics",
+    "canonical_message",
     "check_weight",
     "enough_replies",
     "log_rejection",
     "non_finite_reason",
     "tensors_problem",
+    "without_non_finite",
 ]
 
 PLANS_SHA256_KEY = "plans-sha256"
@@ -103,7 +107,6 @@ def non_finite_reason(key: str, tensor: torch.Tensor) -> str | None:
     return f"{key!r} holds {nan} NaN and {inf} Inf values"
 
 
-
 def tensors_problem(
     reference: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], *, check_finite: bool = True
 ) -> str | None:
@@ -123,7 +126,14 @@ def tensors_problem(
 
 def log_rejection(stage: str, server_round: int, rejection: Rejection) -> None:
     """One warning line naming the stage, round, node and reason."""
-    log(WARNING, "%s: round %d: rejected reply from node %d: %s", stage, server_round, rejection.node_id, rejection.reason)
+    log(
+        WARNING,
+        "%s: round %d: rejected reply from node %d: %s",
+        stage,
+        server_round,
+        rejection.node_id,
+        rejection.reason,
+    )
 
 
 def enough_replies(stage: str, server_round: int, count: int, minimum: int) -> bool:
@@ -132,8 +142,67 @@ def enough_replies(stage: str, server_round: int, count: int, minimum: int) -> b
     if count >= needed:
         return True
     outcome = "global model unchanged" if stage == "aggregate_train" else "no metrics this round"
-    log(WARNING, "%s: round %d: %d valid replies, fewer than the %d required: %s", stage, server_round, count, needed, outcome)
+    log(
+        WARNING,
+        "%s: round %d: %d valid replies, fewer than the %d required: %s",
+        stage,
+        server_round,
+        count,
+        needed,
+        outcome,
+    )
     return False
+
+
+def canonical_message(message: Message, keys: Sequence[str], arrayrecord_key: str = "arrays") -> Message:
+    """``message`` itself when its arrays are exactly ``keys`` in order, else a copy whose ``ArrayRecord`` holds
+    only the arrays of ``keys`` (``_orig_mod.``/``module.`` prefixes removed), in order.
+
+    The copy shares the ``Array`` objects (no bytes are copied) and keeps the
+    message's other records (metrics, config).
+    """
+    record = message.content[arrayrecord_key]
+    if list(record.keys()) == list(keys):
+        return message
+    records = {name: value for name, value in message.content.items() if name != arrayrecord_key}
+    names = strip_wrapper_prefixes({name: name for name in record})  # canonical -> the reply's name
+    records[arrayrecord_key] = ArrayRecord(OrderedDict((k, record[names[k]]) for k in keys))
+    return make_message(message.metadata, content=RecordDict(records))
+
+
+def aggregate_metrics(
+    aggregate: Callable[[list[RecordDict], str], MetricRecord],
+    accepted: Sequence[AcceptedReply],
+    weighted_by_key: str,
+    stage: str,
+) -> MetricRecord | None:
+    """``aggregate`` (a Flower metric aggregation function) of the accepted replies, or None (logged) when it
+    fails on them."""
+    try:
+        return aggregate([a.message.content for a in accepted], weighted_by_key)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as error:
+        log(WARNING, "%s: metrics could not be aggregated (%s); skipping them", stage, error)
+        return None
+
+
+def without_non_finite(
+    server_round: int, accepted: Sequence[AcceptedReply], key: str, minimum: int
+) -> list[AcceptedReply]:
+    """The replies whose group ``key`` is finite, each other one rejected with a log line; none (the global model
+    stays unchanged) when every reply's group is finite (their reduction overflowed) or fewer than ``minimum``
+    remain."""
+    kept = []
+    for reply in accepted:
+        reason = non_finite_reason(key, reply.tensors[key])
+        if reason:
+            log_rejection("aggregate_train", server_round, Rejection(reply.node_id, reason))
+        else:
+            kept.append(reply)
+    if len(kept) == len(accepted):
+        log(WARNING, "aggregate_train: round %d: the mean of %r overflowed: global model unchanged", server_round, key)
+        return []
+    return kept if enough_replies("aggregate_train", server_round, len(kept), minimum) else []
+
 
 class ReplyValidator:
     """Checks replies against the global model's canonical tensors.
@@ -180,6 +249,45 @@ class ReplyValidator:
         self.arrayrecord_key = arrayrecord_key
         self.optional_keys = frozenset(optional_keys)
         self.required_metrics = tuple(required_metrics)
+
+    def accept(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        *,
+        weight: Callable[[AcceptedReply], float] | None,
+        minimum: int,
+        check_finite: bool = True,
+    ) -> list[AcceptedReply]:
+        """Check replies, log one line per rejected one, return the accepted ones sorted by node id (so the
+        floating-point result does not depend on arrival order), or none when fewer than ``minimum`` are.
+
+        Parameters
+        ----------
+        weight
+            For training replies: the aggregation weight of an accepted reply (it must be finite and > 0);
+            None for evaluation replies.
+        check_finite
+            See :meth:`check_train`.
+        """
+        stage = "aggregate_evaluate" if weight is None else "aggregate_train"
+        replies = list(replies)
+        accepted: list[AcceptedReply] = []
+        for message in replies:
+            if weight is None:
+                result = self.check_evaluate(message)
+            else:
+                result = self.check_train(message, check_finite=check_finite)
+                reason = check_weight(weight(result), "reply_weight()") if isinstance(result, AcceptedReply) else None
+                result = Rejection(result.node_id, reason) if reason else result
+            if isinstance(result, Rejection):
+                log_rejection(stage, server_round, result)
+            else:
+                accepted.append(result)
+        log(INFO, "%s: round %d: %d of %d replies accepted", stage, server_round, len(accepted), len(replies))
+        if not enough_replies(stage, server_round, len(accepted), minimum):
+            return []
+        return sorted(accepted, key=lambda a: a.node_id)
 
     def check_train(self, message: Message, *, check_finite: bool = True) -> AcceptedReply | Rejection:
         """Validate a training reply: error, records, weight, plans digest, keys, shapes, dtypes, finiteness.
