@@ -1,5 +1,6 @@
 """flwr-nnunet: federated nnU-Net with Flower, aggregating each shared tensor once."""
 
+from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.core.reduce import median_, trimmed_mean_, weighted_mean_
 from flwr_nnunet.core.aliasing import (
     AliasConflictError,
@@ -36,6 +37,7 @@ __all__ = [
     "AliasConflictError",
     "AliasMap",
     "CheckpointError",
+    "FlwrNnUNetError",
     "KeyMismatchError",
     "NnUNetBulyan",
     "NnUNetDPClientSideAdaptiveClipping",

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flwr_nnunet.errors import FlwrNnUNetError, KeyMismatchError
+
 __all__ = [
     "AliasConflictError",
     "AliasMap",
@@ -32,19 +34,12 @@ _JSON_VERSION = 1
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-class AliasConflictError(ValueError):
+class AliasConflictError(FlwrNnUNetError, ValueError):
     """The keys of one alias group hold different values."""
 
 
-class PartialOverlapError(ValueError):
+class PartialOverlapError(FlwrNnUNetError, ValueError):
     """Two keys are different views that overlap inside one storage."""
-
-
-class KeyMismatchError(KeyError):
-    """A mapping's keys differ from the alias map's."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -349,17 +344,13 @@ class AliasMap:
 
     @staticmethod
     def _check_keys(given: Any, expected: tuple[str, ...], what: str) -> None:
-        given_set, expected_set = set(given), set(expected)
-        if given_set == expected_set:
-            return
-        missing = [k for k in expected if k not in given_set]
-        extra = sorted(given_set - expected_set)
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (first: {missing[:3]})")
-        if extra:
-            parts.append(f"{len(extra)} unknown keys (first: {extra[:3]})")
-        raise KeyMismatchError(f"{what} do not match the alias map: " + "; ".join(parts))
+        KeyMismatchError.check(
+            given,
+            expected,
+            what=what,
+            against="the alias map",
+            fix="build the alias map from the network (same plans, configuration and trainer) the tensors come from",
+        )
 
 
 def _is_str_list(value: Any) -> bool:

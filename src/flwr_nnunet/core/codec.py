@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from flwr_nnunet.errors import FlwrNnUNetError
+
 __all__ = ["PayloadError", "decode_array", "encode_tensor", "from_array_record", "to_array_record"]
 
 _NUMPY_STYPE = "numpy.ndarray"
@@ -34,7 +36,7 @@ _MAGIC = b"\x93NUMPY"
 _HEADER_LENGTH_BYTES = {1: 2, 2: 4, 3: 4}
 
 
-class PayloadError(ValueError):
+class PayloadError(FlwrNnUNetError, ValueError):
     """A received array is not a well-formed payload of this codec."""
 
 

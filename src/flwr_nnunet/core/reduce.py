@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from flwr_nnunet.errors import KeyMismatchError
+
 __all__ = [
     "Reducer",
     "assign_",
@@ -50,15 +52,20 @@ _Job = tuple[str, torch.Tensor, list[torch.Tensor], torch.dtype]
 
 
 def check_updates(targets: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]]) -> None:
-    """Raise ``ValueError`` naming the first update whose keys or shapes differ from ``targets``."""
+    """Raise ``ValueError`` naming the first update whose keys or shapes differ from ``targets``.
+
+    Differing keys raise :class:`~flwr_nnunet.errors.KeyMismatchError` (a ``ValueError`` and a ``KeyError``).
+    """
     if not updates:
         raise ValueError("no updates to aggregate")
-    keys = set(targets)
     for index, update in enumerate(updates):
-        if set(update) != keys:
-            missing = sorted(keys - set(update))[:3]
-            extra = sorted(set(update) - keys)[:3]
-            raise ValueError(f"update {index}: keys differ from the targets (missing {missing}, unknown {extra})")
+        KeyMismatchError.check(
+            update,
+            targets,
+            what=f"update {index}",
+            against="the targets",
+            fix="every update must carry exactly the targets' (canonical) keys",
+        )
         for key, target in targets.items():
             if tuple(update[key].shape) != tuple(target.shape):
                 raise ValueError(

@@ -18,6 +18,7 @@ import torch
 
 from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.demo.data import LABELS, DemoDataset, DemoSite
+from flwr_nnunet.nnunet.metrics import dice_from_counts, voxel_counts
 from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteSpec, TrainOptions
@@ -43,13 +44,8 @@ def dice_scores(
         truth, _ = reader.read_seg(str(labels_path / f"{case}{file_ending}"))
         predicted, _ = reader.read_seg(str(predictions_path / f"{case}{file_ending}"))
         for label, count in counts.items():
-            t, p = truth == label, predicted == label
-            count += (np.sum(t & p), np.sum(p & ~t), np.sum(t & ~p))
-    scores = {
-        name: float(2 * counts[label][0] / max(2 * counts[label][0] + counts[label][1] + counts[label][2], 1))
-        for name, label in LABELS.items()
-        if label
-    }
+            count += voxel_counts(truth, predicted, label)
+    scores = {name: dice_from_counts(*counts[label]) for name, label in LABELS.items() if label}
     scores["mean"] = float(np.mean(list(scores.values())))
     return scores
 

@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from flwr_nnunet.errors import FlwrNnUNetError
+
 __all__ = [
     "NNUNET_SAFE_GLOBALS",
     "CheckpointError",
@@ -64,7 +66,7 @@ _WEIGHTS_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", re.DOT
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class CheckpointError(Exception):
+class CheckpointError(FlwrNnUNetError):
     """A file is not a readable nnU-Net checkpoint or state_dict; the message is one line."""
 
 

@@ -13,7 +13,15 @@ from torch import nn
 
 from flwr_nnunet.nnunet.digests import plans_sha256  # re-exported until every caller imports it from digests
 
-__all__ = ["STOCK_ARCHITECTURES", "build_network", "build_trainer_network", "plans_sha256", "trainer_class"]
+__all__ = [
+    "STOCK_ARCHITECTURES",
+    "build_network",
+    "build_plans_network",
+    "build_trainer_network",
+    "network_channels",
+    "plans_sha256",
+    "trainer_class",
+]
 
 _NORM_KWARGS = {"eps": 1e-05, "affine": True}
 _NONLIN_KWARGS = {"inplace": True}
@@ -111,6 +119,36 @@ def trainer_class(name: str) -> type:
     return found
 
 
+def _resolve(plans: dict, dataset_json: dict, configuration: str) -> tuple[Any, Any, int, int]:
+    """nnU-Net's (plans manager, configuration manager, input channels, segmentation heads) for these plans."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(copy.deepcopy(plans))
+    manager = plans_manager.get_configuration(configuration)
+    inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
+    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    return plans_manager, manager, inputs, heads
+
+
+def network_channels(plans: dict, dataset_json: dict, configuration: str) -> tuple[int, int]:
+    """(input channels, segmentation heads) of the network for ``configuration``, as nnU-Net derives them."""
+    _, _, inputs, heads = _resolve(plans, dataset_json, configuration)
+    return inputs, heads
+
+
+def build_plans_network(
+    plans: dict, dataset_json: dict, configuration: str, *, deep_supervision: bool = True
+) -> nn.Module:
+    """The network of the plans' own ``architecture`` entry (what ``nnUNetTrainer`` builds), no trainer class needed.
+
+    Use it where the trainer class that made a network is not installed; otherwise prefer
+    :func:`build_trainer_network`, which honours a trainer's own ``build_network_architecture``.
+    """
+    _, manager, inputs, heads = _resolve(plans, dataset_json, configuration)
+    return build_network(manager.configuration["architecture"], inputs, heads, deep_supervision=deep_supervision)
+
+
 def build_trainer_network(
     plans: dict,
     dataset_json: dict,
@@ -129,14 +167,8 @@ def build_trainer_network(
     ValueError
         If there is no trainer class called ``trainer``.
     """
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(copy.deepcopy(plans))
-    manager = plans_manager.get_configuration(configuration)
-    inputs = determine_num_input_channels(plans_manager, manager, dataset_json)
-    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     build = trainer_class(trainer).build_network_architecture
+    plans_manager, manager, inputs, heads = _resolve(plans, dataset_json, configuration)
     if "plans_manager" in inspect.signature(build).parameters:
         return build(plans_manager, manager, inputs, heads, deep_supervision)
     return build(

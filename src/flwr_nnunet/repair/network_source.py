@@ -7,7 +7,6 @@ plans (exactly as its predictor does) still does.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections import OrderedDict
@@ -21,7 +20,7 @@ from torch import nn
 
 from flwr_nnunet.core.aliasing import AliasMap, strip_wrapper_prefixes
 from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused
-from flwr_nnunet.nnunet.networks import build_network, build_trainer_network
+from flwr_nnunet.nnunet.networks import build_plans_network, build_trainer_network, network_channels
 
 __all__ = ["ModelSource", "NetworkHints", "find_model_source", "reference_alias_map"]
 
@@ -154,13 +153,7 @@ def _pick(explicit: str | os.PathLike | None, embedded: Any, beside: Path, what:
 
 def _build_reference_network(source: ModelSource) -> tuple[nn.Module, str]:
     """The network nnU-Net's predictor builds for ``source``, and how it was built."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(copy.deepcopy(source.plans))
-    configuration = plans_manager.get_configuration(source.configuration)
-    inputs = determine_num_input_channels(plans_manager, configuration, source.dataset_json)
-    outputs = plans_manager.get_label_manager(source.dataset_json).num_segmentation_heads
+    inputs, outputs = network_channels(source.plans, source.dataset_json, source.configuration)
     described = f"{inputs} input channel{'s' * (inputs != 1)}, {outputs} outputs"
     if source.trainer_name != _DEFAULT_TRAINER:
         try:
@@ -171,7 +164,7 @@ def _build_reference_network(source: ModelSource) -> tuple[nn.Module, str]:
             pass
         else:
             return network, f"the network {source.trainer_name} builds ({described})"
-    network = build_network(configuration.configuration["architecture"], inputs, outputs, deep_supervision=False)
+    network = build_plans_network(source.plans, source.dataset_json, source.configuration, deep_supervision=False)
     how = f"the plans architecture ({described})"
     if source.trainer_name != _DEFAULT_TRAINER:
         how += f"; trainer {source.trainer_name} is not installed here, so its own network could not be built"

@@ -38,10 +38,12 @@ from flwr.supercore import log
 from torch import nn
 
 from flwr_nnunet.core.reduce import assign_
+from flwr_nnunet.errors import KeyMismatchError
 from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.nnunet.checkpoint_io import atomic_write
 from flwr_nnunet.site.fedprox import ProximalLoss
 from flwr_nnunet.nnunet.digests import plans_sha256
+from flwr_nnunet.nnunet.metrics import dice_from_counts, voxel_counts
 from flwr_nnunet.nnunet.networks import trainer_class
 from flwr_nnunet.nnunet.planning import nnunet_environment
 from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
@@ -235,9 +237,7 @@ class Site:
         local = set(local_keys)
         shared = OrderedDict((key, tensor) for key, tensor in canonical.items() if key not in local)
         try:
-            if set(received) != set(shared):
-                missing, unknown = sorted(set(shared) - set(received))[:3], sorted(set(received) - set(shared))[:3]
-                raise ValueError(f"keys differ: missing {missing}, unknown {unknown}")
+            KeyMismatchError.check(received, shared, what="the server's model", against="this site's network", fix="")
             assign_(shared, received)
         except (KeyError, ValueError) as error:
             raise SiteError(
@@ -434,11 +434,10 @@ class Site:
                 predicted = logits.argmax(0).cpu().numpy()
                 truth = np.asarray(seg[:])[0]
                 for index, label in enumerate(foreground):
-                    t, p = truth == label, predicted == label
-                    counts[index] += (np.sum(t & p), np.sum(p & ~t), np.sum(t & ~p))
+                    counts[index] += voxel_counts(truth, predicted, label)
         finally:
             trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
-        per_class = [float(2 * tp / max(2 * tp + fp + fn, 1)) for tp, fp, fn in counts]
+        per_class = [dice_from_counts(*count) for count in counts]
         dice = float(np.mean(per_class))
         log(INFO, "%s: global model Dice %.4f on %d validation case(s)", self.spec.name, dice, len(validation))
         return {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}

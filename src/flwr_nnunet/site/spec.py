@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
+from flwr_nnunet.errors import FlwrNnUNetError
+
 __all__ = ["STATE_FILE", "STATE_TOKEN_FILE", "SiteError", "SiteSpec", "TrainOptions"]
 
 STATE_FILE = "flwr_site_state.pth"
@@ -19,7 +21,7 @@ STATE_TOKEN_FILE = "flwr_site_state.json"
 """Beside the state: a fresh token per saved round, so a process can tell that another one trained since."""
 
 
-class SiteError(RuntimeError):
+class SiteError(FlwrNnUNetError, RuntimeError):
     """A site cannot take part in a round; the message says why and what fixes it."""
 
 
