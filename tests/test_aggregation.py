@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flwr_nnunet import AliasMap, median_, trimmed_mean_, weighted_mean_
-from flwr_nnunet.core.reduce import assign_
 from flwr_nnunet.core.codec import from_array_record, to_array_record
+from flwr_nnunet.core.reduce import assign_
 from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_nnunet.demo.data import make_demo_dataset
 from flwr_nnunet.apps.history import HISTORY_FILE, PROGRESS_FILE
 from flwr_nnunet.apps.run_config import RUN_CONFIG_KEYS, RunSettings, parse_options
+from flwr_nnunet.demo.data import make_demo_dataset
 from flwr_nnunet.demo.heldout import predict_test_cases
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from flwr_nnunet import AliasMap
-from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, load_checkpoint
 from flwr_nnunet.cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, main
 from flwr_nnunet.demo.data import load_demo_dataset
+from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, load_checkpoint
 from flwr_nnunet.nnunet.networks import build_network
 
 BIN = Path(sys.executable).parent

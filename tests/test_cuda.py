@@ -28,7 +28,8 @@ from test_checkpoint import RUN_CONFIG, folder_for, load, site
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, strategy_from_name
 from flwr_nnunet.demo.data import make_demo_dataset
-from flwr_nnunet.nnunet.networks import build_trainer_network, plans_sha256
+from flwr_nnunet.nnunet.digests import plans_sha256
+from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteSpec, TrainOptions
 

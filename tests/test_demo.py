@@ -10,7 +10,7 @@ from PIL import Image
 
 from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
 from flwr_nnunet.demo.heldout import dice_scores, predict_test_cases, train_local_only
-from flwr_nnunet.nnunet.networks import plans_sha256
+from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.planning import merge_fingerprints
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteSpec, TrainOptions

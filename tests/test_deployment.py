@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from flwr_nnunet import AliasMap
-from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
-from flwr_nnunet.nnunet.checkpoint_io import load_checkpoint
-from flwr_nnunet.demo.data import DemoSite, make_demo_dataset
 from flwr_nnunet.apps.history import HISTORY_FILE
+from flwr_nnunet.demo.data import DemoSite, make_demo_dataset
+from flwr_nnunet.nnunet.checkpoint_io import load_checkpoint
+from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
 from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.site.spec import STATE_FILE, STATE_TOKEN_FILE, SiteSpec
 

@@ -30,25 +30,13 @@ def _project_exception_classes() -> dict[str, type]:
 
 EXCEPTION_CLASSES = _project_exception_classes()
 
-_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="strategy/ still to derive ResumeError and _NonFiniteResult from FlwrNnUNetError: drop this mark then",
-)
-PENDING_ROOT = {"ResumeError", "_NonFiniteResult"}
-"""Classes in strategy/ (owned elsewhere) not yet rebased on the root; strict, so the mark must go once they are."""
-
-
-def _maybe_pending(name: str, *values: object) -> object:
-    return pytest.param(*values, marks=_PENDING) if name in PENDING_ROOT else pytest.param(*values)
-
-
 def test_the_walk_finds_the_known_exception_classes():
     names = {cls.__name__ for cls in EXCEPTION_CLASSES.values()}
     known = {"KeyMismatchError", "AliasConflictError", "PartialOverlapError", "PayloadError", "CheckpointError"}
     assert known | {"RepairRefused", "SiteError", "ResumeError"} <= names
 
 
-@pytest.mark.parametrize("name", [_maybe_pending(EXCEPTION_CLASSES[n].__name__, n) for n in sorted(EXCEPTION_CLASSES)])
+@pytest.mark.parametrize("name", sorted(EXCEPTION_CLASSES))
 def test_every_project_exception_subclasses_the_root(name):
     assert issubclass(EXCEPTION_CLASSES[name], FlwrNnUNetError)
 
@@ -62,7 +50,7 @@ def test_every_project_exception_subclasses_the_root(name):
         ("KeyMismatchError", KeyError),
         ("KeyMismatchError", ValueError),
         ("SiteError", RuntimeError),
-        _maybe_pending("ResumeError", "ResumeError", RuntimeError),
+        ("ResumeError", RuntimeError),
         ("CheckpointError", Exception),
     ],
 )

@@ -14,8 +14,8 @@ from flwr.serverapp import strategy as flower
 from strategy_support import LoopbackGrid, canonical, perturbed, received, reply, set_task_identity, tiny_network
 
 from flwr_nnunet import AliasMap, from_array_record, strategy_from_name
-from flwr_nnunet.strategy.registry import DP_WRAPPERS, STRATEGIES
 from flwr_nnunet.strategy.privacy import NnUNetDPServerSideFixedClipping
+from flwr_nnunet.strategy.registry import DP_WRAPPERS, STRATEGIES
 
 NODES = [21, 22, 23, 24]
 EXTRA = {"qfedavg": {"client_learning_rate": 0.1}, "fedtrimmedavg": {"beta": 0.25}}

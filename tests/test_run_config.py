@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from flwr_nnunet.apps.client import site_spec
 from flwr_nnunet.apps.run_config import RUN_CONFIG, RUN_CONFIG_KEYS, RunSettings, markdown_table

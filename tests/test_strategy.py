@@ -21,7 +21,7 @@ from strategy_support import (
 )
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
-from flwr_nnunet.nnunet.networks import plans_sha256
+from flwr_nnunet.nnunet.digests import plans_sha256
 
 PLANS = tiny_plans()
 

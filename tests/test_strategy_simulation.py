@@ -23,8 +23,9 @@ from strategy_support import DATASET_JSON, FINGERPRINT, tiny_plans
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, NnUNetModelFolder, from_array_record, to_array_record
 from flwr_nnunet.core.reduce import assign_
+from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.model_folder import STATE_KEY
-from flwr_nnunet.nnunet.networks import build_network, plans_sha256
+from flwr_nnunet.nnunet.networks import build_network
 
 PLANS = tiny_plans(features=(32, 64, 128, 256))
 RESULTS_ENV = "FLWR_NNUNET_TEST_RESULTS"

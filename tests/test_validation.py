@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategy_support import canonical, metadata, perturbed, reply, tiny_network, tiny_plans
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
-from flwr_nnunet.nnunet.networks import plans_sha256
+from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, ReplyValidator, check_weight
 
 PLANS = tiny_plans()

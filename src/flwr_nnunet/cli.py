@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused
-from flwr_nnunet.repair.network_source import NetworkHints
 from flwr_nnunet.repair.checkpoint_repair import InspectReport, RepairReport, inspect_checkpoint, repair_checkpoint
+from flwr_nnunet.repair.network_source import NetworkHints
 
 __all__ = ["main"]
 

@@ -29,10 +29,16 @@ from flwr.supercore import log
 from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
 from flwr_nnunet.core.aliasing import AliasMap
-from flwr_nnunet.nnunet.digests import tensors_sha256  # also re-exported here until strategy/ imports it from digests
-from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, atomic_write, fsync_directory, load_checkpoint
+from flwr_nnunet.nnunet.checkpoint_io import (
+    CheckpointError,
+    atomic_save,
+    atomic_write,
+    fsync_directory,
+    load_checkpoint,
+)
+from flwr_nnunet.nnunet.digests import tensors_sha256
 
-__all__ = ["CHECKPOINT_NAMES", "STATE_KEY", "CheckpointError", "NnUNetModelFolder", "tensors_sha256"]
+__all__ = ["CHECKPOINT_NAMES", "STATE_KEY", "CheckpointError", "NnUNetModelFolder"]
 
 CHECKPOINT_NAMES = ("latest", "previous", "best", "final")
 STATE_KEY = "flwr_nnunet"

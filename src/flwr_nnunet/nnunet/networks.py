@@ -11,15 +11,12 @@ from typing import Any
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
-from flwr_nnunet.nnunet.digests import plans_sha256  # re-exported until every caller imports it from digests
-
 __all__ = [
     "STOCK_ARCHITECTURES",
     "build_network",
     "build_plans_network",
     "build_trainer_network",
     "network_channels",
-    "plans_sha256",
     "trainer_class",
 ]
 

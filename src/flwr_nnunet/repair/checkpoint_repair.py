@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from flwr_nnunet.core.aliasing import AliasMap, PartialOverlapError
-from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused, atomic_save, load_checkpoint, split_checkpoint
+from flwr_nnunet.nnunet.checkpoint_io import (
+    CheckpointError,
+    RepairRefused,
+    atomic_save,
+    load_checkpoint,
+    split_checkpoint,
+)
 from flwr_nnunet.repair.network_source import NetworkHints, find_model_source, reference_alias_map
 
 __all__ = ["DivergedGroup", "InspectReport", "RepairReport", "inspect_checkpoint", "repair_checkpoint"]

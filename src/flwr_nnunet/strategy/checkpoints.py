@@ -10,7 +10,6 @@ or network differ. Without a model folder nothing is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -23,7 +22,9 @@ from flwr.supercore import log
 
 from flwr_nnunet.core.aliasing import AliasConflictError
 from flwr_nnunet.core.reduce import check_updates
-from flwr_nnunet.nnunet.model_folder import STATE_KEY, CheckpointError, NnUNetModelFolder, tensors_sha256
+from flwr_nnunet.errors import FlwrNnUNetError
+from flwr_nnunet.nnunet.digests import canonical_json_sha256, tensors_sha256
+from flwr_nnunet.nnunet.model_folder import STATE_KEY, CheckpointError, NnUNetModelFolder
 from flwr_nnunet.strategy.global_model import GlobalModel
 
 __all__ = [
@@ -39,7 +40,7 @@ RUN_CONFIG_IGNORED_KEYS = ("num-server-rounds", "resume")
 """Run-config keys a resumed run may change (how far to go, whether to resume)."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(FlwrNnUNetError, RuntimeError):
     """A run cannot be resumed from the model folder (different plans, run config or strategy)."""
 
 
@@ -61,8 +62,7 @@ def comparable_run_config(run_config: Mapping[str, Any] | None) -> dict[str, Any
 
 def run_config_sha256(run_config: Mapping[str, Any] | None) -> str:
     """A digest of a run config, ignoring :data:`RUN_CONFIG_IGNORED_KEYS`."""
-    text = json.dumps(comparable_run_config(run_config), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return canonical_json_sha256(comparable_run_config(run_config), default=str)
 
 
 class RunCheckpoints:

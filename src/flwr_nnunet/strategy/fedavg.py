@@ -42,8 +42,9 @@ from flwr.supercore import log
 from torch import nn
 
 from flwr_nnunet.core.reduce import weighted_mean_
+from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
-from flwr_nnunet.nnunet.networks import build_trainer_network, plans_sha256
+from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
 from flwr_nnunet.strategy.replies import (

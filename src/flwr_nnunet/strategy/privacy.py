@@ -11,18 +11,18 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Result,
 )
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from flwr_nnunet.strategy.checkpoints import StatefulStrategy
-from flwr_nnunet.strategy.rounds import run_rounds
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
+from flwr_nnunet.strategy.rounds import run_rounds
 
 __all__ = [
     "AliasAwareDP",

@@ -12,7 +12,6 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-
 from logging import INFO, WARNING
 
 import torch
@@ -22,6 +21,7 @@ from flwr.supercore import log
 
 from flwr_nnunet.core.aliasing import AliasConflictError, AliasMap, strip_wrapper_prefixes
 from flwr_nnunet.core.codec import PayloadError, from_array_record
+from flwr_nnunet.errors import KeyMismatchError
 
 __all__ = [
     "AcceptedReply",
@@ -367,20 +367,16 @@ class ReplyValidator:
         network) are removed, and a full state_dict is collapsed first.
         """
         tensors = strip_wrapper_prefixes(tensors)
-        given = set(tensors)
-        if len(given) == len(self.alias_map.keys) and given == set(self.alias_map.keys):
+        if len(tensors) == len(self.alias_map.keys) and set(tensors) == set(self.alias_map.keys):
             tensors = self.alias_map.collapse(tensors)
-            given = set(tensors)
-        expected = set(self.reference)
-        missing = [k for k in self.reference if k not in given]
-        extra = sorted(given - expected - self.optional_keys)
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (first: {missing[:3]})")
-            if extra:
-                parts.append(f"{len(extra)} unknown keys (first: {extra[:3]})")
-            raise KeyError("keys differ from the global model: " + "; ".join(parts))
+        KeyMismatchError.check(
+            tensors,
+            self.reference,
+            what="the reply's arrays",
+            against="the global model",
+            fix="the site must build its network from the server's plans, configuration and trainer",
+            optional=self.optional_keys,
+        )
         return OrderedDict((k, tensors[k]) for k in self.reference)
 
     def check_tensors(self, tensors: Mapping[str, torch.Tensor], *, check_finite: bool = True) -> str | None:
