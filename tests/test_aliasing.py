@@ -324,3 +324,72 @@ def test_overlap_detection_matches_a_byte_level_oracle(specs):
         groups = find_alias_groups(sd)
         assert sorted(k for g in groups for k in g) == sorted(sd)
         assert all(len({view_id(sd[k]) for k in g}) == 1 for g in groups)
+
+
+# ------------------------------------------------------------------ difference
+
+
+@st.composite
+def random_alias_maps(draw):
+    """An alias map over keys k0..kn in a random state_dict order, with random groups."""
+    n = draw(st.integers(1, 12))
+    order = draw(st.permutations([f"k{i}" for i in range(n)]))
+    labels = draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    groups: dict[int, list[str]] = {}
+    for key, label in zip(order, labels):
+        groups.setdefault(label, []).append(key)
+    return AliasMap(order, [tuple(g) for g in groups.values()])
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_alias_maps(), st.data())
+def test_difference_is_none_after_a_json_round_trip_and_names_the_group_a_key_left(amap, data):
+    assert amap.difference(AliasMap.from_json(amap.to_json())) is None
+    assert amap.difference(amap) is None
+    shared = [group for group in amap.groups.values() if len(group) > 1]
+    if not shared:
+        return
+    group = data.draw(st.sampled_from(shared))
+    removed = data.draw(st.sampled_from(group))
+    document = json.loads(amap.to_json())
+    for listed in document["groups"]:
+        if removed in listed:
+            listed.remove(removed)  # the key becomes a group of its own
+    other = AliasMap.from_json(json.dumps(document))
+    described = amap.difference(other)
+    assert described is not None and f"group {group[0]!r}" in described
+    if removed != group[0]:
+        assert repr(removed) in described  # "keys ['<removed>'] only in this map"
+    assert other.difference(amap) is not None
+
+
+def test_difference_names_the_first_differing_group_of_real_networks():
+    instance, batch = AliasMap.from_module(tiny_network()), AliasMap.from_module(tiny_network(norm="batch"))
+    assert instance.difference(AliasMap.from_module(tiny_network(seed=1))) is None  # values never matter
+    described = instance.difference(batch, names=("the site", "the server"))
+    first = next(i for i, (a, b) in enumerate(zip(instance.groups, batch.groups)) if a != b)
+    assert described == (
+        f"group {first} in state_dict order is {instance.canonical_keys[first]!r} in the site and "
+        f"{batch.canonical_keys[first]!r} in the server; the site has no key {batch.canonical_keys[first]!r}"
+    )
+    assert "running_mean" in described
+    document = json.loads(instance.to_json())  # rename one alias of a group on the wire
+    group = document["groups"][0]
+    renamed = group[1] + ".renamed"
+    document["keys"] = [renamed if key == group[1] else key for key in document["keys"]]
+    group[1] = renamed
+    described = instance.difference(AliasMap.from_json(json.dumps(document)))
+    assert described.startswith(f"group {group[0]!r}: keys ") and repr(renamed) in described
+
+
+def test_difference_of_key_order_and_group_count():
+    a = AliasMap(["a", "b", "a2"], [("a", "a2"), ("b",)])
+    assert a.difference(AliasMap(["a", "a2", "b"], [("a", "a2"), ("b",)])) == (
+        "group 'b': key 1 in state_dict order is 'b' in this map and 'a2' in the other"
+    )
+    assert AliasMap(["a"], [("a",)]).difference(AliasMap(["a", "b"], [("a",), ("b",)])) == (
+        "group 'b' is in the other only (2 groups, this map 1)"
+    )
+    assert AliasMap(["a", "b"], [("a",), ("b",)]).difference(AliasMap(["a"], [("a",)])) == (
+        "group 'b' is in this map only (2 groups, the other 1)"
+    )

@@ -125,11 +125,11 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
         spec = site_spec(context.run_config, context.node_config, context.node_id)
         site = live_site(context.run_id, spec)
         received, config, options, local_keys = _received(message)
-        plans_sha = config.get("plans-sha256")
+        plans_sha, alias_map = config.get("plans-sha256"), config.get("alias-map")
         if train:
-            tensors, metrics = site.train(received, options, plans_sha, local_keys)
+            tensors, metrics = site.train(received, options, plans_sha, local_keys, alias_map_json=alias_map)
         else:
-            metrics = site.evaluate(received, options, plans_sha, local_keys)
+            metrics = site.evaluate(received, options, plans_sha, local_keys, alias_map_json=alias_map)
     except SiteError as error:
         return _refusal(message, error)
     about = ConfigRecord({"plans-sha256": plans_sha256(site.check()), "site-name": spec.name})

@@ -276,6 +276,46 @@ class AliasMap:
         """Canonical keys of the groups in which any key satisfies ``predicate``."""
         return tuple(c for c, group in self._groups.items() if any(map(predicate, group)))
 
+    def difference(self, other: AliasMap, names: tuple[str, str] = ("this map", "the other")) -> str | None:
+        """The first way ``other`` differs from this map, described; None when the two are equal.
+
+        Groups are compared in state_dict order, then the order of every key.
+        The description names the first differing group by its canonical key
+        and says what differs in it; ``names`` are what it calls this map and
+        ``other``.
+        """
+        mine, theirs = names
+        others = list(other._groups.values())
+        for position, group in enumerate(self._groups.values()):
+            if position == len(others):
+                return f"group {group[0]!r} is in {mine} only ({len(self)} groups, {theirs} {len(others)})"
+            found = others[position]
+            if found == group:
+                continue
+            here, there = group[0], found[0]
+            if here == there:
+                only_mine = [k for k in group if k not in found]
+                only_theirs = [k for k in found if k not in group]
+                pairs = ((only_mine, mine), (only_theirs, theirs))
+                parts = [f"keys {keys[:3]} only in {name}" for keys, name in pairs if keys]
+                return f"group {here!r}: " + ("; ".join(parts) or f"its keys are in another order in {theirs}")
+            where = f"group {position} in state_dict order is {here!r} in {mine} and {there!r} in {theirs}"
+            if there not in self._canonical_of:
+                return f"{where}; {mine} has no key {there!r}"
+            if here not in other._canonical_of:
+                return f"{where}; {theirs} has no key {here!r}"
+            return f"{where}; {here!r} belongs to group {other._canonical_of[here]!r} there"
+        if len(others) > len(self):
+            return f"group {others[len(self)][0]!r} is in {theirs} only ({len(others)} groups, {mine} {len(self)})"
+        if self._keys != other._keys:
+            position = next(i for i, (a, b) in enumerate(zip(self._keys, other._keys)) if a != b)
+            key = self._keys[position]
+            return (
+                f"group {self._canonical_of[key]!r}: key {position} in state_dict order is {key!r} in {mine} "
+                f"and {other._keys[position]!r} in {theirs}"
+            )
+        return None
+
     def collapse(self, state_dict: Mapping[str, torch.Tensor], *, atol: float = 0.0) -> OrderedDict[str, torch.Tensor]:
         """One tensor per group: canonical key -> the canonical key's tensor.
 

@@ -218,7 +218,12 @@ class Site:
         if trainer.lr_scheduler is not None and hasattr(trainer.lr_scheduler, "max_steps"):
             trainer.lr_scheduler.max_steps = num_epochs
 
-    def load_global_(self, received: Mapping[str, torch.Tensor], local_keys: Collection[str] = ()) -> None:
+    def load_global_(
+        self,
+        received: Mapping[str, torch.Tensor],
+        local_keys: Collection[str] = (),
+        alias_map_json: str | None = None,
+    ) -> None:
         """Copy the server's canonical tensors into the live network, in place.
 
         Parameters
@@ -227,12 +232,17 @@ class Site:
             Canonical key -> tensor for every group except ``local_keys``.
         local_keys
             Canonical keys this site keeps its own values for (the strategy's personalised groups).
+        alias_map_json
+            The server's alias map (``config["alias-map"]``, :meth:`AliasMap.to_json`); when given, it must
+            equal this site's network's (see :meth:`check_alias_map`) before any weight is touched.
 
         Raises
         ------
         SiteError
-            If the keys or shapes differ from this site's network.
+            If the alias map, keys or shapes differ from this site's network.
         """
+        if alias_map_json is not None:
+            self.check_alias_map(alias_map_json)
         canonical = self.canonical()
         local = set(local_keys)
         shared = OrderedDict((key, tensor) for key, tensor in canonical.items() if key not in local)
@@ -245,12 +255,35 @@ class Site:
                 "the server and the sites must use the same plans, configuration and trainer"
             ) from None
 
+    def check_alias_map(self, alias_map_json: str | bytes) -> None:
+        """Refuse a server whose alias map (groups and key order) differs from this site's network's.
+
+        Raises
+        ------
+        SiteError
+            Naming the first differing group and the fix: the same plans and trainer class on both sides.
+        """
+        name = self.spec.name
+        try:
+            theirs = AliasMap.from_json(alias_map_json)
+        except ValueError as error:
+            raise SiteError(f"{name}: the server's 'alias-map' cannot be read ({error})") from None
+        difference = self.alias_map.difference(theirs, names=("this site's network", "the server's"))
+        if difference is not None:
+            raise SiteError(
+                f"{name}: the server's alias map differs from this site's network ({difference}); the server and "
+                f"the sites must build the network from the same plans AND the same trainer class (this site uses "
+                f"run-config 'trainer' = {self.spec.trainer!r}; e.g. nnUNetTrainerBN has BatchNorm buffers that "
+                "nnUNetTrainer lacks)"
+            )
+
     def _receive(
         self,
         received: Mapping[str, torch.Tensor],
         options: TrainOptions,
         plans_sha: str | None,
         local_keys: Collection[str],
+        alias_map_json: str | None = None,
         *,
         fresh: bool,
     ) -> None:
@@ -259,7 +292,7 @@ class Site:
         if fresh:
             self.trainer = None
         self.start(options, plans)
-        self.load_global_(received, local_keys)
+        self.load_global_(received, local_keys, alias_map_json)
 
     def _drop_stale_trainer(self) -> None:
         """Forget the live trainer if another process (another simulation actor) trained this site since."""
@@ -316,6 +349,7 @@ class Site:
         options: TrainOptions,
         plans_sha: str | None = None,
         local_keys: Collection[str] = (),
+        alias_map_json: str | None = None,
     ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float | int | list[float]]]:
         """One round: load the global tensors, train ``options.local_epochs`` epochs, save the round state.
 
@@ -329,6 +363,8 @@ class Site:
             The server's ``plans-sha256``; the round is refused if the site's plans differ.
         local_keys
             Canonical keys kept local (neither loaded nor returned).
+        alias_map_json
+            The server's ``alias-map``; the round is refused if it differs from this site's network's.
 
         Returns
         -------
@@ -339,7 +375,7 @@ class Site:
             ``pseudo-dice-per-class`` of the round's last epoch.
         """
         self._drop_stale_trainer()
-        self._receive(received, options, plans_sha, local_keys, fresh=options.server_round == 1)
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=options.server_round == 1)
         self._prepare_training(options)
         if options.seed is not None:
             _seed_everything(options.seed, options.server_round, self.spec.name)
@@ -408,13 +444,14 @@ class Site:
         options: TrainOptions,
         plans_sha: str | None = None,
         local_keys: Collection[str] = (),
+        alias_map_json: str | None = None,
     ) -> dict[str, float | int | list[float]]:
         """Dice of the global model on the site's validation cases (whole cases, sliding window, preprocessed space).
 
         Parameters are those of :meth:`train`. Returns ``num-examples`` (validation cases), ``dice`` (the
         mean over foreground labels of the Dice from voxel counts summed over the cases) and ``dice-per-class``.
         """
-        self._receive(received, options, plans_sha, local_keys, fresh=False)
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False)
         trainer = self.trainer
         validation = self.split()[1]
         if not validation:
