@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
-from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.apps.client import dp_clipping_mod, site_spec
+from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.core.codec import from_array_record, to_array_record
 from flwr_nnunet.demo.data import make_demo_dataset
-from flwr_nnunet.nnunet.networks import build_trainer_network, plans_sha256
+from flwr_nnunet.nnunet.digests import plans_sha256
+from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 

@@ -22,7 +22,7 @@ from flwr.supercore import log
 
 from flwr_nnunet.apps.run_config import data_root, run_config_value
 from flwr_nnunet.core.codec import from_array_record, to_array_record
-from flwr_nnunet.nnunet.networks import plans_sha256
+from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 

@@ -37,15 +37,15 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
+from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.core.reduce import assign_
 from flwr_nnunet.errors import KeyMismatchError
-from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.nnunet.checkpoint_io import atomic_write
-from flwr_nnunet.site.fedprox import ProximalLoss
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.metrics import dice_from_counts, voxel_counts
 from flwr_nnunet.nnunet.networks import trainer_class
 from flwr_nnunet.nnunet.planning import nnunet_environment
+from flwr_nnunet.site.fedprox import ProximalLoss
 from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 
 __all__ = ["Site"]
