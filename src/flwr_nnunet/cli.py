@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused
-from flwr_nnunet.repair.checkpoint_repair import InspectReport, RepairReport, inspect_checkpoint, repair_checkpoint
+from flwr_nnunet.repair.inspection import InspectReport, inspect_checkpoint
 from flwr_nnunet.repair.network_source import NetworkHints
+from flwr_nnunet.repair.repair import RepairReport, repair_checkpoint
 
 __all__ = ["main"]
 
