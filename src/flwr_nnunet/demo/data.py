@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flwr_nnunet.demo.synthesis import SITE_STYLES, SiteStyle, synthesize_case, write_case
 from flwr_nnunet.nnunet.planning import (
     fingerprint_site,
     install_plans,
@@ -52,41 +53,6 @@ __all__ = [
 PLANS_NAME = "nnUNetPlans"
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 _MANIFEST = "demo.json"
-
-
-@dataclass(frozen=True)
-class SiteStyle:
-    """How one site's scanner and population look.
-
-    Parameters
-    ----------
-    scale, offset
-        Stored intensity = ``scale * signal + offset``.
-    noise
-        Standard deviation of the Gaussian noise (signal units).
-    contrast
-        Organ minus background intensity (signal units); the lesion adds as much again.
-    radius
-        (min, max) organ semi-axis as a fraction of the image edge.
-    num_training, num_test
-        Training cases (a quarter of them, at least one, is the site's validation split) and held-out test cases.
-    """
-
-    scale: float
-    offset: float
-    noise: float
-    contrast: float
-    radius: tuple[float, float]
-    num_training: int
-    num_test: int
-
-
-SITE_STYLES: tuple[SiteStyle, ...] = (
-    SiteStyle(scale=1.0, offset=20.0, noise=10.0, contrast=60.0, radius=(0.16, 0.26), num_training=8, num_test=4),
-    SiteStyle(scale=1.8, offset=30.0, noise=16.0, contrast=45.0, radius=(0.11, 0.18), num_training=6, num_test=4),
-    SiteStyle(scale=0.6, offset=90.0, noise=12.0, contrast=35.0, radius=(0.20, 0.32), num_training=5, num_test=4),
-)
-"""The default sites (the demo uses the first ``num_sites`` of them)."""
 
 
 @dataclass(frozen=True)
@@ -193,67 +159,6 @@ class DemoDataset:
         }
 
 
-def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
-    return np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-
-
-def _ellipsoid(grid: list[np.ndarray], center: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    return sum(((g - c) / a) ** 2 for g, c, a in zip(grid, center, axes)) <= 1.0
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], grid: list[np.ndarray]) -> np.ndarray:
-    """A slowly varying background (low-frequency cosines), like a bias field."""
-    field = np.zeros(shape)
-    for _ in range(3):
-        frequency = rng.uniform(0.5, 2.0, len(shape)) * 2 * np.pi / np.array(shape)
-        field += np.cos(sum(f * g for f, g in zip(frequency, grid)) + rng.uniform(0, 2 * np.pi))
-    return field
-
-
-def synthesize_case(
-    rng: np.random.Generator, style: SiteStyle, shape: tuple[int, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, label) pair of a site: float intensities and uint8 labels of ``shape``."""
-    grid = _grid(shape)
-    edge = np.array(shape, dtype=np.float64)
-    axes = rng.uniform(*style.radius, len(shape)) * edge
-    center = edge / 2 + rng.uniform(-0.12, 0.12, len(shape)) * edge
-    organ = _ellipsoid(grid, center, axes)
-    lesion_radius = rng.uniform(0.35, 0.5) * axes.min()
-    offset = rng.uniform(-0.4, 0.4, len(shape)) * (axes - lesion_radius)
-    lesion = _ellipsoid(grid, center + offset, np.full(len(shape), lesion_radius)) & organ
-    label = organ.astype(np.uint8) + lesion.astype(np.uint8)
-    signal = 10.0 * _smooth_field(rng, shape, grid) + style.contrast * organ + style.contrast * lesion
-    signal = signal + rng.normal(0.0, style.noise, shape)
-    return style.scale * signal + style.offset, label
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).save(path)
-
-
-def _write_nifti(path: Path, array: np.ndarray, dtype: type) -> None:
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(array.astype(dtype))
-    image.SetSpacing((1.0, 1.0, 1.0))
-    sitk.WriteImage(image, str(path))
-
-
-def _write_case(folder: Path, images: str, labels: str, case: str, pair: tuple[np.ndarray, np.ndarray], dims: int):
-    image, label = pair
-    (folder / images).mkdir(parents=True, exist_ok=True)
-    (folder / labels).mkdir(parents=True, exist_ok=True)
-    if dims == 2:
-        _write_png(folder / images / f"{case}_0000.png", image)
-        _write_png(folder / labels / f"{case}.png", label)
-    else:
-        _write_nifti(folder / images / f"{case}_0000.nii.gz", image, np.float32)
-        _write_nifti(folder / labels / f"{case}.nii.gz", label, np.uint8)
-
-
 def _dataset_json(num_training: int, dims: int) -> dict:
     return {
         "channel_names": {"0": "MRI"},
@@ -285,9 +190,9 @@ def _write_site_raw(
     training = [f"site{index}_{i:03d}" for i in range(style.num_training)]
     test = [f"site{index}_test_{i:03d}" for i in range(style.num_test)]
     for case in training:
-        _write_case(folder, "imagesTr", "labelsTr", case, synthesize_case(rng, style, shape), dims)
+        write_case(folder, "imagesTr", "labelsTr", case, synthesize_case(rng, style, shape), dims)
     for case in test:
-        _write_case(folder, "imagesTs", "labelsTs", case, synthesize_case(rng, style, shape), dims)
+        write_case(folder, "imagesTs", "labelsTs", case, synthesize_case(rng, style, shape), dims)
     (folder / "dataset.json").write_text(json.dumps(_dataset_json(len(training), dims), indent=4))
     num_validation = max(1, len(training) // 4)
     return _site(
