@@ -5,12 +5,18 @@ deployment the SuperNode's ``--node-config`` names the site's folders
 (:data:`NODE_CONFIG_KEYS`). :func:`handle_message` routes ``train`` and
 ``evaluate`` messages to the node's :class:`~flwr_nnunet.site.site.Site`, kept
 alive between rounds where the process survives.
+
+Every instruction is checked whole before the site's trainer is touched (its
+records, every config entry, the decoded arrays, then the site's own checks):
+a malformed one gets an error reply naming the problem and leaves the site's
+trainer and state file as they were. No exception leaves :func:`handle_message`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import traceback
 from collections import OrderedDict
 from collections.abc import Mapping
 from logging import ERROR
@@ -22,9 +28,10 @@ from flwr.supercore import log
 
 from flwr_nnunet.apps.run_config import data_root, run_config_value
 from flwr_nnunet.core.codec import from_array_record, to_array_record
+from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.site.site import Site
-from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.site.spec import DEFAULT_MAX_LOCAL_EPOCHS, InstructionError, SiteError, SiteSpec, TrainOptions
 
 __all__ = [
     "CLIENT_DP_MODES",
@@ -41,6 +48,7 @@ NODE_CONFIG_KEYS = {
     "site-name": "name in logs and errors (default: node-<node id>)",
     "device": "overrides run-config 'device' on this node (auto, cpu, cuda)",
     "fold": "overrides run-config 'fold' on this node",
+    "max-local-epochs": f"the most local epochs this site trains per round (default {DEFAULT_MAX_LOCAL_EPOCHS})",
 }
 """Deployment: ``flower-supernode --node-config "nnunet-preprocessed='/data/pp' nnunet-results='/data/res'"``."""
 
@@ -97,13 +105,70 @@ def live_site(run_id: int, spec: SiteSpec) -> Site:
     return _LIVE.setdefault((run_id, spec), Site(spec))
 
 
-def _received(message: Any) -> tuple[OrderedDict[str, torch.Tensor], Any, TrainOptions, list[str]]:
-    config = message.content["config"]
-    local_keys = json.loads(config["local-keys"]) if "local-keys" in config else []
-    return from_array_record(message.content["arrays"]), config, TrainOptions.from_config(config), local_keys
+_DECODE_ERRORS = (FlwrNnUNetError, ValueError, KeyError, TypeError)
+"""What decoding a malformed ``arrays`` record raises (the codec's PayloadError is a ValueError)."""
 
 
-def _refusal(message: Any, error: SiteError) -> Any:
+def max_local_epochs(node_config: Mapping[str, Any]) -> int:
+    """This site's bound on ``local-epochs`` (node config ``max-local-epochs``, default :data:`DEFAULT_MAX_LOCAL_EPOCHS`).
+
+    Raises
+    ------
+    SiteError
+        If the node config's value is not an integer >= 1.
+    """
+    value = node_config.get("max-local-epochs", DEFAULT_MAX_LOCAL_EPOCHS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SiteError(f"node-config 'max-local-epochs' must be an integer >= 1, not {value!r}")
+    return value
+
+
+def _record(content: Any, name: str, kind: type) -> Any:
+    record = content.get(name) if name in content else None
+    if not isinstance(record, kind):
+        found = "none" if record is None else type(record).__name__
+        raise InstructionError(f"the instruction has no {kind.__name__} {name!r} (found {found}); it needs one")
+    return record
+
+
+def _local_keys(config: Any) -> list[str]:
+    value = config.get("local-keys", "[]")
+    try:
+        keys = json.loads(value) if isinstance(value, (str, bytes)) else None
+    except ValueError as error:
+        raise InstructionError(f"config 'local-keys' is not JSON ({error})") from None
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise InstructionError("config 'local-keys' must be the JSON text of a list of key names")
+    return keys
+
+
+def _received(message: Any, *, max_epochs: int) -> tuple[OrderedDict[str, torch.Tensor], Any, TrainOptions, list[str]]:
+    """The instruction's tensors, config, options and local keys, every part checked (nothing else is touched).
+
+    Raises
+    ------
+    InstructionError
+        Naming the first missing record, malformed config entry or undecodable array.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    if message.has_error() or not message.has_content():
+        raise InstructionError("the instruction carries no content")
+    config = _record(message.content, "config", ConfigRecord)
+    arrays = _record(message.content, "arrays", ArrayRecord)
+    options = TrainOptions.from_config(config, max_local_epochs=max_epochs)
+    local_keys = _local_keys(config)
+    for key in ("alias-map", "plans-sha256"):
+        if key in config and not isinstance(config[key], (str, bytes) if key == "alias-map" else str):
+            raise InstructionError(f"config {key!r} must be text, not {type(config[key]).__name__}")
+    try:
+        received = from_array_record(arrays)
+    except _DECODE_ERRORS as error:
+        raise InstructionError(f"the instruction's 'arrays' cannot be decoded ({error})") from None
+    return received, config, options, local_keys
+
+
+def _refusal(message: Any, error: BaseException | str) -> Any:
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
@@ -111,32 +176,50 @@ def _refusal(message: Any, error: SiteError) -> Any:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=message)
 
 
+def _unexpected(message: Any, error: Exception, name: str) -> Any:
+    """An error reply for an exception nobody raised on purpose, logged with its traceback."""
+    log(ERROR, "%s: unexpected error\n%s", name, "".join(traceback.format_exception(error)))
+    return _refusal(message, f"{name}: unexpected {type(error).__name__}: {error}")
+
+
 def handle_message(message: Any, context: Any, *, train: bool) -> Any:
     """Answer a ``train`` or ``evaluate`` message for the site this node serves.
 
     Replies ``RecordDict({"arrays", "metrics", "config"})`` for train and
     ``RecordDict({"metrics", "config"})`` for evaluate; ``config`` carries the
-    site's ``plans-sha256`` and ``site-name``. A site that cannot take part
-    replies with an error naming the fix, and the run goes on without it.
+    site's ``plans-sha256`` and ``site-name``. A site that cannot take part, or
+    a malformed instruction (see :func:`_received` and
+    :meth:`~flwr_nnunet.site.spec.TrainOptions.from_config`), gets an error reply
+    naming the problem, the site's trainer and state file untouched, and the run
+    goes on without it. No exception escapes: an unexpected one is logged with
+    its traceback and answered with an error reply too.
     """
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+    name = f"node-{getattr(context, 'node_id', '?')}"
     try:
         spec = site_spec(context.run_config, context.node_config, context.node_id)
+        name = spec.name
+        try:
+            received, config, options, local_keys = _received(message, max_epochs=max_local_epochs(context.node_config))
+        except InstructionError as error:
+            raise InstructionError(f"{name}: the server's instruction is refused: {error}") from None
         site = live_site(context.run_id, spec)
-        received, config, options, local_keys = _received(message)
         plans_sha, alias_map = config.get("plans-sha256"), config.get("alias-map")
         if train:
             tensors, metrics = site.train(received, options, plans_sha, local_keys, alias_map_json=alias_map)
         else:
             metrics = site.evaluate(received, options, plans_sha, local_keys, alias_map_json=alias_map)
-    except SiteError as error:
-        return _refusal(message, error)
-    about = ConfigRecord({"plans-sha256": plans_sha256(site.check()), "site-name": spec.name})
-    content = {"metrics": MetricRecord(metrics), "config": about}
-    if train:
-        content["arrays"] = to_array_record(tensors)
-    return Message(RecordDict(content), reply_to=message)
+        about = ConfigRecord({"plans-sha256": plans_sha256(site.check()), "site-name": spec.name})
+        content = {"metrics": MetricRecord(metrics), "config": about}
+        if train:
+            content["arrays"] = to_array_record(tensors)
+        return Message(RecordDict(content), reply_to=message)
+    except FlwrNnUNetError as error:
+        text = str(error)
+        return _refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
+    except Exception as error:  # noqa: BLE001 - nothing may end the node's answer; logged with its traceback
+        return _unexpected(message, error, name)
 
 
 CLIENT_DP_MODES = ("client-fixed", "client-adaptive")
@@ -159,4 +242,7 @@ def dp_clipping_mod(message: Any, context: Any, call_next: Any) -> Any:
     if message.metadata.message_type != MessageType.TRAIN or mode not in CLIENT_DP_MODES:
         return call_next(message, context)
     mod = fixedclipping_mod if mode == "client-fixed" else adaptiveclipping_mod
-    return mod(message, context, call_next)
+    try:
+        return mod(message, context, call_next)
+    except Exception as error:  # noqa: BLE001 - e.g. an instruction without 'clipping_norm': an error reply
+        return _unexpected(message, error, f"node-{getattr(context, 'node_id', '?')}")

@@ -14,7 +14,14 @@ Where the process does not survive between rounds (a Flower SuperNode starts a
 fresh process per message) the trainer is rebuilt from the site's state file,
 an nnU-Net trainer checkpoint written after every round
 (``<fold folder>/flwr_site_state.pth``), which gives the same epoch counter,
-learning rate, optimizer state and logs as the live trainer.
+learning rate, optimizer state and logs as the live trainer. The file holds only
+tensors and plain Python values and is read with the project's safe loader
+(``weights_only=True``), never with nnU-Net's ``load_checkpoint`` (which unpickles anything).
+
+A site validates a whole instruction before it touches its trainer: a
+non-finite global model, keys or shapes that do not fit its network, or a
+mismatching alias map are refused, and a round whose training ends non-finite
+is refused without writing the state file, so the previous round's state stays.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from torch import nn
 from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.core.reduce import assign_
 from flwr_nnunet.errors import KeyMismatchError
-from flwr_nnunet.nnunet.checkpoint_io import atomic_write
+from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, atomic_write, load_checkpoint
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.metrics import dice_from_counts, voxel_counts
 from flwr_nnunet.nnunet.networks import trainer_class
@@ -90,6 +97,110 @@ def _progress_plot_once(trainer: Any) -> Iterator[None]:
 def _finite(value: Any) -> float:
     value = float(value)
     return value if math.isfinite(value) else 0.0
+
+
+def first_non_finite(tensors: Mapping[str, Any]) -> str | None:
+    """The first key (in ``tensors``' order) of a floating-point tensor holding NaN or Inf, else ``None``."""
+    for key, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key
+    return None
+
+
+def _unwrapped(network: nn.Module) -> nn.Module:
+    return getattr(network, "_orig_mod", network)
+
+
+def _optimizer_tensors(optimizer_state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict's per-parameter tensors as ``'optimizer <index> <name>'`` -> tensor."""
+    return {
+        f"optimizer state {index} {name}": value
+        for index, entries in optimizer_state.get("state", {}).items()
+        for name, value in entries.items()
+    }
+
+
+def _first_non_finite_state(weights: Mapping[str, Any], optimizer_state: Mapping[str, Any]) -> str | None:
+    """The first non-finite entry of network weights, then of the optimizer state (e.g. SGD momentum)."""
+    return first_non_finite(weights) or first_non_finite(_optimizer_tensors(optimizer_state))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into Python numbers and lists (containers rebuilt)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """The round state of a trainer: the entries of ``nnUNetTrainer.save_checkpoint``, tensors and plain values only.
+
+    ``current_epoch`` is the trainer's counter as it is between epochs (the next epoch to run), which is what
+    nnU-Net's own ``save_checkpoint`` stores from inside ``on_epoch_end`` (its ``+ 1``); ``_best_ema`` and the
+    logged values are Python floats, so the file loads with ``weights_only=True`` and no numpy globals.
+    """
+    best = trainer._best_ema
+    return {
+        "network_weights": _unwrapped(trainer.network).state_dict(),
+        "optimizer_state": trainer.optimizer.state_dict(),
+        "grad_scaler_state": trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None,
+        "logging": _plain(trainer.logger.get_checkpoint()),
+        "_best_ema": None if best is None else float(best),
+        "current_epoch": int(trainer.current_epoch),
+        "init_args": _plain(trainer.my_init_kwargs),
+        "trainer_name": type(trainer).__name__,
+        "inference_allowed_mirroring_axes": _plain(trainer.inference_allowed_mirroring_axes),
+    }
+
+
+_STATE_KEYS = ("network_weights", "optimizer_state", "logging", "current_epoch")
+
+
+def restore_trainer(trainer: Any, state: Any) -> None:
+    """Hand a safely loaded round state to an initialised trainer (what ``nnUNetTrainer.load_checkpoint`` does).
+
+    Network weights (strictly: every key), optimizer state, grad scaler, logs,
+    ``current_epoch`` (stored as the next epoch to run, see :func:`trainer_state`),
+    ``_best_ema`` and the mirroring axes. The trainer keeps its own ``init_args``:
+    it was built from this site's plans, which the file does not override.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` is not a round state or holds non-finite weights or optimizer state.
+    """
+    if not isinstance(state, Mapping) or any(key not in state for key in _STATE_KEYS):
+        raise ValueError(f"it is not a site round state (it needs the entries {list(_STATE_KEYS)})")
+    weights, optimizer_state, logging = state["network_weights"], state["optimizer_state"], state["logging"]
+    if not isinstance(weights, Mapping) or not isinstance(optimizer_state, Mapping):
+        raise ValueError("'network_weights' and 'optimizer_state' must be mappings")
+    own_logging = trainer.logger.get_checkpoint()
+    if not isinstance(logging, Mapping) or any(not isinstance(logging.get(key), list) for key in own_logging):
+        raise ValueError(f"'logging' must map each of {sorted(own_logging)} to a list")
+    epoch, best = state["current_epoch"], state.get("_best_ema")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"'current_epoch' must be an integer >= 0, not {epoch!r}")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
+        raise ValueError(f"'_best_ema' must be a number or None, not {type(best).__name__}")
+    bad = _first_non_finite_state(weights, optimizer_state)
+    if bad is not None:
+        raise ValueError(f"{bad!r} holds NaN or Inf")
+    _unwrapped(trainer.network).load_state_dict(weights)
+    trainer.optimizer.load_state_dict(optimizer_state)
+    if trainer.grad_scaler is not None and state.get("grad_scaler_state") is not None:
+        trainer.grad_scaler.load_state_dict(state["grad_scaler_state"])
+    trainer.logger.load_checkpoint({key: list(value) for key, value in logging.items()})
+    trainer.current_epoch = epoch
+    trainer._best_ema = best
+    if "inference_allowed_mirroring_axes" in state:
+        axes = state["inference_allowed_mirroring_axes"]
+        trainer.inference_allowed_mirroring_axes = None if axes is None else tuple(axes)
 
 
 class Site:
@@ -157,8 +268,7 @@ class Site:
     @property
     def network(self) -> nn.Module:
         """The live network (unwrapped from ``torch.compile``)."""
-        network = self.trainer.network
-        return getattr(network, "_orig_mod", network)
+        return _unwrapped(self.trainer.network)
 
     @property
     def alias_map(self) -> AliasMap:
@@ -184,8 +294,7 @@ class Site:
         self.trainer.initialize()
         if resume:
             self._state_token = self._disk_state_token()
-            with _cpu_worker_defaults(self.trainer.device):
-                self.trainer.load_checkpoint(str(self.spec.state_file))
+            self._load_state()
             log(
                 INFO,
                 "%s: trainer rebuilt from %s at epoch %d",
@@ -193,6 +302,25 @@ class Site:
                 self.spec.state_file,
                 self.trainer.current_epoch,
             )
+
+    def _load_state(self) -> None:
+        """Restore the new trainer from the state file, read with the safe loader (``weights_only=True``).
+
+        Raises
+        ------
+        SiteError
+            If the file cannot be read safely or is not a usable round state; the trainer is dropped.
+        """
+        path = self.spec.state_file
+        try:
+            restore_trainer(self.trainer, load_checkpoint(path))
+        except (CheckpointError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            self.trainer = None
+            raise SiteError(
+                f"{self.spec.name}: the site's round state {path} is refused ({error}); it was not written by this "
+                "site, or is damaged: remove it (and flwr_site_state.json) to start this site from the global model "
+                "with a fresh optimizer"
+            ) from None
 
     def _build_trainer(self, plans: dict, resume: bool) -> Any:
         spec = self.spec
@@ -287,12 +415,29 @@ class Site:
         *,
         fresh: bool,
     ) -> None:
-        """Check the site, have a trainer (a new one when ``fresh``), load the server's tensors into it."""
+        """Check the instruction and the site, have a trainer (a new one when ``fresh``), load the server's tensors.
+
+        Nothing of the live trainer changes unless every check passes: a non-finite
+        model is refused first, and keys, shapes and the alias map are checked before
+        any weight is written; a fresh trainer replaces the live one only once loaded.
+        """
+        bad = first_non_finite(received)
+        if bad is not None:
+            raise SiteError(
+                f"{self.spec.name}: the server's model is not finite ({bad!r} holds NaN or Inf); the round is refused "
+                "and this site's trainer and state are left as they were"
+            )
         plans = self.check(plans_sha)
+        previous = (self.trainer, self._data_loaders_ready, self._alias_map, self._state_token)
         if fresh:
             self.trainer = None
-        self.start(options, plans)
-        self.load_global_(received, local_keys, alias_map_json)
+        try:
+            self.start(options, plans)
+            self.load_global_(received, local_keys, alias_map_json)
+        except BaseException:
+            if fresh:
+                self.trainer, self._data_loaders_ready, self._alias_map, self._state_token = previous
+            raise
 
     def _drop_stale_trainer(self) -> None:
         """Forget the live trainer if another process (another simulation actor) trained this site since."""
@@ -389,7 +534,11 @@ class Site:
         finally:
             if isinstance(trainer.loss, ProximalLoss):
                 trainer.loss = trainer.loss.loss
-        self.save_state()
+        try:
+            self.save_state()
+        except SiteError:
+            self.trainer = None  # diverged: the next round rebuilds from the previous round's state file
+            raise
         logger = trainer.logger
         metrics = {
             "num-examples": len(self.split()[0]),
@@ -415,16 +564,22 @@ class Site:
         return OrderedDict((key, canonical[key]) for key in received), metrics
 
     def save_state(self) -> Path:
-        """Write the round state (nnU-Net checkpoint; epoch counter stored as nnU-Net's own loader expects)."""
+        """Write the round state (:func:`trainer_state`), atomically, once it is finite and reads back safely.
+
+        Raises
+        ------
+        SiteError
+            If the network or the optimizer state holds NaN or Inf; the previous state file is kept.
+        """
         trainer = self.trainer
-        self.spec.output_folder.mkdir(parents=True, exist_ok=True)
-        disabled, trainer.disable_checkpointing = trainer.disable_checkpointing, False
-        trainer.current_epoch -= 1  # save_checkpoint stores current_epoch + 1 (it expects to run inside an epoch)
-        try:
-            atomic_write(self.spec.state_file, trainer.save_checkpoint)  # it torch.saves into the file it is given
-        finally:
-            trainer.current_epoch += 1
-            trainer.disable_checkpointing = disabled
+        state = trainer_state(trainer)
+        bad = _first_non_finite_state(state["network_weights"], state["optimizer_state"])
+        if bad is not None:
+            raise SiteError(
+                f"{self.spec.name}: training went non-finite ({bad!r} holds NaN or Inf); the round is refused and "
+                f"the previous round state {self.spec.state_file} is kept"
+            )
+        atomic_save(state, self.spec.state_file, check=load_checkpoint)  # refuse a file the safe loader cannot read
         self._state_token = uuid.uuid4().hex
         token = json.dumps({"token": self._state_token, "epoch": int(trainer.current_epoch)}).encode()
         atomic_write(self.spec.state_token_file, lambda file: file.write(token))

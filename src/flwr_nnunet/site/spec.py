@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,15 @@ from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_
 
 from flwr_nnunet.errors import FlwrNnUNetError
 
-__all__ = ["STATE_FILE", "STATE_TOKEN_FILE", "SiteError", "SiteSpec", "TrainOptions"]
+__all__ = [
+    "DEFAULT_MAX_LOCAL_EPOCHS",
+    "STATE_FILE",
+    "STATE_TOKEN_FILE",
+    "InstructionError",
+    "SiteError",
+    "SiteSpec",
+    "TrainOptions",
+]
 
 STATE_FILE = "flwr_site_state.pth"
 """Name of the per-site round state (an nnU-Net trainer checkpoint) in the trainer's fold folder."""
@@ -21,8 +30,58 @@ STATE_TOKEN_FILE = "flwr_site_state.json"
 """Beside the state: a fresh token per saved round, so a process can tell that another one trained since."""
 
 
+DEFAULT_MAX_LOCAL_EPOCHS = 100
+"""The most ``local-epochs`` a site trains in one round unless its node config says otherwise
+(``flower-supernode --node-config "max-local-epochs=N"``)."""
+
+
 class SiteError(FlwrNnUNetError, RuntimeError):
     """A site cannot take part in a round; the message says why and what fixes it."""
+
+
+class InstructionError(SiteError, ValueError):
+    """The server's instruction is malformed (a missing, mistyped or out-of-range entry); nothing was changed."""
+
+
+_MISSING = object()
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _config_int(config: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
+    """``config[key]`` as an int (an integral float is accepted), ``default`` when absent.
+
+    Raises
+    ------
+    InstructionError
+        If the key is absent without a default, or its value is not an integer (bools are refused).
+    """
+    if key not in config:
+        if default is _MISSING:
+            raise InstructionError(f"the instruction's config has no {key!r}; the server must send it")
+        return default
+    value = config[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise InstructionError(f"config {key!r} must be an integer, got {_shown(value)}")
+
+
+def _config_float(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InstructionError(f"config {key!r} must be a finite number, got {_shown(value)}")
+    return float(value)
+
+
+def _at_least(key: str, value: int, minimum: int) -> int:
+    if value < minimum:
+        raise InstructionError(f"config {key!r} must be at least {minimum}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -126,6 +185,15 @@ class TrainOptions:
         site name), so a rebuilt site repeats the live one's round exactly; ``None`` leaves them alone.
     server_round
         The round (``server-round``); round 1 starts a fresh trainer.
+
+    Notes
+    -----
+    :meth:`from_config` refuses a malformed instruction with :class:`InstructionError`:
+    ``server-round`` is required (an integer >= 1; a message without it is not taken as
+    round 1), ``local-epochs`` must be an integer from 1 to ``max_local_epochs``
+    (:data:`DEFAULT_MAX_LOCAL_EPOCHS` unless the node config sets ``max-local-epochs``),
+    ``num-epochs`` an integer >= 1, the iteration counts and ``seed`` integers and
+    ``proximal-mu`` a finite number >= 0.
     """
 
     local_epochs: int = 1
@@ -137,21 +205,45 @@ class TrainOptions:
     server_round: int = 1
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TrainOptions:
-        """Options from a received ``ConfigRecord`` (missing keys take the defaults above)."""
+    def from_config(
+        cls, config: Mapping[str, Any], *, max_local_epochs: int = DEFAULT_MAX_LOCAL_EPOCHS
+    ) -> TrainOptions:
+        """Options from a received ``ConfigRecord``, every entry checked (missing optional keys take the defaults).
+
+        Parameters
+        ----------
+        config
+            The instruction's config record.
+        max_local_epochs
+            The most local epochs this site trains in one round.
+
+        Raises
+        ------
+        InstructionError
+            Naming the first missing, mistyped or out-of-range entry.
+        """
 
         def optional_int(key: str) -> int | None:
-            value = config.get(key)
-            return None if value is None or int(value) <= 0 else int(value)
+            value = _config_int(config, key, None)
+            return None if value is None or value <= 0 else value
 
-        local_epochs = int(config.get("local-epochs", 1))
-        server_round = int(config.get("server-round", 1))
+        server_round = _at_least("server-round", _config_int(config, "server-round"), 1)
+        local_epochs = _at_least("local-epochs", _config_int(config, "local-epochs", 1), 1)
+        if local_epochs > max_local_epochs:
+            raise InstructionError(
+                f"config 'local-epochs' = {local_epochs} exceeds this site's bound of {max_local_epochs}; lower "
+                "run-config 'local-epochs', or raise the bound with the SuperNode's --node-config "
+                '"max-local-epochs=N"'
+            )
+        proximal_mu = _config_float(config, "proximal-mu", 0.0)
+        if proximal_mu < 0:
+            raise InstructionError(f"config 'proximal-mu' must be >= 0, got {proximal_mu}")
         return cls(
             local_epochs=local_epochs,
-            num_epochs=int(config.get("num-epochs", local_epochs * server_round)),
+            num_epochs=_at_least("num-epochs", _config_int(config, "num-epochs", local_epochs * server_round), 1),
             iterations_per_epoch=optional_int("iterations-per-epoch"),
             val_iterations_per_epoch=optional_int("val-iterations-per-epoch"),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            seed=None if config.get("seed") is None else int(config["seed"]),
+            proximal_mu=proximal_mu,
+            seed=_config_int(config, "seed", None),
             server_round=server_round,
         )
