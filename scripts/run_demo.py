@@ -2,85 +2,169 @@
 
 Steps (everything lands under ``--workdir``, default ``demo_data/``, which git ignores):
 
+0. check what the run needs before anything is deleted: the work folder is writable, ``flwr`` and
+   ``nnUNetv2_predict`` are installed, no SuperLink started for this work folder is still running,
+   and two free local ports for this run's own SuperLink;
 1. make the synthetic multi-site dataset (``<workdir>/data``), planned once for all sites;
 2. ``flwr run .`` (simulation, one SuperNode per site; runtime dependency installation disabled,
-   ``FLWR_HOME=<workdir>/flwr-home``), then stop the local SuperLink it started, by its PID;
+   ``FLWR_HOME=<workdir>/flwr-home``, the local SuperLink on this run's own ports), read the run's
+   status from the SuperLink (``flwr ls --format=json``), then stop that SuperLink by its PID; a run
+   that did not finish ``completed`` ends the script with exit status 1;
 3. train each site alone for the same number of epochs (``<workdir>/data/site-K/nnUNet_results_local``);
 4. predict every site's held-out cases with ``nnUNetv2_predict`` on the global model and on every site's
    own model, and print per site: Dice of the federated model and of the site's local-only model on the
    site's test cases, and of the local-only model on the other sites' test cases.
 
-Usage: ``python scripts/run_demo.py [--rounds 8] [--local-epochs 1] [--iterations 40] [--sites 3] [--3d]``
+Usage: ``python scripts/run_demo.py [--rounds 8] [--local-epochs 1] [--iterations 40] [--val-iterations 5]
+[--sites 3] [--3d] [--seed 0] [--workdir demo_data]`` (with ``--3d`` the budget defaults come from
+``configs/demo-3d.toml``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
-
-from flwr_nnunet.demo.data import DemoDataset, DemoSite, make_demo_dataset
-from flwr_nnunet.demo.heldout import dice_scores, gather_test_images, predict, train_local_only
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: Flower's own dependency
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL_SUPERLINK_PORT = 39091
+DEMO_3D_CONFIG = REPO / "configs" / "demo-3d.toml"
+BUDGET_2D = {"rounds": 8, "local_epochs": 1, "iterations": 40, "val_iterations": 5}
+_BUDGET_KEYS = {
+    "rounds": "num-server-rounds",
+    "local_epochs": "local-epochs",
+    "iterations": "iterations-per-epoch",
+    "val_iterations": "val-iterations-per-epoch",
+}
 
 
-def _port_in_use(port: int) -> bool:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel picks it)."""
     with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def superlink_pids(flwr_home: Path) -> list[int]:
-    """PIDs of the local SuperLink that `flwr run` started for this ``FLWR_HOME`` (found by its own arguments)."""
-    marker = str(flwr_home / "local-superlink") + os.sep
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    pids = []
-    for line in listing.splitlines():
-        pid, _, arguments = line.strip().partition(" ")
-        if "flower-superlink" in arguments and marker in arguments:
-            pids.append(int(pid))
-    return pids
-
-
-def stop_superlink(flwr_home: Path, timeout: float = 15.0) -> list[int]:
-    """Stop (SIGTERM, then SIGKILL) the local SuperLink started for ``flwr_home``; return the PIDs stopped."""
-    pids = superlink_pids(flwr_home)
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(pid in superlink_pids(flwr_home) for pid in pids):
-        time.sleep(0.2)
-    for pid in superlink_pids(flwr_home):
-        os.kill(pid, signal.SIGKILL)
-    return pids
-
-
-def run_federation(demo: DemoDataset, workdir: Path, args: argparse.Namespace) -> None:
-    """`flwr run .` on the demo; the local SuperLink is stopped afterwards whatever happens."""
-    if _port_in_use(LOCAL_SUPERLINK_PORT):
-        raise SystemExit(
-            f"a SuperLink already listens on 127.0.0.1:{LOCAL_SUPERLINK_PORT}; `flwr run .` would submit the demo to "
-            "it. Stop it first (it was not started by this script)."
-        )
-    flwr_home = workdir / "flwr-home"
+def local_superlink_environment(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
+    """The environment of `flwr` commands that use this run's own local SuperLink (and no installs)."""
     bin_dir = str(Path(sys.executable).parent)
-    environment = {
+    return {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
     }
+
+
+def superlink_pids(flwr_home: Path, port: int | None = None) -> list[int]:
+    """PIDs of the local SuperLinks `flwr run` started for ``flwr_home`` (and ``--port port`` when given).
+
+    They are found by their own arguments (``--log-file <flwr_home>/local-superlink/...``), never by
+    a broad pattern, and only among this user's processes.
+    """
+    marker = str(flwr_home / "local-superlink") + os.sep
+    listing = subprocess.run(
+        ["ps", "-o", "pid=,args=", "-u", str(os.getuid())], capture_output=True, text=True, check=True
+    ).stdout
+    pids = []
+    for line in listing.splitlines():
+        pid, _, arguments = line.strip().partition(" ")
+        if "flower-superlink" not in arguments or marker not in arguments:
+            continue
+        if port is not None and f" --port {port} " not in f" {arguments} ":
+            continue
+        pids.append(int(pid))
+    return pids
+
+
+def stop_superlink(flwr_home: Path, port: int, timeout: float = 15.0) -> list[int]:
+    """Stop (SIGTERM, then SIGKILL) the local SuperLink of ``flwr_home`` on ``port``; return the PIDs stopped."""
+    pids = superlink_pids(flwr_home, port)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and set(pids) & set(superlink_pids(flwr_home, port)):
+        time.sleep(0.2)
+    for pid in set(pids) & set(superlink_pids(flwr_home, port)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def run_status(environment: dict[str, str], run_id: str) -> str:
+    """The run's status as the SuperLink reports it (``finished:completed``, ``finished:failed``, ...)."""
+    flwr = shutil.which("flwr", path=environment["PATH"]) or "flwr"
+    done = subprocess.run(
+        [flwr, "ls", "--run-id", run_id, "--format=json"], env=environment, capture_output=True, text=True
+    )
+    try:
+        runs = json.loads(done.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError):
+        return f"unknown (`flwr ls` answered: {(done.stdout + done.stderr).strip()[-300:]})"
+    return next((run["status"] for run in runs if run["run-id"] == run_id), "unknown (run not listed)")
+
+
+def budget_defaults(dims: int) -> dict[str, int]:
+    """The demo's default budget: the 2D one, or for ``--3d`` what ``configs/demo-3d.toml`` sets."""
+    if dims == 2:
+        return dict(BUDGET_2D)
+    config = tomllib.loads(DEMO_3D_CONFIG.read_text())
+    return {name: int(config.get(key, BUDGET_2D[name])) for name, key in _BUDGET_KEYS.items()}
+
+
+def preflight(workdir: Path, args: argparse.Namespace) -> list[str]:
+    """Everything the demo needs, checked before anything is deleted; one problem (and its fix) per line."""
+    problems = []
+    if not 2 <= args.sites <= 3:
+        problems.append(f"--sites must be 2 or 3, got {args.sites}")
+    for name in ("rounds", "local_epochs", "iterations", "val_iterations"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        problems.append(f"cannot write into --workdir {workdir} ({error.strerror}): pick a writable folder")
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    for command in ("flwr", "flower-superlink", "nnUNetv2_predict"):
+        if shutil.which(command, path=path) is None:
+            problems.append(f"`{command}` not found: install the project (pip install -c constraints.txt -e .)")
+    flwr_home = workdir / "flwr-home"
+    running = superlink_pids(flwr_home)
+    if running:
+        pids = " ".join(map(str, running))
+        problems.append(
+            f"a SuperLink started for {flwr_home} is still running (PID {pids}), probably left by an earlier "
+            f"demo that was interrupted; stop it with `kill {pids}` (or use another --workdir)"
+        )
+    return problems
+
+
+def run_federation(demo, workdir: Path, args: argparse.Namespace, ports: tuple[int, int]) -> str:
+    """`flwr run .` on the demo on this run's own local SuperLink; return the run's final status.
+
+    The SuperLink is stopped by its PID afterwards whatever happens.
+    """
+    flwr_home = workdir / "flwr-home"
+    environment = local_superlink_environment(flwr_home, *ports)
     run_config = " ".join(
         [
             f"data-root='{demo.root}'",
@@ -104,11 +188,21 @@ def run_federation(demo: DemoDataset, workdir: Path, args: argparse.Namespace) -
         "--federation-config",
         f"num-supernodes={len(demo.sites)} client-resources-num-cpus=1",
     ]
-    print("$", " ".join(command), flush=True)
+    print(f"$ FLWR_HOME={flwr_home} FLWR_LOCAL_SUPERLINK_HTTP_API_PORT={ports[0]} ...", " ".join(command), flush=True)
+    run_id = None
     try:
-        subprocess.run(command, env=environment, check=True)
+        with subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as process:
+            for line in process.stdout:
+                print(line, end="", flush=True)
+                started = re.search(r"Successfully started run (\d+)", line)
+                run_id = run_id or (started.group(1) if started else None)
+        if run_id is None:
+            return f"not started (`flwr run` exited with status {process.returncode})"
+        return run_status(environment, run_id)
     finally:
-        stopped = stop_superlink(flwr_home)
+        stopped = stop_superlink(flwr_home, ports[0])
         print(f"stopped the local SuperLink (PID {', '.join(map(str, stopped)) or 'none found'})", flush=True)
 
 
@@ -117,20 +211,43 @@ def _row(name: str, own: dict[str, float], local: dict[str, float], others: floa
     return f"{name:<8}" + "".join(f"{value:>8.3f}" for value in cells) + f"{others:>14.3f}"
 
 
-def main() -> None:
-    """Run the demo end to end and print per-site Dice, federated vs local-only."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; budget options left out take the 2D defaults, or configs/demo-3d.toml's with --3d."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "demo_data", help="where everything is written")
-    parser.add_argument("--rounds", type=int, default=8, help="federated rounds")
-    parser.add_argument("--local-epochs", type=int, default=1, help="nnU-Net epochs per round")
-    parser.add_argument("--iterations", type=int, default=40, help="training batches per epoch")
-    parser.add_argument("--val-iterations", type=int, default=5, help="pseudo-Dice batches per epoch")
+    parser.add_argument("--rounds", type=int, help="federated rounds (2D: 8)")
+    parser.add_argument("--local-epochs", type=int, help="nnU-Net epochs per round (2D: 1)")
+    parser.add_argument("--iterations", type=int, help="training batches per epoch (2D: 40)")
+    parser.add_argument("--val-iterations", type=int, help="pseudo-Dice batches per epoch (2D: 5)")
     parser.add_argument("--sites", type=int, default=3, help="number of sites (2 or 3)")
     parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="small 3D volumes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial model and the rounds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name, value in budget_defaults(args.dims).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo end to end and print per-site Dice, federated vs local-only; return the exit status."""
+    args = parse_args(argv)
     started = time.monotonic()
     workdir = args.workdir.absolute()
+    problems = preflight(workdir, args)
+    if problems:
+        for problem in problems:
+            print(f"run_demo.py: {problem}", file=sys.stderr)
+        return 2
+    ports = (free_port(), free_port())
+    while ports[1] == ports[0]:
+        ports = (ports[0], free_port())
+
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    from flwr_nnunet.demo.data import DemoSite, make_demo_dataset
+    from flwr_nnunet.demo.heldout import dice_scores, gather_test_images, predict, train_local_only
+
     results = workdir / "data" / "server" / "nnUNet_results"
     for stale in (results, workdir / "predictions"):
         if stale.exists():
@@ -138,7 +255,10 @@ def main() -> None:
     demo = make_demo_dataset(workdir / "data", num_sites=args.sites, dims=args.dims, seed=args.seed, overwrite=True)
     print(f"demo data: {demo.root} ({time.monotonic() - started:.0f} s)", flush=True)
 
-    run_federation(demo, workdir, args)
+    status = run_federation(demo, workdir, args, ports)
+    if status != "finished:completed":
+        print(f"run_demo.py: the federated run did not complete (status {status}); see its log above", file=sys.stderr)
+        return 1
     print(f"federated run done ({time.monotonic() - started:.0f} s)", flush=True)
 
     epochs = args.rounds * args.local_epochs
@@ -181,7 +301,8 @@ def main() -> None:
         / convert_trainer_plans_config_to_identifier("nnUNetTrainer", demo.plans_name, demo.configuration)
     )
     print(f"\nglobal model: {model}\ntotal wall time: {time.monotonic() - started:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

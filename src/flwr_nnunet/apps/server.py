@@ -11,25 +11,107 @@ and leaves behind the nnU-Net model folder with ``flwr_history.json`` and
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app.exception import AppExitException
 from flwr.supercore import log
+from flwr.supercore.exit import ExitCode
 
 from flwr_nnunet.apps.history import RunHistory
 from flwr_nnunet.apps.run_config import RunSettings
+from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.networks import build_trainer_network
 
-__all__ = ["build_strategy", "prepare_data", "run_server"]
+__all__ = [
+    "ServerConfigError",
+    "build_strategy",
+    "check_demo_settings",
+    "check_strategy_settings",
+    "install_one_line_errors",
+    "prepare_data",
+    "read_settings",
+    "run_server",
+]
+
+DEMO_DATASET = "Dataset987_FedDemo"
+_DEMO_CONFIGURATION = {False: "2d", True: "3d_fullres"}
+
+
+class ServerConfigError(FlwrNnUNetError, AppExitException, ValueError):
+    """A run config the server cannot run with (the user's to fix, not a bug): one line, the problem and the fix.
+
+    Raised out of the ServerApp it fails the run (status ``finished:failed``; a
+    ``flwr-serverapp`` process exits non-zero). :func:`install_one_line_errors`
+    makes Flower log it as that one line, without a traceback.
+    """
+
+    exit_code = ExitCode.SERVERAPP_EXCEPTION
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def _config_error(exc_info: Any) -> ServerConfigError | None:
+    """The :class:`ServerConfigError` a log record's exception is, or was raised from (None if none)."""
+    error = exc_info[1] if isinstance(exc_info, tuple) else None
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ServerConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _OneLineConfigErrors(logging.Filter):
+    """Flower logs an exception out of the ServerApp with its traceback, then an exit-code footer.
+
+    For a :class:`ServerConfigError` this keeps one line: ``flwr-nnunet: <problem>; <fix>``.
+    Every other record (and every other exception, with its traceback) passes unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = _config_error(record.exc_info)
+        if error is not None:
+            record.msg, record.args = "flwr-nnunet: %s", (str(error),)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            self.reported = True
+            return True
+        return not (self.reported and str(record.msg).startswith("Exit Code:"))
+
+
+def install_one_line_errors(logger: logging.Logger | None = None) -> logging.Filter:
+    """Make Flower's logger (``flwr``) report a :class:`ServerConfigError` as one line; idempotent."""
+    logger = logger or logging.getLogger("flwr")
+    for existing in logger.filters:
+        if isinstance(existing, _OneLineConfigErrors):
+            return existing
+    installed = _OneLineConfigErrors()
+    logger.addFilter(installed)
+    return installed
 
 
 def _read_json(path: Path, fix: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; {fix}")
+        raise ServerConfigError(f"{path} not found; {fix}")
     return json.loads(path.read_text())
+
+
+def read_settings(run_config: Mapping[str, Any]) -> RunSettings:
+    """:meth:`RunSettings.from_run_config`, a bad value reported as a :class:`ServerConfigError`."""
+    try:
+        return RunSettings.from_run_config(run_config)
+    except ValueError as error:
+        raise ServerConfigError(f'{error}; fix it in the run config (flwr run . -c "key=value")') from None
 
 
 def prepare_data(settings: RunSettings) -> None:
@@ -44,6 +126,7 @@ def prepare_data(settings: RunSettings) -> None:
         return
     from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
 
+    check_demo_settings(settings)
     try:
         demo = load_demo_dataset(settings.data_root)
     except FileNotFoundError:
@@ -51,23 +134,64 @@ def prepare_data(settings: RunSettings) -> None:
         demo = make_demo_dataset(settings.data_root, num_sites=settings.demo_sites, dims=dims)
     wanted = (settings.dataset, settings.configuration)
     if (demo.dataset_name, demo.configuration) != wanted:
-        raise ValueError(
+        raise ServerConfigError(
             f"the demo under {demo.root} is {demo.dataset_name} / {demo.configuration} but the run config asks for "
             f"{wanted[0]} / {wanted[1]}: set run-config dataset / configuration to match, or point data-root at "
             "another folder (the demo is made there)"
         )
 
 
+def check_demo_settings(settings: RunSettings) -> None:
+    """With ``make-demo``: the run config must name the demo's dataset and its configuration (2d or, 3D, 3d_fullres).
+
+    Raises
+    ------
+    ServerConfigError
+        Naming the key to change, before any data are made.
+    """
+    demo_configuration = _DEMO_CONFIGURATION[settings.demo_3d]
+    if settings.configuration != demo_configuration:
+        if settings.demo_3d:
+            fix = "set configuration='3d_fullres' (as configs/demo-3d.toml does), or demo-3d=false for the 2D demo"
+        elif settings.configuration == _DEMO_CONFIGURATION[True]:
+            fix = "set demo-3d=true for the 3D demo (flwr run . --run-config configs/demo-3d.toml)"
+        else:
+            fix = "set configuration='2d', or demo-3d=true with configuration='3d_fullres' for the 3D demo"
+        kind = "3D" if settings.demo_3d else "2D"
+        raise ServerConfigError(
+            f"configuration {settings.configuration!r} does not fit the {kind} demo (make-demo=true, "
+            f"demo-3d={str(settings.demo_3d).lower()}), which is planned for {demo_configuration!r} only: {fix}"
+        )
+    if settings.dataset != DEMO_DATASET:
+        raise ServerConfigError(
+            f"dataset {settings.dataset!r} is not the demo's ({DEMO_DATASET}), and make-demo=true makes only the "
+            f"demo: for your own dataset set make-demo=false and data-root to the folder with server/ and site-K/ "
+            f"(see the README, 'Your own nnU-Net datasets'), or set dataset='{DEMO_DATASET}'"
+        )
+
+
 def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
     """The global network (from the shared plans) and the named strategy around it, with its model folder."""
     from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
-    from flwr_nnunet.strategy.registry import strategy_from_name
 
     folder = settings.server_dataset_folder
-    fix = "run with make-demo=true, or put the federation's plans, dataset.json and dataset_fingerprint.json there"
+    fix = (
+        f"check run-config dataset ({settings.dataset!r}), plans ({settings.plans!r}) and data-root "
+        f"({settings.data_root}), or put the federation's plans, dataset.json and dataset_fingerprint.json there "
+        "(make-demo=true makes the demo's)"
+    )
+    if not folder.is_dir():
+        raise ServerConfigError(f"no dataset {settings.dataset!r} on the server: {folder} does not exist; {fix}")
     plans = _read_json(folder / f"{settings.plans}.json", fix)
     dataset_json = _read_json(folder / "dataset.json", fix)
     fingerprint = _read_json(folder / "dataset_fingerprint.json", fix)
+    configurations = sorted(plans.get("configurations", {}))
+    if settings.configuration not in configurations:
+        raise ServerConfigError(
+            f"the plans {folder / settings.plans}.json have no configuration {settings.configuration!r} (they have "
+            f"{', '.join(configurations) or 'none'}): set run-config configuration to one of them"
+            + (" (the 3D demo: demo-3d=true)" if settings.make_demo and not settings.demo_3d else "")
+        )
     torch.manual_seed(settings.seed)
     network = build_trainer_network(plans, dataset_json, settings.configuration, settings.trainer)
     dims = len(plans["configurations"][settings.configuration]["patch_size"])
@@ -83,6 +207,40 @@ def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
     options = dict(settings.strategy_options)
     if settings.strategy.replace("-", "").replace("_", "").lower() == "fedprox":
         options.setdefault("proximal_mu", settings.proximal_mu)
+    try:
+        return _strategy(settings, network, plans, model_folder, run_config, options)
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error):
+            raise
+        raise ServerConfigError(
+            f"strategy {settings.strategy!r} or its dp wrapper {settings.dp!r} does not take an option given: "
+            f"{error}; fix run-config strategy-options / dp-options (Flower's argument names)"
+        ) from None
+
+
+def check_strategy_settings(settings: RunSettings) -> None:
+    """The run config's ``strategy`` and ``dp`` must name a known strategy and wrapper.
+
+    Raises
+    ------
+    ServerConfigError
+        Naming the accepted values, before any data are made or network built.
+    """
+    from flwr_nnunet.strategy.registry import DP_WRAPPERS, STRATEGIES
+
+    if settings.strategy.strip().lower().replace("-", "").replace("_", "") not in STRATEGIES:
+        raise ServerConfigError(
+            f"unknown strategy {settings.strategy!r}: set run-config strategy to one of {', '.join(sorted(STRATEGIES))}"
+        )
+    if settings.dp and settings.dp not in DP_WRAPPERS:
+        raise ServerConfigError(
+            f"unknown dp {settings.dp!r}: set run-config dp to one of {', '.join(sorted(DP_WRAPPERS))}, or ''"
+        )
+
+
+def _strategy(settings, network, plans, model_folder, run_config, options):
+    from flwr_nnunet.strategy.registry import strategy_from_name
+
     return strategy_from_name(
         settings.strategy,
         network=network,
@@ -112,7 +270,9 @@ def run_server(grid: Any, context: Any) -> Any:
     """
     from flwr.app import ConfigRecord
 
-    settings = RunSettings.from_run_config(context.run_config)
+    install_one_line_errors()
+    settings = read_settings(context.run_config)
+    check_strategy_settings(settings)
     prepare_data(settings)
     strategy = build_strategy(settings, context.run_config)
     core = _core(strategy)
