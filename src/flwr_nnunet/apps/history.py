@@ -31,10 +31,15 @@ class RunHistory:
     ----------
     folder
         Where ``flwr_history.json`` and ``flwr_progress.png`` go (the model folder).
+    dataset, configuration, strategy
+        Named in the plot's title (with the sites that replied).
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, *, dataset: str = "", configuration: str = "", strategy: str = ""):
         self.folder = Path(folder)
+        self.dataset = dataset
+        self.configuration = configuration
+        self.strategy = strategy
         self.rounds: dict[int, dict[str, Any]] = {}
         self._pending: dict[str, dict[str, Any]] = {}
 
@@ -99,8 +104,29 @@ class RunHistory:
                     points.append(float(metrics[metric]))
         return lines
 
-    def plot(self) -> None:
-        """Dice (evaluation and training pseudo-Dice) and training loss per round, aggregated and per site."""
+    def validation_cases(self) -> dict[str, int]:
+        """Validation cases per site (the ``num-examples`` of its last evaluate reply) and their sum as ``aggregated``."""
+        cases: dict[str, int] = {}
+        for server_round in sorted(self.rounds):
+            for name, metrics in self.rounds[server_round].get("evaluate", {}).get("sites", {}).items():
+                if isinstance(metrics.get("num-examples"), (int, float)):
+                    cases[name] = int(metrics["num-examples"])
+        if cases:
+            cases["aggregated"] = sum(cases.values())
+        return cases
+
+    def title(self) -> str:
+        """The plot's title: dataset, configuration, strategy and the sites that replied."""
+        sites = sorted(
+            {name for entry in self.rounds.values() for stage in entry.values() for name in stage.get("sites", {})}
+        )
+        about = [part for part in (self.dataset, self.configuration) if part]
+        if self.strategy:
+            about.append(f"strategy {self.strategy}")
+        return ", ".join(about) + f"\n{len(sites)} site(s): {', '.join(sites) or 'none yet'}"
+
+    def figure(self) -> Any:
+        """The progress figure (matplotlib, Agg): Dice per round above, training loss below, legends to the right."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -110,24 +136,39 @@ class RunHistory:
         dice = self.series("evaluate", "dice")
         pseudo = self.series("train", "pseudo-dice")
         loss = self.series("train", "train-loss")
+        cases = self.validation_cases()
         names = ["aggregated", *sorted({*dice, *pseudo, *loss} - {"aggregated"})]
         colors = {name: f"C{index % 10}" for index, name in enumerate(names)}
         width = {name: 3.0 if name == "aggregated" else 1.5 for name in names}
-        figure, (dice_axis, loss_axis) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+        figure, (dice_axis, loss_axis) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
         for name, (rounds, values) in dice.items():
-            dice_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=f"{name} Dice")
+            count = f" ({cases[name]} validation case{'s' if cases[name] != 1 else ''})" if name in cases else ""
+            label = f"{name} Dice{count}"
+            dice_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=label)
         for name, (rounds, values) in pseudo.items():
             dice_axis.plot(rounds, values, ":", color=colors[name], lw=width[name], label=f"{name} pseudo-Dice")
         for name, (rounds, values) in loss.items():
             loss_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=name)
-        dice_axis.set_ylabel("Dice (validation: solid; training pseudo-Dice: dotted)")
-        loss_axis.set_ylabel("training loss")
+        dice_axis.set_ylabel(
+            "Dice of the global model on each site's\nvalidation cases (solid); training pseudo-Dice (dotted)"
+        )
+        loss_axis.set_ylabel(
+            "training loss: nnU-Net's Dice + CE\n= cross-entropy - soft Dice (below 0 once\nDice > CE; lower is better)"
+        )
         loss_axis.set_xlabel("round")
         loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         for axis in (dice_axis, loss_axis):
             axis.grid(alpha=0.3)
             if axis.lines:
-                axis.legend(fontsize=8)
+                axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        figure.suptitle(self.title())
         figure.tight_layout()
-        figure.savefig(self.plot_file)
+        return figure
+
+    def plot(self) -> None:
+        """Write :meth:`figure` to ``flwr_progress.png`` (legends outside the curves, so the image is as wide as needed)."""
+        import matplotlib.pyplot as plt
+
+        figure = self.figure()
+        figure.savefig(self.plot_file, bbox_inches="tight")
         plt.close(figure)

@@ -26,6 +26,7 @@ from flwr_nnunet.apps.history import RunHistory
 from flwr_nnunet.apps.run_config import RunSettings
 from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.networks import build_trainer_network
+from flwr_nnunet.strategy.checkpoints import ResumeError
 
 __all__ = [
     "ServerConfigError",
@@ -34,6 +35,7 @@ __all__ = [
     "check_strategy_settings",
     "install_one_line_errors",
     "prepare_data",
+    "finished_round",
     "read_settings",
     "run_server",
 ]
@@ -263,6 +265,34 @@ def _core(strategy: Any) -> Any:
     return getattr(strategy, "strategy", strategy)
 
 
+def finished_round(folder: Any, num_rounds: int) -> int | None:
+    """The round of ``folder``'s newest intact checkpoint when it is ``num_rounds`` or later (the run is done), else None.
+
+    Reads only (nothing is written or logged); a folder without an intact checkpoint gives None (the resume
+    itself then reports why).
+    """
+    from flwr_nnunet.nnunet.checkpoint_io import CheckpointError
+    from flwr_nnunet.nnunet.model_folder import STATE_KEY
+
+    try:
+        found = folder.load_latest()
+    except CheckpointError:
+        return None
+    if found is None:
+        return None
+    server_round = int(found[0].get(STATE_KEY, {}).get("server_round", 0))
+    return server_round if server_round >= num_rounds else None
+
+
+def _result(core: Any) -> Any:
+    """Flower's ``Result`` holding the global model (for a run that has nothing left to do)."""
+    from flwr.serverapp.strategy import Result
+
+    result = Result()
+    result.arrays = core.model.record()
+    return result
+
+
 def run_server(grid: Any, context: Any) -> Any:
     """The ServerApp's main: data, global network, strategy, rounds, model folder, history and plot.
 
@@ -276,13 +306,32 @@ def run_server(grid: Any, context: Any) -> Any:
     prepare_data(settings)
     strategy = build_strategy(settings, context.run_config)
     core = _core(strategy)
-    history = RunHistory(core.model_folder.path)
+    history = RunHistory(
+        core.model_folder.path,
+        dataset=settings.dataset,
+        configuration=settings.configuration,
+        strategy=settings.strategy + (f" + dp {settings.dp}" if settings.dp else ""),
+    )
     core.train_metrics_aggr_fn = history.train_metrics
     core.evaluate_metrics_aggr_fn = history.evaluate_metrics
     core.post_round_fn = history.end_round
     if settings.resume:
+        finished = finished_round(core.model_folder, settings.num_rounds)
+        if finished is not None:
+            log(
+                INFO,
+                "flwr-nnunet: resume: the run in %s already finished (round %d, num-server-rounds=%d): nothing to "
+                "do, nothing written; raise num-server-rounds to train more rounds",
+                core.model_folder.path,
+                finished,
+                settings.num_rounds,
+            )
+            return _result(core)
         history.load()
-        strategy.resume(context.run_config)
+        try:
+            strategy.resume(context.run_config)
+        except ResumeError as error:
+            raise ServerConfigError(f"resume=true: {error}") from None
     log(
         INFO,
         "flwr-nnunet: %s, %s, %d round(s) x %d local epoch(s), strategy %s; global model in %s",

@@ -1,0 +1,68 @@
+"""The progress plot: a title naming dataset, configuration, strategy and sites; legends outside the curves;
+the loss explained; each site's number of validation cases in the legend."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+
+from flwr_nnunet.apps.history import RunHistory  # noqa: E402
+
+
+def _reply(site: str, **metrics) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord(metrics), "config": ConfigRecord({"site-name": site})})
+
+
+def _history(tmp_path) -> RunHistory:
+    history = RunHistory(tmp_path, dataset="Dataset987_FedDemo", configuration="3d_fullres", strategy="fedadam")
+    cases = {"site-0": 2, "site-1": 1, "site-2": 3}
+    for server_round in (1, 2, 3):
+        history.train_metrics(
+            [
+                _reply(s, **{"num-examples": 6, "train-loss": 0.3 - 0.4 * server_round, "pseudo-dice": 0.2})
+                for s in cases
+            ],
+            "num-examples",
+        )
+        history.evaluate_metrics(
+            [_reply(s, **{"num-examples": n, "dice": 0.2 * server_round}) for s, n in cases.items()], "num-examples"
+        )
+        history.end_round(server_round)
+    return history
+
+
+def test_title_legend_loss_and_validation_cases(tmp_path):
+    history = _history(tmp_path)
+    assert history.plot_file.is_file()
+    figure = history.figure()
+    try:
+        title = figure._suptitle.get_text()
+        for part in ("Dataset987_FedDemo", "3d_fullres", "fedadam", "3 site(s): site-0, site-1, site-2"):
+            assert part in title, title
+        dice_axis, loss_axis = figure.axes
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        for axis in (dice_axis, loss_axis):
+            legend = axis.get_legend()
+            assert legend is not None
+            # the legend lies right of the axes, so it never covers a curve
+            assert legend.get_window_extent(renderer).x0 >= axis.get_window_extent(renderer).x1
+        labels = [text.get_text() for text in dice_axis.get_legend().get_texts()]
+        assert "site-0 Dice (2 validation cases)" in labels
+        assert "site-1 Dice (1 validation case)" in labels
+        assert "aggregated Dice (6 validation cases)" in labels
+        loss_label = loss_axis.get_ylabel()
+        assert "Dice + CE" in loss_label and "below 0" in loss_label
+    finally:
+        plt.close(figure)
+
+
+def test_title_without_metadata_still_names_the_sites(tmp_path):
+    history = RunHistory(tmp_path)
+    assert history.title().endswith("0 site(s): none yet")
+    history.plot()  # an empty history plots too
+    assert history.plot_file.is_file()

@@ -1,0 +1,60 @@
+"""resume=true on a finished run says so in one line and changes nothing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from flwr_nnunet.apps.server import build_strategy, prepare_data, read_settings, run_server
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _snapshot(folder):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path):
+    config = {"data-root": str(tmp_path / "demo"), "demo-sites": 2, "num-server-rounds": 2}
+    settings = read_settings(config)
+    prepare_data(settings)
+    strategy = build_strategy(settings, config)
+    checkpoints = strategy.checkpoints
+    checkpoints.folder.write_metadata()
+    for server_round in (1, 2):
+        checkpoints.end_round(server_round, strategy)
+    checkpoints.save("final", 2)
+    folder = checkpoints.folder.path
+    before = _snapshot(folder)
+    assert folder / "fold_all" / "checkpoint_final.pth" in before
+
+    handler = _Lines()
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        for rounds in (2, 1):  # num-server-rounds reached, or passed
+            context = Context(
+                run_id=1,
+                node_id=0,
+                node_config={},
+                state=RecordDict(),
+                run_config={**config, "num-server-rounds": rounds, "resume": True},
+            )
+            result = run_server(None, context)  # no grid: nothing may be sent
+            assert len(result.arrays) > 0
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    finished = [line for line in handler.lines if "already finished" in line]
+    assert len(finished) == 2, handler.lines
+    assert f"the run in {folder} already finished (round 2, num-server-rounds=2): nothing to do" in finished[0]
+    assert not [line for line in handler.lines if "continuing" in line or "wrote" in line], handler.lines
+    assert _snapshot(folder) == before  # mtimes and bytes: checkpoint_final.pth, history and plot untouched
