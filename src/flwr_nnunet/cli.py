@@ -60,7 +60,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_repair(args: argparse.Namespace) -> int:
     """``flwr-nnunet repair IN OUT``."""
     report = repair_checkpoint(
-        args.source, args.destination, prefer=args.prefer, overwrite=args.force, **_model_options(args)
+        args.source,
+        args.destination,
+        prefer=args.prefer,
+        overwrite=args.force,
+        write_healthy=args.force,
+        **_model_options(args),
     )
     _print_report(report, args.json)
     return EXIT_OK
@@ -128,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which key wins when a group's aliases disagree: 'first', 'last' (what nnU-Net's load_state_dict "
         "keeps) or a glob pattern such as 'encoder.*'; repeatable, tried in order",
     )
-    repair.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    repair.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it exists, and write OUT even when IN needs no repair (by default a healthy IN "
+        "is reported as such and nothing is written)",
+    )
     _add_checkpoint_options(repair)
 
     demo = _command(

@@ -48,6 +48,7 @@ class RepairReport:
     unique_bytes: int
     bytes_before: int
     bytes_after: int
+    written: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -55,6 +56,12 @@ class RepairReport:
 
     def format(self) -> str:
         """The human-readable summary."""
+        if not self.written:
+            return (
+                f"nothing to repair: {self.source} already shares storage in all {self.groups} alias groups "
+                f"({self.keys} keys, {megabytes(self.bytes_before)} on disk, unique tensors "
+                f"{megabytes(self.unique_bytes)}); {self.destination} not written (pass --force to write it anyway)"
+            )
         lines = [
             (
                 f"wrote {self.destination}: {self.keys} keys in {self.groups} alias groups, "
@@ -146,6 +153,7 @@ def repair_checkpoint(
     atol: float = 0.0,
     prefer: Sequence[str] = (),
     overwrite: bool = False,
+    write_healthy: bool = False,
 ) -> RepairReport:
     """Write ``destination``: ``source`` with every alias group sharing one tensor again.
 
@@ -169,6 +177,10 @@ def repair_checkpoint(
         matches wins). Without a rule that picks a key, the repair is refused.
     overwrite
         Replace ``destination`` when it exists.
+    write_healthy
+        Write ``destination`` even when ``source`` needs no repair (every group already shares one
+        storage that holds just its tensor, no integer dtype to restore); without it nothing is written and the report says so
+        (``written`` False).
 
     Raises
     ------
@@ -188,7 +200,7 @@ def repair_checkpoint(
         )
     alias_map, reference, _ = reference_alias_map(state_dict, model)
     canonical: OrderedDict[str, torch.Tensor] = OrderedDict()
-    resolved, unresolved, restored, regrouped = [], [], [], 0
+    resolved, unresolved, restored, regrouped, compacted = [], [], [], 0, 0
     used_storages: set[int] = set()
     for key, group in alias_map.groups.items():
         shared, divergence = group_status(state_dict, group, atol)
@@ -204,13 +216,30 @@ def repair_checkpoint(
         restored_value = _restore_integer_dtype(winner, state_dict[winner], reference[winner])
         if restored_value is not None:
             restored.append(key)
-        value = _own_storage(state_dict[winner] if restored_value is None else restored_value, used_storages)
+        original = state_dict[winner] if restored_value is None else restored_value
+        value = _own_storage(original, used_storages)
+        compacted += value is not original
         used_storages.add(value.untyped_storage().data_ptr())
         canonical[key] = value
     if unresolved:
         raise RepairRefused(
             f"aliases disagree in {len(unresolved)} of {len(alias_map)} groups, first: {unresolved[0].describe()}; "
             "pick which key wins with --prefer (first, last or a key pattern) or allow differences with --atol"
+        )
+    unique_bytes = sum(t.nbytes for t in canonical.values())
+    if not regrouped and not restored and not compacted and not write_healthy:
+        return RepairReport(
+            source=str(source),
+            destination=str(destination),
+            keys=len(state_dict),
+            groups=len(alias_map),
+            regrouped=0,
+            resolved=[],
+            restored_dtypes=[],
+            unique_bytes=unique_bytes,
+            bytes_before=source.stat().st_size,
+            bytes_after=0,
+            written=False,
         )
     weights = alias_map.expand(canonical)
     metadata = getattr(state_dict, "_metadata", getattr(reference, "_metadata", None))
@@ -226,7 +255,7 @@ def repair_checkpoint(
         regrouped=regrouped,
         resolved=resolved,
         restored_dtypes=restored,
-        unique_bytes=sum(t.nbytes for t in canonical.values()),
+        unique_bytes=unique_bytes,
         bytes_before=source.stat().st_size,
         bytes_after=destination.stat().st_size,
     )
