@@ -58,3 +58,10 @@ def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path):
     assert f"the run in {folder} already finished (round 2, num-server-rounds=2): nothing to do" in finished[0]
     assert not [line for line in handler.lines if "continuing" in line or "wrote" in line], handler.lines
     assert _snapshot(folder) == before  # mtimes and bytes: checkpoint_final.pth, history and plot untouched
+
+    # the strategy API: resume() then start() with the rounds done (the round loop, strategy/rounds.py)
+    again = build_strategy(settings, config)
+    assert again.resume(config) == 2
+    result = again.start(None, num_rounds=2)  # no grid: nothing may be sent
+    assert len(result.arrays) > 0
+    assert _snapshot(folder) == before

@@ -48,7 +48,19 @@ def run_rounds(
     round ``checkpoint_latest.pth`` is written, then ``on_round_end(round)`` is
     called; at the end ``checkpoint_final.pth`` is written and
     ``result.arrays`` is the global model even when no round changed it.
+    A resumed run that already completed ``num_rounds`` returns at once, with
+    one log line and nothing written (``checkpoint_final.pth`` stays as it is).
     """
+    if checkpoints.completed_rounds >= num_rounds and checkpoints.completed_rounds > 0:
+        log(
+            INFO,
+            "the resumed run already finished (round %d, num_rounds=%d): nothing to do, nothing written",
+            checkpoints.completed_rounds,
+            num_rounds,
+        )
+        finished = Result()
+        finished.arrays = model.record()
+        return finished
     if initial_arrays is not None and checkpoints.completed_rounds > 0:
         log(
             WARNING,
