@@ -91,7 +91,9 @@ def test_start_writes_an_nnunet_model_folder_the_predictor_uses(tmp_path):
     image = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
     segmentation = predictor.predict_single_npy_array(image, {"spacing": [999.0, 1.0, 1.0]})
     assert segmentation.shape == (1, 32, 32) and set(np.unique(segmentation)) <= {0, 1}
-    assert all(torch.equal(predictor.network.state_dict()[k], v) for k, v in strategy.model.network.state_dict().items())
+    assert all(
+        torch.equal(predictor.network.state_dict()[k], v) for k, v in strategy.model.network.state_dict().items()
+    )
 
 
 def test_resume_continues_with_round_counter_and_fedadam_moments(tmp_path):
@@ -155,10 +157,34 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     previous = load(folder.checkpoint_path("previous"))["network_weights"]
     assert all(torch.equal(v, previous[k]) for k, v in resumed.model.network.state_dict().items())
 
-    latest.write_bytes(b"")
-    folder.checkpoint_path("previous").write_bytes(b"not a checkpoint")
+    for name in ("latest", "previous", "best", "final"):
+        folder.checkpoint_path(name).write_bytes(b"not a checkpoint" if name == "previous" else b"")
     with pytest.raises(ResumeError, match="no intact checkpoint"):
         fedadam(tmp_path).resume()
+
+
+def test_resume_with_latest_and_previous_damaged_uses_best_or_final_whichever_is_later(tmp_path, caplog):
+    strategy = fedadam(tmp_path)
+    strategy.start(LoopbackGrid([1, 2], site), num_rounds=3)  # best: round 2 (Dice 0.5); final: round 3
+    folder = strategy.model_folder
+    assert load(folder.checkpoint_path("best"))[STATE_KEY]["server_round"] == 2
+    for name in ("latest", "previous"):
+        path = folder.checkpoint_path(name)
+        path.write_bytes(path.read_bytes()[:1000])
+
+    with caplog.at_level("INFO"):
+        resumed = fedadam(tmp_path, seed=3)
+        assert resumed.resume() == 3
+    assert "using checkpoint_final.pth (round 3): 2 newer checkpoint(s) damaged" in caplog.text
+    final = load(folder.checkpoint_path("final"))["network_weights"]
+    assert all(torch.equal(v, final[k]) for k, v in resumed.model.network.state_dict().items())
+    assert "holds no strategy state" in caplog.text  # best and final keep only the weights: moments start afresh
+
+    folder.checkpoint_path("final").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert fedadam(tmp_path, seed=3).resume() == 2
+    assert "using checkpoint_best.pth (round 2): 3 newer checkpoint(s) damaged" in caplog.text
 
 
 def test_checkpoint_writes_are_atomic_and_sized_by_unique_bytes(tmp_path):
@@ -204,7 +230,8 @@ def test_resume_restores_a_dp_wrappers_clipping_norm(tmp_path):
             torch.equal(t, first.strategy.buffers[moment][k]) for k, t in resumed.strategy.buffers[moment].items()
         )
     assert all(
-        torch.equal(v, first.strategy.model.network.state_dict()[k]) for k, v in resumed.strategy.model.network.state_dict().items()
+        torch.equal(v, first.strategy.model.network.state_dict()[k])
+        for k, v in resumed.strategy.model.network.state_dict().items()
     )
 
 

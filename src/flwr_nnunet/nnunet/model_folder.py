@@ -204,25 +204,61 @@ class NnUNetModelFolder:
         return checkpoint
 
     def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest good checkpoint for resuming: ``latest``, else ``previous``; None if neither exists.
+        """The newest intact checkpoint to resume from; None if the folder has none.
+
+        Tried in order: ``latest``, ``previous``, then ``best`` and ``final``, the one holding the later
+        round first (``final`` on a tie). A damaged one is skipped with a warning naming it and the problem;
+        the one used is logged.
 
         Raises
         ------
         CheckpointError
-            If checkpoints exist but none of them is readable and intact.
+            If checkpoints exist but none of them is readable and intact (listing each one's problem).
         """
-        problems = []
+        problems: list[str] = []
         for name in ("latest", "previous"):
-            path = self.checkpoint_path(name)
-            if not path.exists():
-                continue
-            try:
-                checkpoint = self.load_checkpoint(path)
-            except CheckpointError as error:
-                log(WARNING, "resume: %s; trying the previous checkpoint", error)
-                problems.append(str(error))
-                continue
-            return checkpoint, path
+            found = self._intact(name, problems)
+            if found is not None:
+                return self._used(name, found, problems)
+        fallbacks = [(name, found) for name in ("best", "final") if (found := self._intact(name, problems))]
+        if fallbacks:
+            name, found = max(reversed(fallbacks), key=lambda item: _server_round(item[1][0]))
+            return self._used(name, found, problems)
         if problems:
-            raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(problems))
+            raise CheckpointError(
+                "no intact checkpoint to resume from: "
+                + "; ".join(problems)
+                + " (start a new run with another results folder, or restore a checkpoint from a backup)"
+            )
         return None
+
+    def _intact(self, name: str, problems: list[str]) -> tuple[dict, Path] | None:
+        """``checkpoint_<name>.pth`` loaded and verified, or None (missing; damaged: its problem is logged and
+        added to ``problems``)."""
+        path = self.checkpoint_path(name)
+        if not path.exists():
+            return None
+        try:
+            return self.load_checkpoint(path), path
+        except CheckpointError as error:
+            log(WARNING, "resume: %s; trying the next checkpoint", error)
+            problems.append(str(error))
+            return None
+
+    @staticmethod
+    def _used(name: str, found: tuple[dict, Path], problems: list[str]) -> tuple[dict, Path]:
+        if problems:
+            log(
+                WARNING,
+                "resume: using checkpoint_%s.pth (round %s): %d newer checkpoint(s) damaged",
+                name,
+                _server_round(found[0]),
+                len(problems),
+            )
+        return found
+
+
+def _server_round(checkpoint: Mapping[str, Any]) -> int:
+    """The round a loaded global checkpoint holds (-1 if it does not say)."""
+    value = checkpoint.get(STATE_KEY, {}).get("server_round")
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,8 +36,8 @@ __all__ = [
     "run_config_sha256",
 ]
 
-RUN_CONFIG_IGNORED_KEYS = ("num-server-rounds", "resume")
-"""Run-config keys a resumed run may change (how far to go, whether to resume)."""
+RUN_CONFIG_IGNORED_KEYS = ("num-server-rounds", "resume", "node-wait")
+"""Run-config keys a resumed run may change (how far to go, whether to resume, how long to wait for nodes)."""
 
 
 class ResumeError(FlwrNnUNetError, RuntimeError):
@@ -212,7 +212,15 @@ class RunCheckpoints:
                 f"cannot resume from {path}: the run config differs from the killed run's ({details}); "
                 "restore those values or start a new run"
             )
-        if state.get("strategy") != type(strategy).__name__:
+        if state.get("strategy") is None and path.name != self.folder.checkpoint_path("latest").name:
+            log(
+                WARNING,
+                "resume: %s holds no strategy state (only checkpoint_latest/previous do); %s continues with "
+                "fresh state (server-optimizer moments, clipping norm start afresh)",
+                path,
+                type(strategy).__name__,
+            )
+        elif state.get("strategy") != type(strategy).__name__:
             raise ResumeError(
                 f"cannot resume from {path}: it was written by {state.get('strategy')}, not {type(strategy).__name__}"
             )
