@@ -17,6 +17,9 @@ an nnU-Net trainer checkpoint written after every round
 learning rate, optimizer state and logs as the live trainer. The file holds only
 tensors and plain Python values and is read with the project's safe loader
 (``weights_only=True``), never with nnU-Net's ``load_checkpoint`` (which unpickles anything).
+The states after the last :data:`KEPT_ROUNDS` rounds stay beside it (``flwr_site_state.round-<r>.pth``, hard
+links): a server that resumed from an earlier checkpoint sends a round the site trained already, and the site
+goes back to its state after the round before (:meth:`Site.agree_on_round`), so every round is trained once.
 
 A site validates a whole instruction before it touches its trainer: a
 non-finite global model, keys or shapes that do not fit its network, or a
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import random
+import shutil
 import uuid
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
@@ -201,6 +205,35 @@ def restore_trainer(trainer: Any, state: Any) -> None:
     if "inference_allowed_mirroring_axes" in state:
         axes = state["inference_allowed_mirroring_axes"]
         trainer.inference_allowed_mirroring_axes = None if axes is None else tuple(axes)
+
+
+KEPT_ROUNDS = 3
+"""Rounds whose end state a site keeps (``flwr_site_state.round-<r>.pth``): a server resumed from its latest or
+previous checkpoint finds every site able to go back to that round."""
+
+
+def round_state_file(spec: SiteSpec, server_round: int) -> Path:
+    """The site's state after ``server_round``, kept beside the round state."""
+    return spec.output_folder / f"flwr_site_state.round-{server_round}.pth"
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """``destination`` becomes ``source``'s content, atomically: a hard link (a copy where links fail), renamed."""
+    temp = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(source, temp)
+    except OSError:
+        shutil.copyfile(source, temp)
+    os.replace(temp, destination)
+
+
+def _keep_round_state(spec: SiteSpec, server_round: int) -> None:
+    """Keep the state just written as the state after ``server_round``; drop those older than :data:`KEPT_ROUNDS`."""
+    _link_or_copy(spec.state_file, round_state_file(spec, server_round))
+    for path in spec.output_folder.glob("flwr_site_state.round-*.pth"):
+        kept = path.name.removeprefix("flwr_site_state.round-").removesuffix(".pth")
+        if kept.isdigit() and int(kept) <= server_round - KEPT_ROUNDS:
+            path.unlink(missing_ok=True)
 
 
 class Site:
@@ -520,6 +553,7 @@ class Site:
             ``pseudo-dice-per-class`` of the round's last epoch.
         """
         self._drop_stale_trainer()
+        self.agree_on_round(options.server_round)
         self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=options.server_round == 1)
         self._prepare_training(options)
         if options.seed is not None:
@@ -535,7 +569,7 @@ class Site:
             if isinstance(trainer.loss, ProximalLoss):
                 trainer.loss = trainer.loss.loss
         try:
-            self.save_state()
+            self.save_state(options.server_round)
         except SiteError:
             self.trainer = None  # diverged: the next round rebuilds from the previous round's state file
             raise
@@ -563,8 +597,11 @@ class Site:
         canonical = self.canonical()
         return OrderedDict((key, canonical[key]) for key in received), metrics
 
-    def save_state(self) -> Path:
+    def save_state(self, server_round: int | None = None) -> Path:
         """Write the round state (:func:`trainer_state`), atomically, once it is finite and reads back safely.
+
+        With ``server_round``, the state is also kept as the state after that round (:func:`round_state_file`,
+        a hard link: no copy), for :data:`KEPT_ROUNDS` rounds, and the token records the round.
 
         Raises
         ------
@@ -580,10 +617,55 @@ class Site:
                 f"the previous round state {self.spec.state_file} is kept"
             )
         atomic_save(state, self.spec.state_file, check=load_checkpoint)  # refuse a file the safe loader cannot read
-        self._state_token = uuid.uuid4().hex
-        token = json.dumps({"token": self._state_token, "epoch": int(trainer.current_epoch)}).encode()
-        atomic_write(self.spec.state_token_file, lambda file: file.write(token))
+        self._write_token(int(trainer.current_epoch), server_round)
+        if server_round is not None:
+            _keep_round_state(self.spec, server_round)
         return self.spec.state_file
+
+    def _write_token(self, epoch: int, server_round: int | None) -> None:
+        self._state_token = uuid.uuid4().hex
+        entries = {"token": self._state_token, "epoch": epoch}
+        if server_round is not None:
+            entries["round"] = server_round
+        token = json.dumps(entries).encode()
+        atomic_write(self.spec.state_token_file, lambda file: file.write(token))
+
+    def agree_on_round(self, server_round: int) -> None:
+        """Before training ``server_round``: if this site has trained that round already (the server resumed from
+        an earlier checkpoint, e.g. after it was killed), go back to its state after round ``server_round - 1``,
+        so every round is trained once and the learning-rate schedule is the uninterrupted one.
+
+        Raises
+        ------
+        SiteError
+            If that state is no longer kept (the server resumed from more than :data:`KEPT_ROUNDS` rounds back).
+        """
+        token = self.spec.state_token_file
+        saved = json.loads(token.read_text()).get("round") if token.is_file() else None
+        if not isinstance(saved, int) or saved < server_round:
+            return
+        target = server_round - 1
+        self.trainer = None
+        if target > 0:
+            source = round_state_file(self.spec, target)
+            if not source.is_file():
+                raise SiteError(
+                    f"{self.spec.name}: the server sends round {server_round}, which this site trained already (its "
+                    f"state is at round {saved}), but the state after round {target} ({source}) is no longer kept; "
+                    "resume the server from a later checkpoint, or remove this site's flwr_site_state.* files to "
+                    "start it from the global model with a fresh optimizer"
+                )
+            _link_or_copy(source, self.spec.state_file)
+            self._write_token(int(load_checkpoint(source)["current_epoch"]), target)
+        log(
+            INFO,
+            "%s: round %d again (the server resumed): rolled back from the state after round %d to the one after "
+            "round %d",
+            self.spec.name,
+            server_round,
+            saved,
+            target,
+        )
 
     def split(self) -> tuple[list[str], list[str]]:
         """(training, validation) case identifiers of the site's fold."""
