@@ -79,8 +79,8 @@ def superlink_pids(flwr_home: Path, port: int | None = None) -> list[int]:
     a broad pattern, and only among this user's processes.
     """
     marker = str(flwr_home / "local-superlink") + os.sep
-    listing = subprocess.run(
-        ["ps", "-o", "pid=,args=", "-u", str(os.getuid())], capture_output=True, text=True, check=True
+    listing = subprocess.run(  # -ww: never cut the arguments at the terminal's (or $COLUMNS') width
+        ["ps", "-ww", "-o", "pid=,args=", "-u", str(os.getuid())], capture_output=True, text=True, check=True
     ).stdout
     pids = []
     for line in listing.splitlines():

@@ -47,6 +47,8 @@ class LocalFlower:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        left = run_demo.superlink_pids(self.home)
+        assert not left, f"a SuperLink of {self.home} is still running after the test: PID {left}"
 
     def stop(self) -> list[int]:
         """Stop this object's SuperLink by its PID; return the PIDs stopped."""
