@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr_nnunet.demo.synthesis import SITE_STYLES, SiteStyle, synthesize_case, write_case
+from flwr_nnunet.demo.synthesis import SITE_STYLES, SITE_STYLES_3D, SiteStyle, site_styles, synthesize_case, write_case
 from flwr_nnunet.nnunet.planning import (
     fingerprint_site,
     install_plans,
@@ -42,6 +42,7 @@ from flwr_nnunet.nnunet.planning import (
 
 __all__ = [
     "SITE_STYLES",
+    "SITE_STYLES_3D",
     "DemoDataset",
     "DemoSite",
     "SiteStyle",
@@ -225,7 +226,7 @@ def _parameters(num_sites: int, dims: int, dataset_id: int, name: str, seed: int
         "seed": seed,
         "size": size,
         "max_features": max_features,
-        "styles": [asdict(s) for s in SITE_STYLES[:num_sites]],
+        "styles": [asdict(s) for s in site_styles(dims)[:num_sites]],
     }
 
 
@@ -249,7 +250,7 @@ def make_demo_dataset(
         Folder to write into (created). If it already holds a demo made with the
         same parameters, that demo is returned as is (nothing is rewritten).
     num_sites
-        2 or 3 sites (styles from :data:`SITE_STYLES`).
+        2 or 3 sites (styles from :data:`SITE_STYLES`, in 3D :data:`SITE_STYLES_3D`).
     dims
         2 (PNG images, configuration ``2d``) or 3 (NIfTI volumes, ``3d_fullres``).
     dataset_id, name
@@ -301,8 +302,9 @@ def make_demo_dataset(
     dataset_name = f"Dataset{dataset_id:03d}_{name}"
     configuration = "2d" if dims == 2 else "3d_fullres"
     shape = (size,) * dims
+    styles = site_styles(dims)
     sites = [
-        _write_site_raw(_site(root, f"site-{k}", dataset_name), SITE_STYLES[k], k, dims, shape, seed)
+        _write_site_raw(_site(root, f"site-{k}", dataset_name), styles[k], k, dims, shape, seed)
         for k in range(num_sites)
     ]
     server = _site(root, "server", dataset_name)

@@ -1,0 +1,45 @@
+"""The 3D demo's parameters: what was measured to learn both labels (README, "The 3D demo"), and 2D unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from flwr_nnunet.demo.synthesis import SITE_STYLES, SITE_STYLES_3D, site_styles, synthesize_case
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-3d.toml"
+
+
+def test_2d_sites_are_unchanged_and_3d_sites_have_their_own_styles():
+    assert site_styles(2) is SITE_STYLES and site_styles(3) is SITE_STYLES_3D
+    assert all(style.lesion == (0.35, 0.5) for style in SITE_STYLES)
+    # the 2D images are the ones the README's 2D table was measured on (same random draws)
+    old_style = dataclasses.replace(SITE_STYLES[0])
+    first = synthesize_case(np.random.default_rng([0, 0]), old_style, (64, 64))
+    again = synthesize_case(np.random.default_rng([0, 0]), SITE_STYLES[0], (64, 64))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+def test_3d_lesions_are_large_enough_to_learn_in_a_few_minutes():
+    """Every 3D site's lesion holds at least ~100 of the 32^3 voxels and stands out of the noise."""
+    for index, style in enumerate(SITE_STYLES_3D):
+        rng = np.random.default_rng([0, index])
+        fractions = []
+        for _ in range(4):
+            _, label = synthesize_case(rng, style, (32, 32, 32))
+            fractions.append((label == 2).mean())
+        assert min(fractions) > 0.003, (index, fractions)
+        assert style.contrast / style.noise >= 4.0
+
+
+def test_the_3d_run_config_is_the_measured_budget():
+    config = tomllib.loads(CONFIG.read_text())
+    assert config["demo-3d"] is True and config["configuration"] == "3d_fullres"
+    assert (config["num-server-rounds"], config["iterations-per-epoch"]) == (6, 30)
