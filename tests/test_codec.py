@@ -163,3 +163,71 @@ def test_malformed_payloads_raise_a_clear_error_naming_the_key(array, reason):
     message = str(error.value)
     assert "'decoder.seg_layers.0.weight'" in message
     assert reason in message
+
+
+def raw_npy(header: str, payload: bytes = b"", *, version: int = 1, pad: int = 0) -> bytes:
+    """A ``.npy`` file with the literal header ``header`` (plus ``pad`` spaces) and ``payload``, as a hostile
+    sender could write it (numpy's writer would refuse most of these)."""
+    text = (header + " " * pad).encode("latin1") + b"\n"
+    width = 2 if version == 1 else 4
+    return b"\x93NUMPY" + bytes([version, 0]) + len(text).to_bytes(width, "little") + text + payload
+
+
+def hostile(header: str, payload: bytes = b"", *, dtype: str = "float32", shape=(2, 3), **kwargs) -> Array:
+    """An ``Array`` whose payload has the literal ``header``."""
+    return Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray", data=raw_npy(header, payload, **kwargs))
+
+
+F4 = "{'descr': '<f4', 'fortran_order': False, 'shape': %s}"
+
+
+@pytest.mark.parametrize(
+    ("array", "reason"),
+    [
+        (hostile(F4 % ("(1,) * 65",)), "unreadable .npy header"),
+        (hostile(F4 % ("(" + "1, " * 65 + ")",), b"\0" * 4, shape=(1,) * 65), "65 dimensions, more than numpy's limit"),
+        (hostile("{'descr': '<f16', 'fortran_order': False, 'shape': (2, 3)}", b"\0" * 96), "not carried"),
+        (hostile("{'descr': '<c8', 'fortran_order': False, 'shape': (2, 3)}", b"\0" * 48), "not carried"),
+        (hostile("{'descr': '|O', 'fortran_order': False, 'shape': (2, 3)}", b"\0" * 48), "not a numeric dtype"),
+        (hostile(F4 % ("(True, 4)",), b"\0" * 16, shape=(1, 4)), "bad shape (True, 4)"),
+        (hostile(F4 % ("(2, -3)",), b"\0" * 24), "bad shape"),
+        (hostile(F4 % ("(2.0, 3)",), b"\0" * 24), "bad shape"),
+        (hostile(F4 % ("(1000000, 1000000)",), b"\0" * 24, shape=(10**6, 10**6)), "needs 4000000000000"),
+        (hostile(F4 % (str((2**70, 2**70)),), b"", shape=(2**70, 2**70)), "more than 2**63 - 1 bytes"),
+        (hostile(F4 % ("(2, 3)",), b"\0" * 24, pad=20000, version=2), "longer than 10000"),
+        (hostile("{'descr': '<f4', 'fortran_order': 1, 'shape': (2, 3)}", b"\0" * 24), "bad fortran_order"),
+        (hostile("[1, 2, 3]", b"\0" * 24), "exactly 'descr'"),
+        (hostile(F4 % ("(2, 3)",), b"\0" * 24, version=9), "version 9 is not supported"),
+        (hostile(F4 % ("(2, 3)",), b"\0" * 24, dtype="x" * 10000), "is not a dtype name"),
+    ],
+    ids=lambda value: None if isinstance(value, Array) else value[:24],
+)
+def test_headers_that_pass_a_loose_check_but_fail_later_are_payload_errors(array, reason):
+    """Item 1: every such header is a PayloadError at the header check, before anything is allocated."""
+    with pytest.raises(PayloadError) as error:
+        from_array_record(ArrayRecord({"w": array}))
+    assert reason in str(error.value)
+    assert len(str(error.value)) < 400
+
+
+def test_encode_refuses_dtypes_the_codec_does_not_carry():
+    with pytest.raises(TypeError, match="not one of the carried dtypes"):
+        encode_tensor(torch.zeros(2, dtype=torch.complex64))
+
+
+def test_the_header_cache_is_bounded_by_bytes():
+    """Item 5: 100 payloads with large valid headers (padding) keep nothing alive; small headers are cached once."""
+    from flwr_nnunet.core import codec
+
+    codec._HEADER_CACHE.clear()
+    for i in range(100):
+        decode_array(hostile(F4 % (f"(1, {i + 1})",), b"\0" * 4 * (i + 1), shape=(1, i + 1), pad=9000, version=2))
+    assert codec._HEADER_CACHE.nbytes == 0
+    for _ in range(3):
+        for i in range(100):
+            decode_array(encode_tensor(torch.zeros(1, i + 1)))
+    assert len(codec._HEADER_CACHE) == 100 and codec._HEADER_CACHE.nbytes < 100 * 128
+    small = codec.HeaderCache(max_bytes=1000)
+    for i in range(100):
+        small.parse((F4 % (f"({i},)",)).encode())
+    assert small.nbytes <= 1000 and len(small) < 100

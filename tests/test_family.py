@@ -211,3 +211,59 @@ def test_a_nan_found_in_the_aggregate_is_rolled_back_exactly():
     for key, value in canonical(without.model.network).items():
         assert torch.equal(canonical(with_bad.model.network)[key], value), key
         assert torch.equal(with_bad.buffers["m"][key], without.buffers["m"][key]), key
+
+
+def _huge(sent: OrderedDict, node: int):
+    """A finite but huge reply (3e38 in float32 groups): any squared step overflows."""
+    tensors = OrderedDict((k, torch.full_like(v, 3e38) if v.is_floating_point() else v) for k, v in sent.items())
+    return reply(node, tensors, 2, metrics={"train-loss": 0.5})
+
+
+def _buffers(strategy) -> dict:
+    return {name: {k: t.clone() for k, t in b.items()} for name, b in strategy.buffers.items()}
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedadagrad", "fedyogi", "fedavgm"])
+def test_a_server_step_that_would_go_non_finite_is_refused_and_the_run_goes_on(name, caplog):
+    """Item 3: one finite but huge reply: the round's update is refused, model and moments bit-identical to
+    before it, one log line; the next honest round changes the model again (the run is not frozen)."""
+    options = {"server_momentum": 0.9, "server_learning_rate": 5.0} if name == "fedavgm" else {}
+    strategy = strategy_from_name(name, network=tiny_network(), min_train_nodes=1, **options)
+    sent = received(next(iter(strategy.configure_train(1, None, ConfigRecord(), _grid()))))
+    strategy.aggregate_train(1, _replies(sent, 1))  # moments now hold values
+    sent = received(next(iter(strategy.configure_train(2, None, ConfigRecord(), _grid()))))
+    model, moments = (
+        OrderedDict((k, v.clone()) for k, v in canonical(strategy.model.network).items()),
+        _buffers(strategy),
+    )
+
+    with caplog.at_level("WARNING", logger="flwr"):
+        assert strategy.aggregate_train(2, [*_replies(sent, 2)[:2], _huge(sent, NODES[2])]) == (None, None)
+
+    assert all(torch.equal(v, model[k]) for k, v in canonical(strategy.model.network).items())
+    assert all(torch.equal(t, moments[n][k]) for n, b in strategy.buffers.items() for k, t in b.items())
+    assert moments.keys() == strategy.buffers.keys() and all(
+        moments[n].keys() == b.keys() for n, b in strategy.buffers.items()
+    )
+    refusals = [r.getMessage() for r in caplog.records if "server step would make" in r.getMessage()]
+    assert len(refusals) == 1 and "rolled back" in refusals[0] and "global model unchanged" in refusals[0]
+
+    strategy.aggregate_train(3, _replies(sent, 3))
+    after = canonical(strategy.model.network)
+    changed = [k for k in after if after[k].is_floating_point() and not torch.equal(after[k], model[k])]
+    assert len(changed) == sum(1 for v in after.values() if v.is_floating_point())
+    assert all(torch.isfinite(t).all() for b in strategy.buffers.values() for t in b.values())
+
+
+def test_qfedavg_on_huge_finite_replies_refuses_the_round(caplog):
+    """Item 4: Flower's q-FedAvg result on 3e38 replies holds NaN/Inf: refused, model unchanged, one line."""
+    strategy = strategy_from_name("qfedavg", network=tiny_network(), client_learning_rate=0.1, min_train_nodes=1)
+    sent = received(next(iter(strategy.configure_train(1, None, ConfigRecord(), _grid()))))
+    before = {k: v.clone() for k, v in strategy.model.network.state_dict().items()}
+
+    with caplog.at_level("WARNING", logger="flwr"):
+        assert strategy.aggregate_train(1, [_huge(sent, node) for node in NODES]) == (None, None)
+
+    assert all(torch.equal(v, before[k]) for k, v in strategy.model.network.state_dict().items())
+    lines = [r.getMessage() for r in caplog.records if "NnUNetQFedAvg refused its result" in r.getMessage()]
+    assert len(lines) == 1 and "global model unchanged" in lines[0]

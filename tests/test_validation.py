@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 
 import pytest
 import torch
-from flwr.app import Array, Error, Message
+from flwr.app import Array, ConfigRecord, Error, Message
 from flwr.app.message.message import make_message
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
@@ -229,3 +230,184 @@ def test_load_global_refuses_bad_arrays_and_keeps_the_model():
     with pytest.raises(ValueError, match="NaN"):
         strategy.model.load_(to_array_record(bad))
     assert all(torch.equal(v, before[k]) for k, v in canonical(network).items())
+
+
+# ------------------------------------------------------------ issue 10: hostile replies, one test per item
+
+
+def _good(strategy: NnUNetFedAvg, nodes=(1, 2, 3), num_examples=10) -> list[Message]:
+    base = canonical(strategy.model.network)
+    return [reply(n, perturbed(base, n), num_examples) for n in nodes]
+
+
+def _state(strategy: NnUNetFedAvg) -> dict:
+    return {k: v.clone() for k, v in strategy.model.network.state_dict().items()}
+
+
+def _lines(flwr_log) -> list[str]:
+    return [r.getMessage() for r in flwr_log]
+
+
+def test_weights_are_finite_positive_and_summed_in_float64(flwr_log):
+    """Item 2: an integer weight beyond float range is a rejection, a sum that overflows float64 refuses the round."""
+    strategy = _strategy(True, min_train_nodes=1)
+    before = _state(strategy)
+    assert "beyond float64's range" in check_weight(10**400, "num-examples")
+    evaluated = strategy.validator.check_evaluate(reply(5, None, 10**400, metrics={"dice": 0.5}))
+    assert isinstance(evaluated, Rejection) and "beyond float64's range" in evaluated.reason
+
+    assert strategy.aggregate_train(1, _good(strategy, (1, 2), 1e308)) == (None, None)
+
+    assert all(torch.equal(v, before[k]) for k, v in strategy.model.network.state_dict().items())
+    assert any("sum to inf in float64" in line and "round refused" in line for line in _lines(flwr_log))
+    arrays, _ = strategy.aggregate_train(
+        2, [*_good(strategy, (1,)), reply(9, perturbed(canonical(tiny_network()), 9), 10**400)]
+    )
+    assert arrays is not None and any(
+        "node 9: metric 'num-examples' is an integer" in line for line in _lines(flwr_log)
+    )
+
+
+def test_max_reply_weight_clips_each_reply(flwr_log):
+    """Item 2: weights above the cap count as the cap (logged), in the in-place mean and in Flower's code."""
+    capped = _strategy(True, min_train_nodes=1, max_reply_weight=10.0)
+    plain = _strategy(True, min_train_nodes=1)
+    replies = lambda s: [*_good(s, (1,), 1e308), *_good(s, (2,), 5)]  # noqa: E731
+    expected = lambda s: [*_good(s, (1,), 10), *_good(s, (2,), 5)]  # noqa: E731
+
+    capped.aggregate_train(1, replies(capped))
+    plain.aggregate_train(1, expected(plain))
+
+    assert all(torch.equal(v, plain.model.tensors[k]) for k, v in capped.model.tensors.items())
+    assert any("node 1: weight 1e+308 clipped to max_reply_weight 10" in line for line in _lines(flwr_log))
+    message = capped.valid_messages(2, replies(capped), is_train=True)[0]
+    assert message.content["metrics"]["num-examples"] == 10.0
+    with pytest.raises(ValueError, match="max_reply_weight"):
+        NnUNetFedAvg(tiny_network(), max_reply_weight=math.inf)
+
+
+def test_a_huge_error_reason_is_logged_truncated(flwr_log):
+    """Item 6: a 10 MB reason becomes 500 characters plus its length; every rejection reason is bounded."""
+    strategy = _strategy(True, min_train_nodes=1)
+    huge = make_message(metadata(7), error=Error(code=0, reason="y" * 10_000_000))
+
+    strategy.aggregate_train(1, [*_good(strategy, (1,)), huge])
+
+    (line,) = [line for line in _lines(flwr_log) if "node 7" in line]
+    assert len(line) < 700 and line.endswith("... (10000028 characters)")
+    assert len(Rejection(1, "z" * 10**6).reason) < 600
+
+
+def test_evaluation_metrics_are_range_checked_and_best_dice_never_out_of_range(flwr_log):
+    """Item 7: dice outside [0, 1] (or any non-finite loss) is rejected; best_dice only takes values in [0, 1]."""
+    strategy = _strategy(True, min_evaluate_nodes=1)
+    validator = strategy.validator
+    for metrics, reason in [
+        ({"dice": 1e300}, "outside [0, 1]"),
+        ({"dice": -0.5}, "outside [0, 1]"),
+        ({"dice": 0.5, "dice-per-class": [0.5, 1.5]}, "'dice-per-class' holds 1.5"),
+        ({"dice": 0.5, "val-loss": math.inf}, "'val-loss' is not finite"),
+        ({"dice": 10**400}, "not a finite number"),
+    ]:
+        result = validator.check_evaluate(reply(4, None, 2, metrics=metrics))
+        assert isinstance(result, Rejection) and reason in result.reason, metrics
+    assert isinstance(
+        validator.check_evaluate(reply(4, None, 2, metrics={"dice": 1.0, "val-loss": -0.7})), AcceptedReply
+    )
+
+    hostile = reply(5, None, 1000, metrics={"dice": 1e300}, message_type="evaluate")
+    honest = reply(6, None, 2, metrics={"dice": 0.4}, message_type="evaluate")
+    metrics = strategy.aggregate_evaluate(1, [hostile, honest])
+
+    assert metrics["dice"] == pytest.approx(0.4) and strategy.checkpoints.best_dice == pytest.approx(0.4)
+    for value in (1e300, math.nan, -1.0, True):
+        strategy.checkpoints.note_dice(2, value)
+    assert strategy.checkpoints.best_dice == pytest.approx(0.4)
+
+
+def test_the_same_node_twice_in_a_round_counts_once(flwr_log):
+    """Item 8: the first reply received from a node counts; a later one from it is rejected as a duplicate."""
+    strategy, single = _strategy(True, min_train_nodes=1), _strategy(True, min_train_nodes=1)
+    base = canonical(strategy.model.network)
+    first, again = reply(1, perturbed(base, 1), 10), reply(1, perturbed(base, 50), 30)
+
+    expected = [reply(1, perturbed(base, 1), 10), *_good(single, (2,))]
+    strategy.aggregate_train(1, [first, *_good(strategy, (2,)), again])
+    single.aggregate_train(1, expected)
+
+    assert all(torch.equal(v, single.model.tensors[k]) for k, v in strategy.model.tensors.items())
+    assert any("node 1: a second reply from this node in the round" in line for line in _lines(flwr_log))
+    assert any("aggregated 2 replies (nodes [1, 2], total weight 20)" in line for line in _lines(flwr_log))
+
+
+def test_a_superlink_reply_for_a_lost_node_names_that_node(flwr_log):
+    """Item 9: the SuperLink's error reply (sender: the SuperLink, node 1) is logged under the node the instruction
+    went to, found through reply_to_message_id; without message ids, under the one node that sent nothing."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+    from strategy_support import LoopbackGrid, set_task_identity
+
+    set_task_identity()
+    strategy = _strategy(True, min_train_nodes=1)
+    grid = LoopbackGrid([21, 22, 23], handler=lambda node, message: None)
+    sent = list(strategy.configure_train(1, None, ConfigRecord(), grid))
+    for index, message in enumerate(sent):  # as InMemoryGrid.push_messages / GrpcGrid set them
+        message.metadata.__dict__["_message_id"] = f"instruction-{index}"
+    to_22 = next(m for m in sent if m.metadata.dst_node_id == 22)
+    lost = create_message_error_unavailable_res_message(to_22.metadata, "node_unavail")
+    assert lost.metadata.src_node_id == 1 and lost.metadata.reply_to_message_id == to_22.metadata.message_id
+
+    strategy.aggregate_train(1, [*_good(strategy, (21, 23)), lost])
+
+    line = next(line for line in _lines(flwr_log) if "rejected reply" in line)
+    assert "rejected reply from node 22: the SuperLink answered for node 22" in line and "Node Unavailable" in line
+
+    for message in sent:  # a grid that sets no ids: the node of the round that sent nothing
+        message.metadata.__dict__["_message_id"] = ""
+    flwr_log.clear()
+    strategy.aggregate_train(2, [*_good(strategy, (21, 23)), lost])
+    assert any("rejected reply from node 22: the SuperLink answered for node 22" in line for line in _lines(flwr_log))
+
+
+def test_lost_nodes_through_flowers_own_grid_and_linkstate_are_named(flwr_log):
+    """Item 9 end to end: Flower's InMemoryGrid sets the message ids on the strategy's own messages when it
+    pushes them, and its InMemoryLinkState answers for nodes whose heartbeat lapsed with an error reply from the
+    SuperLink (node 1) whose reply_to_message_id is the instruction's id: each is logged under its own node."""
+    from typing import cast
+
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = cast(InMemoryLinkState, factory.state())
+    run = Run.create_empty(7)
+    run.primary_task_id, run.federation_id = 99, NOOP_FEDERATION_ID
+    state.run_ids[7] = RunRecord(run=run)
+    state.task_store[99] = Task(task_id=99, run_id=7)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 99
+    nodes = []
+    for index in range(2):
+        nodes.append(state.create_node("aid", "owner", f"key-{index}".encode(), heartbeat_interval=0.1))
+        state.activate_node(nodes[-1], heartbeat_interval=0.1)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    strategy = NnUNetFedAvg(tiny_network(), min_available_nodes=2, min_train_nodes=1)
+
+    messages = strategy.configure_train(1, None, ConfigRecord(), grid)
+    time.sleep(0.5)  # no heartbeats: both nodes are lost
+    replies = list(grid.send_and_receive(messages, timeout=3))
+
+    assert {r.metadata.src_node_id for r in replies} == {1} and all(r.has_error() for r in replies)
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    for node in nodes:
+        assert any(
+            f"rejected reply from node {node}: the SuperLink answered for node {node}" in line
+            and "Node Unavailable" in line
+            for line in _lines(flwr_log)
+        ), node

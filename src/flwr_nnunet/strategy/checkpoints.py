@@ -11,7 +11,6 @@ or network differ. Without a model folder nothing is written.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
@@ -129,8 +128,13 @@ class RunCheckpoints:
         self.save("latest", server_round, strategy)
 
     def note_dice(self, server_round: int, dice: Any) -> None:
-        """Keep the best aggregated Dice; write ``checkpoint_best.pth`` when ``dice`` improves on it."""
-        if not isinstance(dice, (int, float)) or not math.isfinite(dice):
+        """Keep the best aggregated Dice; write ``checkpoint_best.pth`` when ``dice`` improves on it.
+
+        A value that is not a number in [0, 1] is ignored (logged): it never becomes ``best_dice``.
+        """
+        if isinstance(dice, bool) or not isinstance(dice, (int, float)) or not 0.0 <= dice <= 1.0:
+            if dice is not None:
+                log(WARNING, "aggregate_evaluate: round %d: dice %.80r is not in [0, 1]: ignored", server_round, dice)
             return
         if self.best_dice is not None and dice <= self.best_dice:
             return

@@ -31,14 +31,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from logging import INFO
 from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Result
-from flwr.supercore import log
 from torch import nn
 
 from flwr_nnunet.core.reduce import weighted_mean_
@@ -52,8 +50,9 @@ from flwr_nnunet.strategy.replies import (
     ReplyValidator,
     aggregate_metrics,
     canonical_message,
+    log_aggregated,
     non_finite_reason,
-    without_non_finite,
+    reduce_accepted,
 )
 from flwr_nnunet.strategy.rounds import run_rounds
 
@@ -90,6 +89,9 @@ class NnUNetFedAvg(FedAvg):
         bit-stable sums).
     post_round_fn : callable, optional
         ``(server_round, strategy) -> None``, called by :meth:`on_round_end`.
+    max_reply_weight : float, optional
+        Weight rule: a reply's :meth:`reply_weight` must be finite and > 0 in float64; larger ones than this
+        cap are clipped to it (logged); a round whose float64 sum is not finite is refused.
     **kwargs
         Every argument of :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
@@ -116,6 +118,7 @@ class NnUNetFedAvg(FedAvg):
         local_keys: Callable[[str], bool] | None = None,
         accumulate_dtype: torch.dtype = torch.float32,
         post_round_fn: Callable[[int, NnUNetFedAvg], None] | None = None,
+        max_reply_weight: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -138,6 +141,7 @@ class NnUNetFedAvg(FedAvg):
             weighted_by_key=self.weighted_by_key,
             arrayrecord_key=self.arrayrecord_key,
             optional_keys=self.model.local_groups,
+            max_reply_weight=max_reply_weight,
         )
 
     @classmethod
@@ -177,14 +181,16 @@ class NnUNetFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Configure a training round: the network's canonical tensors plus the wire config."""
-        return super().configure_train(server_round, self.sync_global(arrays), self.wire_config(config), grid)
+        """Configure a training round: the network's canonical tensors plus the wire config (messages kept)."""
+        messages = super().configure_train(server_round, self.sync_global(arrays), self.wire_config(config), grid)
+        return self.validator.expect(messages)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Configure an evaluation round: the network's canonical tensors plus the wire config."""
-        return super().configure_evaluate(server_round, self.sync_global(arrays), self.wire_config(config), grid)
+        messages = super().configure_evaluate(server_round, self.sync_global(arrays), self.wire_config(config), grid)
+        return self.validator.expect(messages)
 
     # ---------------------------------------------------------------- replies
 
@@ -206,10 +212,14 @@ class NnUNetFedAvg(FedAvg):
         )
 
     def valid_messages(self, server_round: int, replies: Iterable[Message], *, is_train: bool) -> list[Message]:
-        """The accepted replies as messages (canonical, for training): what Flower's own aggregation takes."""
+        """The accepted replies as messages (canonical, weight capped, for training): what Flower's code takes."""
         accepted = self.accept_replies(server_round, replies, is_train=is_train)
-        keys = list(self.model.tensors)
-        return [canonical_message(a.message, keys, self.arrayrecord_key) if is_train else a.message for a in accepted]
+        keys, weighted_by = list(self.model.tensors), self.weighted_by_key
+        if not is_train:
+            return [a.message for a in accepted]
+        return [
+            canonical_message(a.message, keys, self.arrayrecord_key, weight=(weighted_by, a.weight)) for a in accepted
+        ]
 
     # ------------------------------------------------------------ aggregation
 
@@ -250,41 +260,29 @@ class NnUNetFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the replies and reduce them into the network in place.
 
-        NaN/Inf are found in each reduced group rather than in every reply: the
-        round is rolled back to the model as it was, the replies whose group is
-        not finite are rejected, and the others reduced again. Returns the new
+        NaN/Inf are found in each reduced group rather than in every reply (see
+        :func:`~flwr_nnunet.strategy.replies.reduce_accepted`). Returns the new
         global ``ArrayRecord`` (canonical) and the aggregated metrics, or
-        ``(None, None)`` when too few replies are valid; then the global model is
-        bit-identical to before.
+        ``(None, None)`` when too few replies are valid or the round is refused;
+        then the global model is bit-identical to before.
         """
         start = time.perf_counter()
         snapshot = self.model.snapshot()
         accepted = self.accept_replies(
             server_round, replies, is_train=True, check_finite=not self.result_shows_non_finite
         )
-        while accepted:
-            weights = [self.reply_weight(a) for a in accepted]
-            non_finite = self.reduce_all_(server_round, self.model.tensors, [a.tensors for a in accepted], weights)
-            if not non_finite:
-                break
-            self.model.roll_back_(snapshot)
-            accepted = without_non_finite(server_round, accepted, non_finite[0], self.min_train_nodes)
+        accepted = reduce_accepted(
+            server_round,
+            accepted,
+            lambda updates, weights: self.reduce_all_(server_round, self.model.tensors, updates, weights),
+            lambda: self.model.roll_back_(snapshot),
+            self.min_train_nodes,
+        )
         if not accepted:
             return None, None
         self.model.changed()
         metrics = aggregate_metrics(self.train_metrics_aggr_fn, accepted, self.weighted_by_key, "aggregate_train")
-        log(
-            INFO,
-            "aggregate_train: round %d: aggregated %d replies (nodes %s, total weight %g) into %d groups "
-            "(%.1f MB) in place in %.2f s",
-            server_round,
-            len(accepted),
-            [a.node_id for a in accepted],
-            sum(weights),
-            len(self.model.tensors),
-            self.model.nbytes / 1e6,
-            time.perf_counter() - start,
-        )
+        log_aggregated(server_round, accepted, len(self.model.tensors), self.model.nbytes, time.perf_counter() - start)
         return self.model.record(), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

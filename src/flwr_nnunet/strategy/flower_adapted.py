@@ -2,7 +2,8 @@
 
 The replies are validated and made canonical first, so distances and norms
 count each shared tensor once; Flower's result is then written into the
-network in place.
+network in place, unless it is not finite (e.g. q-FedAvg on huge but finite
+replies) or Flower's code fails: then the round is refused, the model unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from flwr_nnunet.core.codec import encode_tensor
 from flwr_nnunet.core.reduce import weighted_mean_
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
-from flwr_nnunet.strategy.replies import canonical_message
+from flwr_nnunet.strategy.replies import bounded, canonical_message
 
 __all__ = ["NnUNetBulyan", "NnUNetKrum", "NnUNetMultiKrum", "NnUNetQFedAvg"]
 
@@ -43,27 +44,30 @@ class _FlowerAggregated(NnUNetFedAvg):
         if not accepted:
             return None, None
         keys = self.floating_keys()
-        messages = [canonical_message(a.message, keys, self.arrayrecord_key) for a in accepted]
+        weighted_by = self.weighted_by_key
+        messages = [
+            canonical_message(a.message, keys, self.arrayrecord_key, weight=(weighted_by, a.weight)) for a in accepted
+        ]
         try:
             arrays, metrics = super(NnUNetFedAvg, self).aggregate_train(server_round, messages)
-        except (AggregationError, ValueError, TypeError) as error:
+            if arrays is None:
+                return None, metrics
+            counters = OrderedDict((k, t.clone()) for k, t in self.model.tensors.items() if not t.is_floating_point())
+            if counters:
+                updates = [{k: a.tensors[k] for k in counters} for a in accepted]
+                weighted_mean_(counters, updates, [a.weight for a in accepted])
+                for key, value in counters.items():
+                    arrays[key] = encode_tensor(value)
+            self.model.load_(arrays, cast=True)  # refuses a non-finite result, leaving the model unchanged
+        except (AggregationError, ArithmeticError, ValueError, TypeError) as error:
             log(
                 WARNING,
-                "aggregate_train: round %d: %s failed (%s): global model unchanged",
+                "aggregate_train: round %d: %s refused its result (%s): global model unchanged",
                 server_round,
                 type(self).__name__,
-                error,
+                bounded(error),
             )
             return None, None
-        if arrays is None:
-            return None, metrics
-        counters = OrderedDict((k, t.clone()) for k, t in self.model.tensors.items() if not t.is_floating_point())
-        if counters:
-            updates = [{k: a.tensors[k] for k in counters} for a in accepted]
-            weighted_mean_(counters, updates, [self.reply_weight(a) for a in accepted])
-            for key, value in counters.items():
-                arrays[key] = encode_tensor(value)
-        self.model.load_(arrays, cast=True)
         log(
             INFO,
             "aggregate_train: round %d: %s result written into the network in place",

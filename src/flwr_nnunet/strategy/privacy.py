@@ -7,6 +7,7 @@ count each shared tensor once; the noised model is written into the network.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,10 +19,12 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Result,
 )
+from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from flwr_nnunet.strategy.checkpoints import StatefulStrategy
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
+from flwr_nnunet.strategy.replies import bounded
 from flwr_nnunet.strategy.rounds import run_rounds
 
 __all__ = [
@@ -60,11 +63,23 @@ class AliasAwareDP:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, let Flower clip/aggregate/noise, then write the noised model into the network."""
         core = self.strategy
+        snapshot = core.model.snapshot()
         valid = core.valid_messages(server_round, replies, is_train=True)
-        arrays, metrics = super().aggregate_train(server_round, valid)
-        if arrays is None:
-            return None, metrics
-        core.model.load_(arrays, cast=True)
+        try:
+            arrays, metrics = super().aggregate_train(server_round, valid)
+            if arrays is None:
+                return None, metrics
+            core.model.load_(arrays, cast=True)
+        except (ArithmeticError, ValueError, TypeError) as error:  # Flower's checks, a non-finite noised model
+            core.model.roll_back_(snapshot)
+            log(
+                WARNING,
+                "aggregate_train: round %d: %s refused the round (%s): global model unchanged",
+                server_round,
+                type(self).__name__,
+                bounded(error),
+            )
+            return None, None
         return core.model.record(), metrics
 
     def strategy_state(self) -> dict[str, Any]:

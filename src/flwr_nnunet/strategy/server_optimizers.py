@@ -2,7 +2,8 @@
 
 FedAvgM (server momentum) and FedOpt's FedAdagrad, FedAdam and FedYogi, with
 Flower's arguments and defaults; their per-group buffers (momentum, moments)
-are part of the resume state.
+are part of the resume state. A step that would make the model or a buffer
+non-finite refuses the round: model and buffers stay as before it (one log line).
 """
 
 from __future__ import annotations
@@ -18,8 +19,21 @@ from flwr.supercore import log
 from torch import nn
 
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
+from flwr_nnunet.strategy.replies import RoundRefused, non_finite_reason
 
-__all__ = ["NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi"]
+__all__ = ["NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi", "step_problem"]
+
+
+def step_problem(key: str, target: torch.Tensor, buffers: Mapping[str, torch.Tensor | None]) -> str | None:
+    """What a server step left non-finite in group ``key``: the model (``target``) or a named buffer; None."""
+    reason = non_finite_reason(key, target)
+    if reason:
+        return f"the model non-finite ({reason})"
+    for name, buffer in buffers.items():
+        reason = None if buffer is None else non_finite_reason(key, buffer)
+        if reason:
+            return f"its {name!r} buffer non-finite ({reason})"
+    return None
 
 
 class _ServerOptimizer(NnUNetFedAvg):
@@ -51,15 +65,31 @@ class _ServerOptimizer(NnUNetFedAvg):
         weights: Sequence[float],
     ) -> list[str]:
         """Weighted mean into ``targets``, then :meth:`step_group_` on every floating-point group
-        (from the pre-round values, read from the record sent this round)."""
+        (from the pre-round values, read from the record sent this round).
+
+        Raises
+        ------
+        RoundRefused
+            When a step would make a group or a buffer (moment, momentum) non-finite (e.g. one finite but huge
+            reply); the buffers are then restored to their pre-round values (the caller rolls the model back),
+            so the round leaves no trace and later rounds step as before.
+        """
         snapshot = self.model.snapshot()
         non_finite = super().reduce_all_(server_round, targets, updates, weights)
         if non_finite or not self.server_step_enabled():
             return non_finite
         previous = self.model.values_in(snapshot, [k for k, t in targets.items() if t.is_floating_point()])
+        saved = {name: {k: t.clone() for k, t in buffers.items()} for name, buffers in self.buffers.items()}
         with torch.no_grad():
             for key, before in previous.items():
                 self.step_group_(server_round, key, targets[key], before)
+                problem = step_problem(key, targets[key], {name: b.get(key) for name, b in self.buffers.items()})
+                if problem:
+                    self.buffers = saved
+                    raise RoundRefused(
+                        f"{type(self).__name__}'s server step would make {problem}: the round's update is refused "
+                        "and the server-optimizer state rolled back"
+                    )
         return []
 
     def buffer(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
