@@ -24,6 +24,11 @@ Override points for research code
 ``local_keys=predicate``
     Personalization (FedBN-style): groups in which any key matches stay local
     at each site and are neither sent nor aggregated.
+``streams``
+    Whether ``start(..., streaming=True)`` may fold each reply into a running
+    sum as it arrives (:mod:`flwr_nnunet.strategy.streaming`); a subclass that
+    overrides ``aggregate_train``, ``reduce_all_`` or ``reduce_group_`` does
+    not stream unless it sets ``streams = True`` itself.
 """
 
 from __future__ import annotations
@@ -102,11 +107,20 @@ class NnUNetFedAvg(FedAvg):
     result replaces checking every reply; reducers that can hide one (median, trimmed mean, a custom
     ``reduce_group_``) set it False and every reply is checked first."""
 
+    streams: ClassVar[bool] = True
+    """Whether the reduction is the weighted mean, optionally followed by a server step that
+    ``reduce_all_`` applies to the streamed mean passed as its one update of weight 1: then a round can
+    fold replies as they arrive. Subclasses that override ``aggregate_train``, ``reduce_all_`` or
+    ``reduce_group_`` get False unless they set it."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "reduce_group_" in cls.__dict__ and "reduce_all_" not in cls.__dict__:
             cls.reduce_all_ = NnUNetFedAvg.reduce_groups_
             cls.result_shows_non_finite = False
+        overrides = {"aggregate_train", "reduce_all_", "reduce_group_"} & set(cls.__dict__)
+        if overrides and "streams" not in cls.__dict__:
+            cls.streams = False
 
     def __init__(
         self,
@@ -314,7 +328,8 @@ class NnUNetFedAvg(FedAvg):
     ) -> Result:
         """Run rounds ``checkpoints.completed_rounds + 1`` to ``num_rounds``, checkpointing each (see
         :func:`~flwr_nnunet.strategy.rounds.run_rounds`; ``kwargs``: ``timeout``, ``train_config``,
-        ``evaluate_config``, ``evaluate_fn``, as Flower's ``Strategy.start``)."""
+        ``evaluate_config``, ``evaluate_fn``, as Flower's ``Strategy.start``, and the streaming options
+        ``streaming``, ``quorum``, ``grace``, ``poll_interval``)."""
         return run_rounds(
             self,
             self.model,

@@ -2,7 +2,11 @@
 
 :func:`run_rounds` works on any Flower ``Strategy`` plus the
 :class:`~flwr_nnunet.strategy.global_model.GlobalModel` it trains and the
-run's :class:`~flwr_nnunet.strategy.checkpoints.RunCheckpoints`.
+run's :class:`~flwr_nnunet.strategy.checkpoints.RunCheckpoints`. With
+``streaming=True`` the training half of each round of a strategy that streams
+runs through :func:`~flwr_nnunet.strategy.streaming.stream_train_round`
+(replies folded as they arrive) instead of ``send_and_receive`` then
+``aggregate_train``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flwr.supercore import log
 
 from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
+from flwr_nnunet.strategy.streaming import LateReplies, stream_train_round, streams
 
 __all__ = ["run_rounds"]
 
@@ -38,6 +43,10 @@ def run_rounds(
     evaluate_config: ConfigRecord | None = None,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     on_round_end: Callable[[int], None] | None = None,
+    streaming: bool = False,
+    quorum: float | None = None,
+    grace: float = 0.0,
+    poll_interval: float = 0.1,
 ) -> Result:
     """Flower's round loop on ``model``, continuing after ``checkpoints.completed_rounds``.
 
@@ -48,6 +57,19 @@ def run_rounds(
     round ``checkpoint_latest.pth`` is written, then ``on_round_end(round)`` is
     called; at the end ``checkpoint_final.pth`` is written and
     ``result.arrays`` is the global model even when no round changed it.
+
+    Streaming options (training rounds; evaluation always uses ``send_and_receive``):
+
+    - ``streaming``: fold each training reply into a running sum as it arrives
+      (:func:`~flwr_nnunet.strategy.streaming.stream_train_round`) when the
+      strategy streams (its class sets ``streams = True``); other strategies keep
+      the batch path, with one log line.
+    - ``quorum``: None, or a fraction in (0, 1] of the sampled nodes; once that
+      many replies are accepted the round waits at most ``grace`` seconds more.
+    - ``poll_interval``: seconds between two pulls of outstanding replies.
+
+    ``timeout`` closes a streaming round as it ends a batch one; replies that
+    arrive after their round closed are dropped and logged.
     A resumed run that already completed ``num_rounds`` returns at once, with
     one log line and nothing written (``checkpoint_final.pth`` stays as it is).
     """
@@ -81,6 +103,10 @@ def run_rounds(
         checkpoints.folder.write_metadata()
     result = Result()
     started = time.time()
+    stream = streaming and streams(strategy)
+    if streaming and not stream:
+        log(INFO, "%s does not stream (it needs every reply at once): batch rounds", type(strategy).__name__)
+    late = LateReplies()
     if evaluate_fn and first == 1:
         res = evaluate_fn(0, arrays)
         log(INFO, "Initial global evaluation results: %s", res)
@@ -89,10 +115,23 @@ def run_rounds(
     for server_round in range(first, num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
-        )
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        instructions = strategy.configure_train(server_round, arrays, train_config, grid)
+        if stream:
+            new_arrays, train_metrics = stream_train_round(
+                strategy,
+                grid,
+                server_round,
+                instructions,
+                timeout=timeout,
+                quorum=quorum,
+                grace=grace,
+                poll_interval=poll_interval,
+                late=late,
+            )
+        else:
+            replies = grid.send_and_receive(messages=instructions, timeout=timeout)
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            del replies
         if new_arrays is not None:
             model.load_(new_arrays)
             arrays = model.record()

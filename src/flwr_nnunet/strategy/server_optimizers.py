@@ -44,6 +44,7 @@ class _ServerOptimizer(NnUNetFedAvg):
     """
 
     buffer_names: tuple[str, ...] = ()
+    streams = True  # the weighted mean streams; the step runs on the streamed mean (reduce_all_ with it alone)
 
     def __init__(self, network: nn.Module, **kwargs: Any) -> None:
         super().__init__(network, **kwargs)

@@ -1,0 +1,408 @@
+"""Streaming training rounds: each reply is checked and folded into a running sum as it arrives, then released.
+
+:func:`stream_train_round` pushes a round's instructions (``grid.push_messages``)
+and pulls the replies as they come (``grid.pull_messages`` every
+``poll_interval`` seconds). A :class:`TrainStream` checks each reply when it
+arrives, with the checks of ``aggregate_train`` (NaN/Inf included, before the
+reply touches the accumulator), folds it into a
+:class:`~flwr_nnunet.core.reduce.RunningWeightedSum` and keeps only its small
+``MetricRecord``. The running sum of each float32 group lives in the global
+network's own tensor plus a float32 low part (``in_place=True``; other groups
+in float64); the pre-round model stays in the record sent this round. When the
+round closes the mean is written into the network in place, then the
+strategy's server step runs on it, with the guarantees of the batch path: a
+round with too few valid replies, or whose result or server step is not
+finite, or that fails, leaves the model bit-identical (rolled back from that
+record). Server memory: the global network, the low parts (4 bytes per float32
+element) and the replies in flight, whatever the number of sites.
+
+A round closes when every instruction is answered, at ``timeout`` seconds after
+the push, or, with ``quorum`` (a fraction of the sampled nodes), ``grace``
+seconds after ``ceil(quorum * sampled)`` replies were accepted. Replies that
+arrive after their round closed are dropped with a log line (:class:`LateReplies`).
+
+Which strategies stream: those whose reduction is a weighted mean, optionally
+followed by a server step on it (``streams = True`` on the class: NnUNetFedAvg,
+NnUNetFedProx, FedBN-style local groups, the server optimizers); order
+statistics and Flower-adapted or wrapped strategies keep the batch path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import TYPE_CHECKING
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from flwr_nnunet.core.reduce import RunningWeightedSum
+from flwr_nnunet.strategy.replies import (
+    AcceptedReply,
+    Rejection,
+    aggregate_metrics,
+    check_weight,
+    enough_replies,
+    log_rejection,
+)
+
+if TYPE_CHECKING:
+    from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
+
+__all__ = ["LateReplies", "TrainStream", "quorum_count", "release_arrays", "stream_train_round", "streams"]
+
+STAGE = "aggregate_train"
+
+
+def streams(strategy: object) -> bool:
+    """Whether ``strategy`` (an instance or a class) can run streaming rounds (its class sets ``streams = True``)."""
+    cls = strategy if isinstance(strategy, type) else type(strategy)
+    return bool(getattr(cls, "streams", False))
+
+
+def quorum_count(quorum: float | None, sampled: int) -> int:
+    """Accepted replies after which the grace period starts: ``ceil(quorum * sampled)`` (at least 1), or
+    ``sampled`` without a quorum."""
+    if quorum is None:
+        return sampled
+    if not 0.0 < quorum <= 1.0:
+        raise ValueError(f"quorum must be in (0, 1] or None, got {quorum!r}")
+    return max(1, math.ceil(quorum * sampled - 1e-9))
+
+
+def release_arrays(message: Message) -> None:
+    """Empty the reply's ``ArrayRecord``s so their bytes are freed now.
+
+    Flower's ``RecordDict.array_records`` view is a reference cycle that keeps the
+    records alive until the garbage collector runs; emptying them frees the
+    payload as soon as the reply has been folded or rejected.
+    """
+    if not message.has_content():
+        return
+    for record in message.content.values():
+        if isinstance(record, ArrayRecord):
+            record.clear()
+
+
+def _metrics_only(message: Message) -> Message:
+    """A copy of ``message`` with its metric records only (what metric aggregation reads), sharing them."""
+    content = RecordDict(dict(message.content.metric_records))
+    return make_message(message.metadata, content=content)
+
+
+class TrainStream:
+    """One streaming training round of ``strategy``: :meth:`offer` each reply as it arrives, then :meth:`finish`.
+
+    Parameters
+    ----------
+    strategy
+        A strategy of the NnUNetFedAvg family whose class streams (see :func:`streams`).
+    server_round
+        The round.
+
+    Attributes
+    ----------
+    folded
+        The accepted replies, each reduced to its metrics (no tensors).
+    received
+        How many replies were offered.
+    """
+
+    def __init__(self, strategy: NnUNetFedAvg, server_round: int) -> None:
+        if not streams(strategy):
+            raise TypeError(f"{type(strategy).__name__} does not stream: use aggregate_train")
+        self.strategy = strategy
+        self.server_round = server_round
+        self.accumulator: RunningWeightedSum | None = None
+        self.snapshot = strategy.model.snapshot()  # the record sent this round: the pre-round model
+        self.folded: list[AcceptedReply] = []
+        self.seen: set[int] = set()
+        self.received = 0
+        self.started = time.perf_counter()
+
+    def check(self, message: Message) -> AcceptedReply | Rejection:
+        """The checks of ``aggregate_train`` for one reply (NaN/Inf included): the accepted reply with its
+        weight (``reply_weight()``, capped at the strategy's ``max_reply_weight`` when it has one), or why not."""
+        strategy = self.strategy
+        result = strategy.validator.check_train(message, check_finite=True)
+        node = result.node_id
+        if node in self.seen:
+            return Rejection(node, "a second reply from this node in the round: only the first one counts")
+        self.seen.add(node)
+        if isinstance(result, Rejection):
+            return result
+        value = strategy.reply_weight(result)
+        reason = check_weight(value, "reply_weight()")
+        if reason:
+            return Rejection(node, reason)
+        weight = float(value)
+        cap = getattr(strategy.validator, "max_reply_weight", None)
+        if cap is not None and weight > cap:
+            log(
+                INFO,
+                "%s: round %d: node %d: weight %g clipped to max_reply_weight %g",
+                STAGE,
+                self.server_round,
+                node,
+                weight,
+                cap,
+            )
+            weight = cap
+        result.weight = weight
+        return result
+
+    def offer(self, message: Message) -> bool:
+        """Check one reply and, when it is valid, fold it into the accumulator; log a rejection. Then the reply is
+        released: its ``ArrayRecord``s are emptied (:func:`release_arrays`). Returns whether it was folded."""
+        try:
+            return self._offer(message)
+        finally:
+            release_arrays(message)
+
+    def _offer(self, message: Message) -> bool:
+        self.received += 1
+        result = self.check(message)
+        if isinstance(result, Rejection):
+            log_rejection(STAGE, self.server_round, result)
+            return False
+        if self.accumulator is None:
+            self.accumulator = RunningWeightedSum(self.strategy.model.tensors, in_place=True)
+        self.accumulator.add_(result.tensors, result.weight)
+        kept = AcceptedReply(_metrics_only(result.message), OrderedDict(), result.metrics, result.num_examples)
+        kept.weight = result.weight
+        self.folded.append(kept)
+        return True
+
+    def release(self) -> None:
+        """Free the accumulator (the network keeps what it holds)."""
+        if self.accumulator is not None:
+            self.accumulator.release()
+        self.accumulator = None
+
+    def abort(self) -> None:
+        """Abandon the round: free the accumulator and, if a reply was folded (the network holds a partial sum),
+        roll the network back to the pre-round record, bit for bit."""
+        touched = self.accumulator is not None
+        self.release()
+        if touched:
+            self.strategy.model.roll_back_(self.snapshot)
+
+    def finish(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Close the round: the mean written into the global network in place (then the server step, if any),
+        and ``(record, metrics)`` as ``aggregate_train`` returns them; ``(None, None)`` with the model
+        bit-identical to before when too few replies were folded or the result is refused."""
+        strategy, server_round = self.strategy, self.server_round
+        model = strategy.model
+        folded = self.folded
+        log(INFO, "%s: round %d: %d of %d replies accepted (streamed)", STAGE, server_round, len(folded), self.received)
+        if not folded or not enough_replies(STAGE, server_round, len(folded), strategy.min_train_nodes):
+            self.abort()
+            return None, None
+        total = self.accumulator.total_weight
+        if not math.isfinite(total):
+            self.abort()
+            log(
+                WARNING,
+                "%s: round %d: the accepted weights sum to %s in float64: round refused",
+                STAGE,
+                server_round,
+                total,
+            )
+            return None, None
+        try:
+            non_finite = self.accumulator.finish_(model.tensors, check_finite=True)
+            self.release()
+            if not non_finite and _has_server_step(strategy):
+                # the step of a mean-then-step strategy, on the streamed mean as its one update of weight 1
+                non_finite = strategy.reduce_all_(server_round, model.tensors, [model.tensors], [1.0])
+        except ArithmeticError as refused:  # RoundRefused: a server step that would go non-finite
+            self.release()
+            model.roll_back_(self.snapshot)
+            log(WARNING, "%s: round %d: %s: global model unchanged", STAGE, server_round, refused)
+            return None, None
+        except BaseException:
+            self.release()
+            model.roll_back_(self.snapshot)
+            raise
+        if non_finite:
+            model.roll_back_(self.snapshot)
+            log(
+                WARNING,
+                "%s: round %d: the result of %r is not finite (every folded reply was finite): global model unchanged",
+                STAGE,
+                server_round,
+                non_finite[0],
+            )
+            return None, None
+        model.changed()
+        metrics = aggregate_metrics(strategy.train_metrics_aggr_fn, folded, strategy.weighted_by_key, STAGE)
+        log(
+            INFO,
+            "%s: round %d: streamed %d replies (nodes %s, total weight %g) into %d groups (%.1f MB) in place; "
+            "%.2f s since the round opened",
+            STAGE,
+            server_round,
+            len(folded),
+            sorted(a.node_id for a in folded),
+            total,
+            len(model.tensors),
+            model.nbytes / 1e6,
+            time.perf_counter() - self.started,
+        )
+        return model.record(), metrics
+
+
+def _has_server_step(strategy: NnUNetFedAvg) -> bool:
+    """Whether the strategy's ``reduce_all_`` is more than the weighted mean (a server optimizer's step)."""
+    from flwr_nnunet.strategy.fedavg import NnUNetFedAvg  # noqa: PLC0415  (fedavg imports the round loop)
+
+    return type(strategy).reduce_all_ is not NnUNetFedAvg.reduce_all_
+
+
+class LateReplies:
+    """Instructions of closed rounds still unanswered: their replies, when they come, are dropped and logged.
+
+    The round loop keeps one across rounds and passes it to :func:`stream_train_round`, which also pulls these
+    ids (so the grid frees the late replies) and calls :meth:`drop` for each one that comes back.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[int, int]] = {}  # instruction id -> (round, destination node)
+
+    def add(self, server_round: int, sent_to: dict[str, int]) -> None:
+        """Remember the unanswered instructions of a closed round (id -> node)."""
+        for message_id, node in sent_to.items():
+            self.pending[message_id] = (server_round, node)
+
+    def drop(self, message: Message, server_round: int) -> None:
+        """Log and forget a reply that came after its round closed."""
+        closed, node = self.pending.pop(message.metadata.reply_to_message_id, (None, message.metadata.src_node_id))
+        log(
+            WARNING,
+            "%s: round %d: dropped a reply from node %d: it arrived after round %s closed",
+            STAGE,
+            server_round,
+            message.metadata.src_node_id or node,
+            closed,
+        )
+
+
+def stream_train_round(
+    strategy: NnUNetFedAvg,
+    grid: Grid,
+    server_round: int,
+    messages: Iterable[Message],
+    *,
+    timeout: float | None = 3600,
+    quorum: float | None = None,
+    grace: float = 0.0,
+    poll_interval: float = 0.1,
+    late: LateReplies | None = None,
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """Push ``messages`` (the round's instructions), fold the replies as they arrive, close the round.
+
+    Parameters
+    ----------
+    strategy, grid, server_round
+        The streaming strategy, Flower's grid and the round.
+    messages
+        What ``strategy.configure_train`` returned.
+    timeout
+        Seconds after the push at which the round closes whatever has arrived (None: no limit).
+    quorum
+        Optional fraction of the sampled nodes, in (0, 1]: once ``ceil(quorum * sampled)`` replies were
+        accepted, the round waits at most ``grace`` more seconds for the others.
+    grace
+        Seconds to wait after the quorum is met (0: close at once).
+    poll_interval
+        Seconds between two pulls while replies are outstanding.
+    late
+        The :class:`LateReplies` of the run: unanswered instructions are added to it when the round closes, and
+        replies to earlier rounds' instructions are dropped and logged.
+
+    Returns
+    -------
+    tuple
+        ``(ArrayRecord | None, MetricRecord | None)``, as ``aggregate_train``.
+    """
+    messages = list(messages)
+    needed = quorum_count(quorum, len(messages))
+    stream = TrainStream(strategy, server_round)
+    opened = time.monotonic()
+    ids = [str(i) for i in grid.push_messages(messages) if i]
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    del messages
+    pending = set(ids)
+    deadline = math.inf if timeout is None else opened + timeout
+    try:
+        _pull_round(stream, grid, pending, sent_to, deadline, needed, grace, poll_interval, late)
+    except BaseException:
+        stream.abort()  # the network back to the pre-round model
+        raise
+    return stream.finish()
+
+
+# pylint: disable-next=too-many-arguments
+def _pull_round(
+    stream: TrainStream,
+    grid: Grid,
+    pending: set[str],
+    sent_to: dict[str, int],
+    deadline: float,
+    needed: int,
+    grace: float,
+    poll_interval: float,
+    late: LateReplies | None,
+) -> None:
+    """Pull and offer replies until the round closes; log the instructions left unanswered (in ``pending``)."""
+    server_round = stream.server_round
+    closes, quorum_met = deadline, False
+    why = "every instruction was answered"
+    while pending:
+        earlier = set(late.pending) if late is not None else set()
+        for reply in grid.pull_messages(pending | earlier):
+            instruction = reply.metadata.reply_to_message_id
+            if instruction in pending:
+                pending.discard(instruction)
+                sent_to.pop(instruction, None)
+                stream.offer(reply)
+            elif late is not None:
+                late.drop(reply, server_round)
+                release_arrays(reply)
+            del reply
+        now = time.monotonic()
+        if not quorum_met and len(stream.folded) >= needed and pending:
+            quorum_met, closes = True, min(deadline, now + grace)
+            log(
+                INFO,
+                "%s: round %d: quorum of %d accepted replies met: waiting up to %.1f s for %d more",
+                STAGE,
+                server_round,
+                needed,
+                closes - now,
+                len(pending),
+            )
+        if not pending:
+            break
+        if now >= closes:
+            why = "the grace period after the quorum ended" if closes < deadline else "the round timed out"
+            break
+        time.sleep(max(0.0, min(poll_interval, closes - now)))
+    if pending:
+        nodes = sorted(sent_to.get(i, -1) for i in pending)
+        log(
+            WARNING,
+            "%s: round %d: closed with %d replies outstanding (%s): nodes %s",
+            STAGE,
+            server_round,
+            len(pending),
+            why,
+            nodes[:20],
+        )
+        if late is not None:
+            late.add(server_round, {i: sent_to.get(i, -1) for i in pending})
