@@ -252,7 +252,8 @@ def unknown_error_code(context: Context, node: int) -> list[Message]:
 class Kind:
     build: Callable[[Context, int], list[Message]]
     reason: str
-    outcome: str = "rejected"  # "rejected": model as the honest replies alone make it; "refused": model unchanged
+    outcome: str = "rejected"  # "rejected": model as the honest replies alone make it; "refused": model unchanged;
+    # "survives": the round aggregates and the model stays finite
     only: tuple[str, ...] = ()  # the strategies it applies to (all when empty)
     node: int | None = None  # the node the log must name (default: the hostile reply's)
     traced: bool = False  # also trace Python allocations (tracemalloc) during the call
@@ -350,6 +351,10 @@ KINDS: dict[str, Kind] = {
     "negative pseudo-dice": Kind(with_metrics(pseudo_dice_per_class=[0.5, -0.1]), "outside [0, 1]"),
     # finite but huge values: only the strategies whose step cannot hold them refuse the round
     "3e38 values": Kind(huge_values, " Inf values", outcome="refused", only=("fedadam", "qfedavg")),
+    "3e38 values, finite mean": Kind(huge_values, "", outcome="survives", only=("fedavg", "krum", "dp")),
+    "10 MB key name": Kind(
+        with_tensors(lambda t: OrderedDict(t, **{"k" * 10_000_000: torch.zeros(1)})), "unknown keys", traced=True
+    ),
 }
 assert len(KINDS) >= 40
 
@@ -402,6 +407,10 @@ def test_a_hostile_reply_never_escapes_and_never_touches_the_model(flwr_log, kin
     assert peak < PEAK_BYTES, f"{peak / 1e6:.1f} MB allocated"
     assert _resident_bytes() - resident < 2 * PEAK_BYTES
     lines = [r.getMessage() for r in flwr_log]
+    if spec.outcome == "survives":  # not a bad reply for this strategy: the round goes on, the model stays finite
+        assert arrays is not None
+        assert all(torch.isfinite(v).all() for v in state(strategy).values() if v.is_floating_point())
+        return
     if spec.outcome == "refused":
         assert arrays is None
         assert_same(state(strategy), before)
@@ -423,7 +432,7 @@ def test_a_round_of_hostile_replies_only_leaves_the_model_bit_identical(flwr_log
     before = state(strategy)
     replies = []
     for index, (kind, spec) in enumerate(KINDS.items()):
-        if spec.outcome == "rejected" and spec.node is None:
+        if spec.outcome == "rejected" and spec.node is None:  # the others are not rejections (or need honest nodes)
             replies += spec.build((sent, instructions), 200 + index)
 
     assert strategy.aggregate_train(1, replies) == (None, None)
