@@ -112,6 +112,14 @@ RUN_CONFIG: tuple[Setting, ...] = (
     Setting("min-train-nodes", int, 2, "minimum nodes per training round"),
     Setting("min-evaluate-nodes", int, 2, "minimum nodes per evaluation round"),
     Setting("min-available-nodes", int, 2, "nodes to wait for before a round starts"),
+    Setting(
+        "node-wait",
+        float,
+        600.0,
+        "seconds a round's sampling waits for min-available-nodes; then it goes on with the connected nodes if "
+        "they meet min-train-nodes / min-evaluate-nodes, else the run stops with its checkpoints intact "
+        "(< 0: wait without end, Flower's own behaviour)",
+    ),
     Setting("dataset", str, "Dataset987_FedDemo", "nnU-Net dataset, DatasetXXX_Name (the same at every site)"),
     Setting("configuration", str, "2d", "nnU-Net configuration (2d, 3d_fullres, ...)"),
     Setting("plans", str, "nnUNetPlans", "plans identifier"),
@@ -236,6 +244,7 @@ class RunSettings:
     min_train_nodes: int
     min_evaluate_nodes: int
     min_available_nodes: int
+    node_wait: float
     dataset: str
     configuration: str
     plans: str

@@ -347,6 +347,7 @@ def run_server(grid: Any, context: Any) -> Any:
         grid,
         num_rounds=settings.num_rounds,
         timeout=settings.round_timeout,
+        node_wait=None if settings.node_wait < 0 else settings.node_wait,
         train_config=config,
         evaluate_config=ConfigRecord(settings.train_config()),
     )

@@ -24,6 +24,7 @@ from flwr.supercore import log
 
 from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
+from flwr_nnunet.strategy.nodes import configure_round
 from flwr_nnunet.strategy.streaming import LateReplies, stream_train_round, streams
 
 __all__ = ["run_rounds"]
@@ -43,6 +44,7 @@ def run_rounds(
     evaluate_config: ConfigRecord | None = None,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     on_round_end: Callable[[int], None] | None = None,
+    node_wait: float | None = None,
     streaming: bool = False,
     quorum: float | None = None,
     grace: float = 0.0,
@@ -72,6 +74,11 @@ def run_rounds(
     arrive after their round closed are dropped and logged.
     A resumed run that already completed ``num_rounds`` returns at once, with
     one log line and nothing written (``checkpoint_final.pth`` stays as it is).
+
+    ``node_wait``: the most seconds each sampling step waits for the strategy's
+    ``min_available_nodes`` (None: without end, as Flower); with fewer than the
+    round's minimum then, the run stops after the last completed round
+    (:func:`~flwr_nnunet.strategy.nodes.configure_round`; no ``checkpoint_final.pth``).
     """
     if checkpoints.completed_rounds >= num_rounds and checkpoints.completed_rounds > 0:
         log(
@@ -115,7 +122,11 @@ def run_rounds(
     for server_round in range(first, num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-        instructions = strategy.configure_train(server_round, arrays, train_config, grid)
+        instructions = configure_round(
+            strategy, grid, server_round, arrays, train_config, train=True, node_wait=node_wait
+        )
+        if instructions is None:
+            break
         if stream:
             new_arrays, train_metrics = stream_train_round(
                 strategy,
@@ -138,9 +149,12 @@ def run_rounds(
         if train_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
             result.train_metrics_clientapp[server_round] = train_metrics
-        replies = grid.send_and_receive(
-            messages=strategy.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout
+        instructions = configure_round(
+            strategy, grid, server_round, arrays, evaluate_config, train=False, node_wait=node_wait
         )
+        if instructions is None:
+            break
+        replies = grid.send_and_receive(messages=instructions, timeout=timeout)
         evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
         if evaluate_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", evaluate_metrics)
@@ -154,7 +168,10 @@ def run_rounds(
         if on_round_end is not None:
             on_round_end(server_round)
     result.arrays = model.record()
-    checkpoints.save("final", checkpoints.completed_rounds)
+    if checkpoints.completed_rounds >= num_rounds:
+        checkpoints.save("final", checkpoints.completed_rounds)
+    else:
+        log(WARNING, "stopped after round %d of %d: no checkpoint_final.pth", checkpoints.completed_rounds, num_rounds)
     log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
     for line in io.StringIO(str(result)):
         log(INFO, "\t%s", line.strip("\n"))
