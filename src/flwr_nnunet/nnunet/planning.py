@@ -27,13 +27,24 @@ __all__ = [
     "fingerprint_site",
     "install_plans",
     "merge_fingerprints",
+    "PLANNERS",
     "nnunet_environment",
     "plan_experiment",
+    "plan_from_fingerprint",
+    "planner_preset",
     "preprocess_site",
     "shrink_plans",
 ]
 
 _PERCENTILES = (0.5, 50.0, 99.5)
+
+PLANNERS: dict[str, tuple[str, str]] = {
+    "default": ("ExperimentPlanner", "nnUNetPlans"),
+    "resenc-m": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+    "resenc-l": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
+    "resenc-xl": ("nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans"),
+}
+"""Run-config ``planner`` -> (nnU-Net experiment planner class, its own plans identifier)."""
 
 
 @contextlib.contextmanager
@@ -212,6 +223,89 @@ def plan_experiment(
         planner_instance = planner_class(dataset_name, plans_name=plans_name)
         planner_instance.plan_experiment()
     return json.loads((folder / f"{plans_name}.json").read_text())
+
+
+def planner_preset(name: str) -> tuple[str, str]:
+    """The nnU-Net planner class and plans identifier of a :data:`PLANNERS` preset.
+
+    Raises
+    ------
+    ValueError
+        For an unknown preset, naming the known ones.
+    """
+    key = str(name).strip().lower()
+    if key not in PLANNERS:
+        raise ValueError(f"unknown planner {name!r}: use one of {', '.join(PLANNERS)}")
+    return PLANNERS[key]
+
+
+def _planner_class(planner: str) -> type:
+    import nnunetv2
+    from batchgenerators.utilities.file_and_folder_operations import join
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    found = recursive_find_python_class(
+        join(nnunetv2.__path__[0], "experiment_planning"), planner, current_module="nnunetv2.experiment_planning"
+    )
+    if found is None:
+        raise ValueError(f"nnU-Net has no experiment planner named {planner!r}")
+    return found
+
+
+def plan_from_fingerprint(
+    fingerprint: dict,
+    dataset_json: dict,
+    dataset_name: str,
+    reader_writer: str,
+    *,
+    planner: str = "ExperimentPlanner",
+    plans_name: str = "nnUNetPlans",
+    workdir: str | os.PathLike | None = None,
+) -> dict:
+    """Plans from a (merged) fingerprint with nnU-Net's own experiment planner, without any image.
+
+    nnU-Net's planner opens a training image only to pick the image
+    reader/writer (``determine_reader_writer``); here the class the sites
+    report is supplied instead, and the planner is run against a scratch
+    ``nnUNet_raw`` holding just ``dataset.json`` (and an empty ``imagesTr``).
+
+    Parameters
+    ----------
+    fingerprint
+        ``dataset_fingerprint.json`` content (e.g. from :func:`~flwr_nnunet.nnunet.fingerprint.merge_site_statistics`).
+    dataset_json
+        The federation's ``dataset.json`` (``numTraining``: the federation's total).
+    dataset_name
+        ``Dataset<ID>_<Name>`` written into the plans.
+    reader_writer
+        Name of the nnU-Net reader/writer class the sites use (e.g. ``NaturalImage2DIO``).
+    planner, plans_name
+        nnU-Net planner class and plans identifier (see :data:`PLANNERS`).
+    workdir
+        Scratch folder (a temporary one, removed afterwards, by default).
+
+    Returns
+    -------
+    dict
+        The plans.
+    """
+    import tempfile
+
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+    reader_writer_class = recursive_find_reader_writer_by_name(reader_writer)
+    base = _planner_class(planner)
+    fixed = type(base.__name__, (base,), {"determine_reader_writer": lambda self: reader_writer_class})
+    with contextlib.ExitStack() as stack:
+        root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        raw, preprocessed = root / "nnUNet_raw", root / "nnUNet_preprocessed"
+        (raw / dataset_name / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (raw / dataset_name / "dataset.json").write_text(json.dumps(dataset_json, indent=4))
+        (preprocessed / dataset_name).mkdir(parents=True, exist_ok=True)
+        (preprocessed / dataset_name / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+        with nnunet_environment(raw, preprocessed), contextlib.redirect_stdout(open(os.devnull, "w")):
+            fixed(dataset_name, plans_name=plans_name).plan_experiment()
+        return json.loads((preprocessed / dataset_name / f"{plans_name}.json").read_text())
 
 
 def shrink_plans(plans: dict, *, max_features: int, width_divisor: int = 1, batch_size: int | None = None) -> dict:

@@ -1,0 +1,240 @@
+"""Federated planning: site statistics, exact merge, plans without raw data, the planning phase over queries.
+
+Three synthetic 2D sites of different image sizes (40, 80, 144 pixels) and
+intensity distributions. Planned alone they get different networks; planned
+together they get one set of plans, equal (architecture, patch size, spacing,
+normalization) to what nnU-Net's own fingerprint extractor and planner give on
+the three sites' raw data pooled into one dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from flwr_nnunet.demo.synthesis import SITE_STYLES, synthesize_case, write_case
+from flwr_nnunet.nnunet.fingerprint import (
+    SURVEY_FIELDS,
+    FederationMismatchError,
+    agreed_bins,
+    check_consistency,
+    federation_dataset_json,
+    merge_site_statistics,
+    samples_per_case,
+    site_statistics,
+    site_survey,
+)
+from flwr_nnunet.nnunet.intensity import (
+    PERCENTILES,
+    channel_statistics,
+    histogram_bins,
+    merge_channel_statistics,
+)
+from flwr_nnunet.nnunet.planning import PLANNERS, nnunet_environment, plan_from_fingerprint
+
+DATASET = "Dataset100_Federation"
+SIZES = (40, 80, 144)
+CASES = (4, 3, 3)
+TOTAL_SAMPLES = 30000  # nnU-Net's 1e8 foreground samples shrunk for a test (the same rule: total // cases)
+LABELS = {"background": 0, "organ": 1, "lesion": 2}
+
+
+def _dataset_json(num_training, labels=LABELS):
+    return {"channel_names": {"0": "MRI"}, "labels": labels, "numTraining": num_training, "file_ending": ".png"}
+
+
+def write_site(folder, index, size, num_cases, labels=LABELS):
+    rng = np.random.default_rng([7, index])
+    for i in range(num_cases):
+        write_case(
+            folder,
+            "imagesTr",
+            "labelsTr",
+            f"site{index}_{i:03d}",
+            synthesize_case(rng, SITE_STYLES[index], (size,) * 2),
+            2,
+        )
+    (folder / "dataset.json").write_text(json.dumps(_dataset_json(num_cases, labels)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("federation")
+    return {
+        f"site-{k}": write_site(root / f"site-{k}" / "nnUNet_raw" / DATASET, k, size, n)
+        for k, (size, n) in enumerate(zip(SIZES, CASES))
+    }
+
+
+@pytest.fixture(scope="module")
+def federated(sites):
+    surveys = {name: site_survey(folder) for name, folder in sites.items()}
+    check_consistency(surveys)
+    bins = agreed_bins(surveys)
+    num_samples = samples_per_case(sum(s["num_cases"] for s in surveys.values()), TOTAL_SAMPLES)
+    statistics = {name: site_statistics(folder, bins, num_samples) for name, folder in sites.items()}
+    fingerprint = merge_site_statistics(list(statistics.values()), bins)
+    dataset_json = federation_dataset_json(surveys)
+    plans = plan_from_fingerprint(fingerprint, dataset_json, DATASET, surveys["site-0"]["reader_writer"])
+    return {"surveys": surveys, "bins": bins, "statistics": statistics, "fingerprint": fingerprint, "plans": plans}
+
+
+@pytest.fixture(scope="module")
+def pooled(sites, tmp_path_factory):
+    """nnU-Net's own fingerprint extraction and planning on the three sites' raw data in one dataset."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    root = tmp_path_factory.mktemp("pooled")
+    raw, preprocessed = root / "nnUNet_raw", root / "nnUNet_preprocessed"
+    folder = raw / DATASET
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+        for site in sites.values():
+            for path in (site / sub).iterdir():
+                shutil.copyfile(path, folder / sub / path.name)
+    (folder / "dataset.json").write_text(json.dumps(_dataset_json(sum(CASES))))
+    with nnunet_environment(raw, preprocessed):
+        extractor = DatasetFingerprintExtractor(DATASET, num_processes=1)
+        extractor.num_foreground_voxels_for_intensitystats = TOTAL_SAMPLES
+        extractor.show_progress_bar = False
+        fingerprint = extractor.run()
+        planner = ExperimentPlanner(DATASET)
+        planner.plan_experiment()
+    plans = json.loads((preprocessed / DATASET / "nnUNetPlans.json").read_text())
+    return {"fingerprint": json.loads(json.dumps(fingerprint)), "plans": plans, "folder": folder}
+
+
+def _architecture(plans, configuration="2d"):
+    c = plans["configurations"][configuration]
+    return {
+        key: c[key]
+        for key in ("architecture", "patch_size", "spacing", "normalization_schemes", "use_mask_for_norm", "batch_size")
+    }
+
+
+# --- 1. site statistics -------------------------------------------------------------------------------------------
+
+
+def test_a_survey_and_the_statistics_hold_only_aggregates_of_bounded_size(federated):
+    for name, survey in federated["surveys"].items():
+        assert set(survey) == set(SURVEY_FIELDS)
+        assert survey["reader_writer"] == "NaturalImage2DIO" and survey["file_ending"] == ".png"
+        assert len(json.dumps(survey)) < 1000, name
+    for (name, statistics), num_cases in zip(federated["statistics"].items(), CASES):
+        assert statistics["num_cases"] == num_cases
+        assert len(statistics["shapes_after_crop"]) == len(statistics["spacings"]) == num_cases
+        (channel,) = statistics["intensities"]
+        assert set(channel) == {"count", "sum", "sum_squared_deviations", "min", "max", "histogram"}
+        assert len(channel["histogram"]) == federated["bins"][0]["num_bins"]
+        assert sum(channel["histogram"]) == channel["count"]
+
+
+# --- 2. exact merge -----------------------------------------------------------------------------------------------
+
+
+def test_merged_statistics_equal_the_pooled_ones(federated, pooled):
+    """Mean/std to 1e-6 relative, min/max exactly, percentiles within one bin of nnU-Net's pooled fingerprint."""
+    merged = federated["fingerprint"]["foreground_intensity_properties_per_channel"]["0"]
+    reference = pooled["fingerprint"]["foreground_intensity_properties_per_channel"]["0"]
+    bins = federated["bins"][0]
+    width = (bins["high"] - bins["low"]) / bins["num_bins"]
+    assert merged["mean"] == pytest.approx(reference["mean"], rel=1e-6)
+    assert merged["std"] == pytest.approx(reference["std"], rel=1e-6)
+    assert (merged["min"], merged["max"]) == (reference["min"], reference["max"])
+    for key in ("percentile_00_5", "median", "percentile_99_5"):
+        assert abs(merged[key] - reference[key]) < width, key
+    assert sorted(map(tuple, federated["fingerprint"]["shapes_after_crop"])) == sorted(
+        map(tuple, pooled["fingerprint"]["shapes_after_crop"])
+    )
+    assert sorted(map(tuple, federated["fingerprint"]["spacings"])) == sorted(
+        map(tuple, pooled["fingerprint"]["spacings"])
+    )
+    assert federated["fingerprint"]["median_relative_size_after_cropping"] == pytest.approx(
+        pooled["fingerprint"]["median_relative_size_after_cropping"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("modality", "parts", "widest_bin"),
+    [
+        ("CT, Hounsfield units", [(-1024, 3071, 40000), (-200, 400, 30000), (3000, 30000, 50)], 2.0),
+        ("MRI", [(0, 4000, 30000), (100, 900, 30000)], 0.25),
+        ("8-bit natural images", [(0, 255, 30000), (30, 200, 20000)], 0.016),
+    ],
+)
+def test_the_histogram_merge_is_exact_for_ct_mri_and_natural_ranges(modality, parts, widest_bin):
+    rng = np.random.default_rng(3)
+    sites = [rng.triangular(lo, (lo + hi) / 2, hi, n).round(1) for lo, hi, n in parts]
+    pooled = np.concatenate(sites)
+    bins = histogram_bins(min(s.min() for s in sites), max(s.max() for s in sites))
+    width = (bins["high"] - bins["low"]) / bins["num_bins"]
+    assert width <= widest_bin, modality
+    merged = merge_channel_statistics([channel_statistics(np.array_split(s, 4), bins) for s in sites], bins)
+    assert merged["mean"] == pytest.approx(pooled.mean(), rel=1e-9)
+    assert merged["std"] == pytest.approx(pooled.std(), rel=1e-9)
+    assert (merged["min"], merged["max"]) == (pooled.min(), pooled.max())
+    for key, q in zip(("percentile_00_5", "median", "percentile_99_5"), PERCENTILES):
+        assert abs(merged[key] - np.percentile(pooled, q)) < width, (modality, key)
+
+
+def test_averaged_percentiles_were_wrong_and_the_histogram_is_not():
+    """The old merge (case-weighted means of the sites' percentiles) misses the pooled percentile by far."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(50, 5, 10000), rng.normal(200, 5, 10000)
+    bins = histogram_bins(min(a.min(), b.min()), max(a.max(), b.max()))
+    merged = merge_channel_statistics([channel_statistics([a], bins), channel_statistics([b], bins)], bins)
+    pooled = np.percentile(np.concatenate([a, b]), 0.5)
+    averaged = (np.percentile(a, 0.5) + np.percentile(b, 0.5)) / 2
+    assert abs(averaged - pooled) > 50
+    assert abs(merged["percentile_00_5"] - pooled) < (bins["high"] - bins["low"]) / bins["num_bins"]
+
+
+def test_sites_with_other_labels_are_named_with_the_field(sites, tmp_path):
+    other = write_site(tmp_path / DATASET, 1, 40, 2, labels={"background": 0, "organ": 1})
+    surveys = {"site-0": site_survey(sites["site-0"]), "site-9": site_survey(other)}
+    with pytest.raises(FederationMismatchError) as caught:
+        check_consistency(surveys)
+    message = str(caught.value)
+    assert "labels" in message and "site-0" in message and "site-9" in message
+    assert set(caught.value.mismatches) == {"labels"}
+
+
+# --- 3. plans without raw data ------------------------------------------------------------------------------------
+
+
+def test_sites_planned_alone_get_different_networks_planned_together_nnunets_pooled_plans(sites, federated, pooled):
+    alone = []
+    for name in sites:
+        survey = federated["surveys"][name]
+        fingerprint = merge_site_statistics([federated["statistics"][name]], federated["bins"])
+        plans = plan_from_fingerprint(
+            fingerprint, federation_dataset_json({name: survey}), DATASET, survey["reader_writer"]
+        )
+        alone.append(_architecture(plans))
+    stages = [a["architecture"]["arch_kwargs"]["n_stages"] for a in alone]
+    assert len(set(stages)) == 3, stages  # weights of these networks could not be averaged
+    assert len({json.dumps(a["patch_size"]) for a in alone}) == 3
+    assert _architecture(federated["plans"]) == _architecture(pooled["plans"])
+    for key in ("transpose_forward", "original_median_spacing_after_transp", "original_median_shape_after_transp"):
+        assert federated["plans"][key] == pooled["plans"][key]
+    assert federated["plans"]["image_reader_writer"] == pooled["plans"]["image_reader_writer"] == "NaturalImage2DIO"
+
+
+@pytest.mark.parametrize("preset", ["resenc-m"])
+def test_residual_encoder_presets_plan_with_their_own_plans_name(federated, preset):
+    planner, plans_name = PLANNERS[preset]
+    plans = plan_from_fingerprint(
+        federated["fingerprint"],
+        federation_dataset_json(federated["surveys"]),
+        DATASET,
+        "NaturalImage2DIO",
+        planner=planner,
+        plans_name=plans_name,
+    )
+    assert plans["plans_name"] == plans_name == "nnUNetResEncUNetMPlans"
+    assert plans["configurations"]["2d"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
