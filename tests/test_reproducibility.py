@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-ORDERED_BY_NODE_ID = pytest.mark.xfail(
-    strict=True,
-    reason="ReplyValidator.accept (strategy/replies.py) sorts accepted replies by node id, which the SuperLink "
-    "draws at random in every run, so the float sum order of the weighted mean changes from run to run; "
-    "sort by the replies' contents instead (e.g. the ArrayRecord's object_id, then the weight)",
-)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("reproducibility") / "data", num_sites=2)
@@ -85,7 +77,6 @@ def _task_identity():
     set_task_identity()
 
 
-@ORDERED_BY_NODE_ID
 @pytest.mark.usefixtures("_task_identity")
 def test_the_global_model_does_not_depend_on_node_ids_or_arrival_order():
     """The same three site updates under other node ids (every run draws new ones) and in another arrival order."""
@@ -162,7 +153,6 @@ def _run_simulation(data_root: Path, *, workers: int, node_ids: list[int], monke
     assert next(chosen, None) is None, "the simulation registered fewer nodes than expected"
 
 
-@ORDERED_BY_NODE_ID
 @pytest.mark.slow
 def test_two_simulations_with_the_same_seed_give_the_same_final_model(demo, tmp_path, monkeypatch):
     """One worker running both sites vs two workers that swap sites between rounds, under other node ids."""
