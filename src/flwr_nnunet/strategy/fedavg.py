@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx, Result
+from flwr.serverapp.strategy import FedAvg, FedProx, Result, Strategy
 from torch import nn
 
 from flwr_nnunet.core.reduce import weighted_mean_
@@ -324,14 +324,21 @@ class NnUNetFedAvg(FedAvg):
         return self.checkpoints.resume(self, run_config)
 
     def start(
-        self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        *,
+        via: Strategy | None = None,
+        **kwargs: Any,
     ) -> Result:
         """Run rounds ``checkpoints.completed_rounds + 1`` to ``num_rounds``, checkpointing each (see
         :func:`~flwr_nnunet.strategy.rounds.run_rounds`; ``kwargs``: ``timeout``, ``train_config``,
         ``evaluate_config``, ``evaluate_fn``, as Flower's ``Strategy.start``, and the streaming options
-        ``streaming``, ``quorum``, ``grace``, ``poll_interval``)."""
+        ``streaming``, ``quorum``, ``grace``, ``poll_interval``). ``via``: a wrapper (DP) whose configure and
+        aggregate methods run each round instead of this strategy's."""
         return run_rounds(
-            self,
+            via or self,
             self.model,
             self.checkpoints,
             grid,

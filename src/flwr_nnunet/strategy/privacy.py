@@ -25,7 +25,6 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from flwr_nnunet.strategy.checkpoints import StatefulStrategy
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 from flwr_nnunet.strategy.replies import bounded
-from flwr_nnunet.strategy.rounds import run_rounds
 
 __all__ = [
     "AliasAwareDP",
@@ -101,17 +100,7 @@ class AliasAwareDP:
         self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any
     ) -> Result:
         """As :meth:`NnUNetFedAvg.start`, each round going through the wrapper."""
-        core = self.strategy
-        return run_rounds(
-            self,
-            core.model,
-            core.checkpoints,
-            grid,
-            initial_arrays=initial_arrays,
-            num_rounds=num_rounds,
-            on_round_end=core.on_round_end,
-            **kwargs,
-        )
+        return self.strategy.start(grid, initial_arrays, num_rounds, via=self, **kwargs)
 
 
 class NnUNetDPServerSideFixedClipping(AliasAwareDP, DifferentialPrivacyServerSideFixedClipping):
