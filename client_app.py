@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flwr_nnunet.apps.client import dp_clipping_mod, handle_message
+from flwr_nnunet.apps.client import dp_clipping_mod, handle_message, handle_query
 
 app = ClientApp(mods=[dp_clipping_mod])
 
@@ -18,3 +18,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the global model on the site's validation cases."""
     return handle_message(msg, context, train=False)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Federated planning: the site's aggregate statistics, or the federation's plans installed and applied."""
+    return handle_query(msg, context)

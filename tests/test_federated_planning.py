@@ -238,3 +238,192 @@ def test_residual_encoder_presets_plan_with_their_own_plans_name(federated, pres
     )
     assert plans["plans_name"] == plans_name == "nnUNetResEncUNetMPlans"
     assert plans["configurations"]["2d"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
+
+
+# --- 4. the planning phase over Flower query messages -------------------------------------------------------------
+
+
+class QueryGrid:
+    """A Grid that delivers each message to the ClientApp of ``client_app.py`` in-process and keeps every reply."""
+
+    def __init__(self, contexts):
+        self.contexts = contexts  # node id -> Context
+        self.replies = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import time
+
+        from flwr.app import Metadata
+        from flwr.app.message.message import make_message
+
+        from client_app import app
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            metadata = Metadata(
+                run_id=1,
+                message_id=f"query-{len(self.replies)}",
+                src_node_id=0,
+                dst_node_id=node,
+                reply_to_message_id="",
+                group_id=message.metadata.group_id,
+                created_at=time.time(),
+                ttl=3600.0,
+                message_type=message.metadata.message_type,
+            )
+            reply = app(make_message(metadata, content=message.content), self.contexts[node])
+            replies.append(reply)
+        self.replies.extend(replies)
+        return replies
+
+
+def _settings(root, **overrides):
+    from types import SimpleNamespace
+
+    values = {
+        "planner": "default",
+        "plans": "nnUNetPlans",
+        "dataset": DATASET,
+        "configuration": "2d",
+        "plans_max_features": 0,
+        "plans_width_divisor": 1,
+        "min_available_nodes": 3,
+        "node_wait": 0.0,
+        "round_timeout": 600.0,
+        "server_dataset_folder": root / "server" / "nnUNet_preprocessed" / DATASET,
+        **overrides,
+    }
+    return SimpleNamespace(**values)
+
+
+def _grid(root, num_sites):
+    from flwr.app import Context, RecordDict
+
+    run_config = {"data-root": str(root), "dataset": DATASET, "configuration": "2d", "make-demo": False}
+    return QueryGrid(
+        {
+            100 + k: Context(
+                run_id=1,
+                node_id=100 + k,
+                node_config={"partition-id": k, "num-partitions": num_sites},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for k in range(num_sites)
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def planning_phase(sites):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # client_app.py
+    from strategy_support import set_task_identity
+
+    from flwr_nnunet.apps.planning_phase import run_planning_phase
+
+    set_task_identity()  # what a running ServerApp has: messages are built with its run id
+
+    root = next(iter(sites.values())).parents[2]
+    grid = _grid(root, len(sites))
+    result = run_planning_phase(grid, _settings(root), total_samples=TOTAL_SAMPLES)
+    return {"root": root, "grid": grid, "result": result}
+
+
+def test_the_planning_phase_gives_every_site_the_plans_nnunet_makes_of_the_pooled_data(
+    planning_phase, pooled, federated
+):
+    from flwr_nnunet.nnunet.digests import plans_sha256
+
+    result, root = planning_phase["result"], planning_phase["root"]
+    assert result.plans == federated["plans"] | {"dataset_name": DATASET}
+    assert _architecture(result.plans) == _architecture(pooled["plans"])
+    assert sorted(result.sites.values()) == ["site-0", "site-1", "site-2"]
+    assert not (root / "server" / "nnUNet_raw").exists()  # the server held no raw data at all
+    server = json.loads((result.folder / "nnUNetPlans.json").read_text())
+    for k, num_cases in enumerate(CASES):
+        folder = root / f"site-{k}" / "nnUNet_preprocessed" / DATASET
+        assert plans_sha256(json.loads((folder / "nnUNetPlans.json").read_text())) == plans_sha256(server)
+        assert len(list((folder / "nnUNetPlans_2d").glob("*.pkl"))) == num_cases
+        assert (folder / "dataset_fingerprint.json").is_file() and (folder / "splits_final.json").is_file()
+
+
+def test_every_planning_reply_holds_only_the_listed_statistics_of_bounded_size(planning_phase):
+    """Nothing per voxel, no image: each reply is one config record with the documented fields only."""
+    from flwr_nnunet.nnunet.fingerprint import STATISTICS_FIELDS
+    from flwr_nnunet.nnunet.intensity import DEFAULT_NUM_BINS
+
+    replies = planning_phase["grid"].replies
+    assert len(replies) == 9  # 3 stages x 3 sites
+    stages = {"survey": set(SURVEY_FIELDS), "statistics": set(STATISTICS_FIELDS)}
+    stages["plans"] = {"plans-sha256", "preprocessed", "num_cases"}
+    case_counts = {}
+    for reply in replies:
+        assert not reply.has_error(), reply.error
+        assert list(reply.content.keys()) == ["config"]  # no ArrayRecord, no MetricRecord
+        assert not reply.content.array_records
+        config = reply.content["config"]
+        assert set(config.keys()) == {"planning-stage", "site-name", "planning"}
+        stage, site, answer = config["planning-stage"], config["site-name"], json.loads(config["planning"])
+        assert set(answer) == stages[stage], (stage, site)
+        if stage == "survey":
+            case_counts[site] = answer["num_cases"]
+            assert len(config["planning"]) < 1000
+        if stage == "statistics":
+            n = case_counts[site]
+            assert answer["num_cases"] == n
+            for key in ("shapes_after_crop", "spacings", "relative_sizes_after_crop"):
+                assert len(answer[key]) == n
+            assert all(len(x) == 3 for x in answer["shapes_after_crop"] + answer["spacings"])
+            (channel,) = answer["intensities"]
+            assert set(channel) == {"count", "sum", "sum_squared_deviations", "min", "max", "histogram"}
+            assert len(channel["histogram"]) <= DEFAULT_NUM_BINS and all(type(c) is int for c in channel["histogram"])
+            # bounded by cases and bins, not by voxels (an 144x144 case alone has 20736)
+            assert len(config["planning"]) < 200 * n + 8 * DEFAULT_NUM_BINS + 1000
+        if stage == "plans":
+            assert len(config["planning"]) < 200
+
+
+def test_a_second_planning_phase_finds_the_sites_preprocessed_and_skips_them(planning_phase):
+    from flwr_nnunet.apps.planning_phase import run_planning_phase
+
+    root = planning_phase["root"]
+    grid = _grid(root, len(CASES))
+    run_planning_phase(grid, _settings(root), total_samples=TOTAL_SAMPLES)
+    answers = [
+        json.loads(r.content["config"]["planning"])
+        for r in grid.replies
+        if r.content["config"]["planning-stage"] == "plans"
+    ]
+    assert [a["preprocessed"] for a in answers] == [False, False, False]
+
+
+def test_a_site_with_another_label_set_stops_the_planning_phase_naming_it(planning_phase, tmp_path):
+    from flwr_nnunet.apps.planning_phase import PlanningPhaseError, run_planning_phase
+
+    root = tmp_path / "federation"
+    for k, (size, n) in enumerate(zip((40, 40), (2, 2))):
+        labels = LABELS if k == 0 else {"background": 0, "organ": 1, "tumour": 2}
+        write_site(root / f"site-{k}" / "nnUNet_raw" / DATASET, k, size, n, labels=labels)
+    settings = _settings(root, min_available_nodes=2)
+    with pytest.raises(PlanningPhaseError) as caught:
+        run_planning_phase(_grid(root, 2), settings, total_samples=TOTAL_SAMPLES)
+    message = str(caught.value)
+    assert "before training" in message and "labels" in message and "site-0" in message and "site-1" in message
+    assert not settings.server_dataset_folder.exists()  # no plans: no round can start
+    assert not (root / "site-0" / "nnUNet_preprocessed").exists()
+
+
+def test_a_site_without_raw_data_is_named_with_the_fix(planning_phase, tmp_path):
+    from flwr_nnunet.apps.planning_phase import PlanningPhaseError, run_planning_phase
+
+    root = tmp_path / "federation"
+    write_site(root / "site-0" / "nnUNet_raw" / DATASET, 0, 40, 2)
+    with pytest.raises(PlanningPhaseError, match=r"site-1: .*dataset.json not found.*nnU-Net's raw format"):
+        run_planning_phase(_grid(root, 2), _settings(root, min_available_nodes=2), total_samples=TOTAL_SAMPLES)

@@ -38,6 +38,7 @@ __all__ = [
     "NODE_CONFIG_KEYS",
     "dp_clipping_mod",
     "handle_message",
+    "handle_query",
     "live_site",
     "site_spec",
 ]
@@ -49,6 +50,7 @@ NODE_CONFIG_KEYS = {
     "device": "overrides run-config 'device' on this node (auto, cpu, cuda)",
     "fold": "overrides run-config 'fold' on this node",
     "max-local-epochs": f"the most local epochs this site trains per round (default {DEFAULT_MAX_LOCAL_EPOCHS})",
+    "nnunet-raw": "the site's nnUNet_raw root, read by federated planning (default: the nnUNet_raw variable)",
 }
 """Deployment: ``flower-supernode --node-config "nnunet-preprocessed='/data/pp' nnunet-results='/data/res'"``."""
 
@@ -216,6 +218,33 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
             content["arrays"] = to_array_record(tensors)
         return Message(RecordDict(content), reply_to=message)
     except FlwrNnUNetError as error:
+        text = str(error)
+        return _refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
+    except Exception as error:  # noqa: BLE001 - nothing may end the node's answer; logged with its traceback
+        return _unexpected(message, error, name)
+
+
+def handle_query(message: Any, context: Any) -> Any:
+    """Answer a planning ``query`` message (:mod:`flwr_nnunet.apps.site_planning`) for this node's site.
+
+    Replies ``RecordDict({"config": {"planning-stage", "site-name", "planning": <JSON answer>}})``; a
+    query the site cannot answer gets an error reply naming the site and the problem. No exception escapes.
+    """
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from flwr_nnunet.apps.site_planning import answer_planning, raw_dataset_folder
+
+    name = f"node-{getattr(context, 'node_id', '?')}"
+    try:
+        spec = site_spec(context.run_config, context.node_config, context.node_id)
+        name = spec.name
+        if message.has_error() or not message.has_content() or "config" not in message.content:
+            raise InstructionError("the planning query carries no config record")
+        raw = raw_dataset_folder(context.run_config, context.node_config)
+        stage, answer = answer_planning(message.content["config"], raw, spec.dataset_folder)
+        about = {"planning-stage": stage, "site-name": name, "planning": json.dumps(answer)}
+        return Message(RecordDict({"config": ConfigRecord(about)}), reply_to=message)
+    except (FlwrNnUNetError, FileNotFoundError) as error:
         text = str(error)
         return _refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
     except Exception as error:  # noqa: BLE001 - nothing may end the node's answer; logged with its traceback

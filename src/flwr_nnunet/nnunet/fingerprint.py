@@ -32,7 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from flwr_nnunet.errors import FlwrNnUNetError
-from flwr_nnunet.nnunet.intensity import DEFAULT_NUM_BINS, channel_statistics, histogram_bins, merge_channel_statistics
+from flwr_nnunet.nnunet.intensity import (
+    DEFAULT_NUM_BINS,
+    channel_statistics,
+    combine_channel_statistics,
+    histogram_bins,
+    merge_channel_statistics,
+)
 
 __all__ = [
     "AGREED_FIELDS",
@@ -47,6 +53,7 @@ __all__ = [
     "samples_per_case",
     "site_statistics",
     "site_survey",
+    "training_cases",
 ]
 
 NNUNET_FOREGROUND_SAMPLES = 10e7
@@ -73,7 +80,8 @@ class FederationMismatchError(FlwrNnUNetError, ValueError):
         self.mismatches = {field: dict(values) for field, values in mismatches.items()}
 
 
-def _cases(raw_dataset_folder: Path) -> tuple[dict, dict]:
+def training_cases(raw_dataset_folder: Path) -> tuple[dict, dict]:
+    """A raw dataset's ``dataset.json`` and its training cases (nnU-Net's ``{id: {"images", "label"}}``)."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     path = raw_dataset_folder / "dataset.json"
@@ -121,7 +129,7 @@ def site_survey(raw_dataset_folder: str | os.PathLike) -> dict:
     FileNotFoundError
         If the folder has no ``dataset.json`` or no training case.
     """
-    dataset_json, cases = _cases(Path(raw_dataset_folder))
+    dataset_json, cases = training_cases(Path(raw_dataset_folder))
     reader_writer = _reader_writer(dataset_json, cases)
     num_channels = len(dataset_json["channel_names"])
     low, high = [np.inf] * num_channels, [-np.inf] * num_channels
@@ -205,14 +213,13 @@ def site_statistics(raw_dataset_folder: str | os.PathLike, bins: Sequence[Mappin
     """
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
-    dataset_json, cases = _cases(Path(raw_dataset_folder))
+    dataset_json, cases = training_cases(Path(raw_dataset_folder))
     reader_writer = _reader_writer(dataset_json, cases)
     num_channels = len(dataset_json["channel_names"])
     if len(bins) != num_channels:
         raise ValueError(f"{len(bins)} channel bins given for a dataset of {num_channels} channels")
     shapes, spacings, sizes = [], [], []
-    samples: list[list[np.ndarray]] = [[] for _ in range(num_channels)]
-    intensities = []
+    intensities = [channel_statistics([], channel_bins) for channel_bins in bins]
     for case in cases.values():
         shape, spacing, foreground, _, relative = DatasetFingerprintExtractor.analyze_case(
             case["images"], case["label"], reader_writer, int(num_samples)
@@ -220,11 +227,9 @@ def site_statistics(raw_dataset_folder: str | os.PathLike, bins: Sequence[Mappin
         shapes.append([int(s) for s in shape])
         spacings.append([float(s) for s in spacing])
         sizes.append(float(relative))
-        for channel in range(num_channels):
-            samples[channel].append(np.asarray(foreground[channel]))
-    for channel in range(num_channels):
-        intensities.append(channel_statistics(samples[channel], bins[channel]))
-        samples[channel] = []
+        for channel in range(num_channels):  # one case's samples at a time: memory does not grow with cases
+            case_statistics = channel_statistics([np.asarray(foreground[channel])], bins[channel])
+            intensities[channel] = combine_channel_statistics([intensities[channel], case_statistics])
     return {
         "num_cases": len(cases),
         "shapes_after_crop": shapes,

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_NUM_BINS",
     "PERCENTILES",
     "channel_statistics",
+    "combine_channel_statistics",
     "histogram_bins",
     "merge_channel_statistics",
     "percentile_from_histogram",
@@ -158,6 +159,33 @@ def percentile_from_histogram(histogram: Sequence[int], bins: Mapping, q: float,
     return float(value)
 
 
+def combine_channel_statistics(parts: Sequence[Mapping]) -> dict:
+    """One :func:`channel_statistics` dict from several (cases or sites) with the same bins, exactly.
+
+    Counts, sums and histograms add; ``sum_squared_deviations`` combine as
+    ``sum_i M2_i + n_i (mean_i - mean)^2``; min and max are the extremes.
+    """
+    present = [p for p in parts if int(p["count"]) > 0]
+    if not present:
+        empty = [0] * (len(parts[0]["histogram"]) if parts else 0)
+        return {"count": 0, "sum": 0.0, "sum_squared_deviations": 0.0, "min": None, "max": None, "histogram": empty}
+    count = sum(int(p["count"]) for p in present)
+    total = sum(float(p["sum"]) for p in present)
+    mean = total / count
+    m2 = sum(
+        float(p["sum_squared_deviations"]) + int(p["count"]) * (float(p["sum"]) / int(p["count"]) - mean) ** 2
+        for p in present
+    )
+    return {
+        "count": count,
+        "sum": total,
+        "sum_squared_deviations": m2,
+        "min": min(float(p["min"]) for p in present),
+        "max": max(float(p["max"]) for p in present),
+        "histogram": np.sum([np.asarray(p["histogram"], dtype=np.int64) for p in present], axis=0).tolist(),
+    }
+
+
 def merge_channel_statistics(sites: Sequence[Mapping], bins: Mapping) -> dict:
     """One channel's fingerprint entry (nnU-Net's seven numbers) from every site's :func:`channel_statistics`.
 
@@ -176,13 +204,9 @@ def merge_channel_statistics(sites: Sequence[Mapping], bins: Mapping) -> dict:
     for site in present:
         if len(site["histogram"]) != int(bins["num_bins"]):
             raise ValueError(f"a histogram has {len(site['histogram'])} bins, the agreed bins are {bins['num_bins']}")
-    count = sum(int(s["count"]) for s in present)
-    mean = sum(float(s["sum"]) for s in present) / count
-    m2 = sum(
-        float(s["sum_squared_deviations"]) + int(s["count"]) * (float(s["sum"]) / int(s["count"]) - mean) ** 2
-        for s in present
-    )
-    histogram = np.sum([np.asarray(s["histogram"], dtype=np.int64) for s in present], axis=0)
+    combined = combine_channel_statistics(present)
+    count, mean = combined["count"], combined["sum"] / combined["count"]
+    m2, histogram = combined["sum_squared_deviations"], np.asarray(combined["histogram"], dtype=np.int64)
     low, high = min(float(s["min"]) for s in present), max(float(s["max"]) for s in present)
     p005, median, p995 = (percentile_from_histogram(histogram, bins, q, low=low, high=high) for q in PERCENTILES)
     return {
