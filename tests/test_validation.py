@@ -17,7 +17,8 @@ from strategy_support import canonical, metadata, perturbed, reply, tiny_network
 
 from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
 from flwr_nnunet.nnunet.digests import plans_sha256
-from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, ReplyValidator, check_weight
+from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, check_weight
+from flwr_nnunet.strategy.validator import ReplyValidator
 
 PLANS = tiny_plans()
 

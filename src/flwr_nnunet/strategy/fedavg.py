@@ -48,18 +48,12 @@ from flwr_nnunet.core.reduce import weighted_mean_
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
 from flwr_nnunet.nnunet.networks import build_trainer_network
+from flwr_nnunet.strategy.aggregation import aggregate_metrics, log_aggregated, reduce_accepted
 from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
-from flwr_nnunet.strategy.replies import (
-    AcceptedReply,
-    ReplyValidator,
-    aggregate_metrics,
-    canonical_message,
-    log_aggregated,
-    non_finite_reason,
-    reduce_accepted,
-)
+from flwr_nnunet.strategy.replies import AcceptedReply, canonical_message, non_finite_reason
 from flwr_nnunet.strategy.rounds import run_rounds
+from flwr_nnunet.strategy.validator import ReplyValidator
 
 __all__ = ["NnUNetFedAvg", "NnUNetFedProx"]
 
@@ -275,7 +269,7 @@ class NnUNetFedAvg(FedAvg):
         """Validate the replies and reduce them into the network in place.
 
         NaN/Inf are found in each reduced group rather than in every reply (see
-        :func:`~flwr_nnunet.strategy.replies.reduce_accepted`). Returns the new
+        :func:`~flwr_nnunet.strategy.aggregation.reduce_accepted`). Returns the new
         global ``ArrayRecord`` (canonical) and the aggregated metrics, or
         ``(None, None)`` when too few replies are valid or the round is refused;
         then the global model is bit-identical to before.

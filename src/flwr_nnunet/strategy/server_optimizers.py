@@ -18,8 +18,9 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
+from flwr_nnunet.strategy.aggregation import RoundRefused
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
-from flwr_nnunet.strategy.replies import RoundRefused, non_finite_reason
+from flwr_nnunet.strategy.replies import non_finite_reason
 
 __all__ = ["NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi", "step_problem"]
 

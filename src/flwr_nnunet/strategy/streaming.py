@@ -42,14 +42,8 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from flwr_nnunet.core.reduce import RunningWeightedSum
-from flwr_nnunet.strategy.replies import (
-    AcceptedReply,
-    Rejection,
-    aggregate_metrics,
-    check_weight,
-    enough_replies,
-    log_rejection,
-)
+from flwr_nnunet.strategy.aggregation import aggregate_metrics, enough_replies, log_rejection
+from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, check_weight
 
 if TYPE_CHECKING:
     from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
