@@ -10,6 +10,7 @@ the three sites' raw data pooled into one dataset.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -282,22 +283,19 @@ class QueryGrid:
 
 
 def _settings(root, **overrides):
-    from types import SimpleNamespace
+    from flwr_nnunet.apps.run_config import RunSettings
 
     values = {
-        "planner": "default",
-        "plans": "nnUNetPlans",
+        "data-root": str(root),
+        "make-demo": False,
         "dataset": DATASET,
         "configuration": "2d",
-        "plans_max_features": 0,
-        "plans_width_divisor": 1,
-        "min_available_nodes": 3,
-        "node_wait": 0.0,
-        "round_timeout": 600.0,
-        "server_dataset_folder": root / "server" / "nnUNet_preprocessed" / DATASET,
+        "planning": "federated",
+        "min-available-nodes": 3,
+        "node-wait": 0.0,
         **overrides,
     }
-    return SimpleNamespace(**values)
+    return RunSettings.from_run_config(values)
 
 
 def _grid(root, num_sites):
@@ -411,7 +409,7 @@ def test_a_site_with_another_label_set_stops_the_planning_phase_naming_it(planni
     for k, (size, n) in enumerate(zip((40, 40), (2, 2))):
         labels = LABELS if k == 0 else {"background": 0, "organ": 1, "tumour": 2}
         write_site(root / f"site-{k}" / "nnUNet_raw" / DATASET, k, size, n, labels=labels)
-    settings = _settings(root, min_available_nodes=2)
+    settings = _settings(root, **{"min-available-nodes": 2})
     with pytest.raises(PlanningPhaseError) as caught:
         run_planning_phase(_grid(root, 2), settings, total_samples=TOTAL_SAMPLES)
     message = str(caught.value)
@@ -426,4 +424,27 @@ def test_a_site_without_raw_data_is_named_with_the_fix(planning_phase, tmp_path)
     root = tmp_path / "federation"
     write_site(root / "site-0" / "nnUNet_raw" / DATASET, 0, 40, 2)
     with pytest.raises(PlanningPhaseError, match=r"site-1: .*dataset.json not found.*nnU-Net's raw format"):
-        run_planning_phase(_grid(root, 2), _settings(root, min_available_nodes=2), total_samples=TOTAL_SAMPLES)
+        run_planning_phase(_grid(root, 2), _settings(root, **{"min-available-nodes": 2}), total_samples=TOTAL_SAMPLES)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        ({"planning": "pooled"}, "set run-config planning to 'federated'"),
+        ({"planner": "resenc-m"}, "set plans='nnUNetResEncUNetMPlans'"),
+        ({"planner": "huge"}, "set run-config planner to one of default, resenc-m, resenc-l, resenc-xl"),
+    ],
+)
+def test_planning_settings_that_do_not_fit_stop_the_server_before_any_data_with_the_fix(tmp_path, overrides, fix):
+    from flwr_nnunet.apps.server import ServerConfigError, plan_before_training
+
+    with pytest.raises(ServerConfigError, match=re.escape(fix)):
+        plan_before_training(None, _settings(tmp_path, **overrides), check_only=True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_stopped_planning_phase_is_one_server_config_error(planning_phase, tmp_path):
+    from flwr_nnunet.apps.server import ServerConfigError, plan_before_training
+
+    with pytest.raises(ServerConfigError, match=r"needs every site: 0 node\(s\) connected"):
+        plan_before_training(QueryGrid({}), _settings(tmp_path))

@@ -35,7 +35,18 @@ from flwr.supercore import log
 
 from flwr_nnunet.errors import FlwrNnUNetError
 
-__all__ = ["PlanningPhaseError", "PlanningResult", "ask_sites", "plan_federation", "run_planning_phase"]
+__all__ = [
+    "PLANNING_MODES",
+    "PlanningPhaseError",
+    "PlanningResult",
+    "ask_sites",
+    "check_planning_settings",
+    "plan_federation",
+    "run_planning_phase",
+]
+
+PLANNING_MODES = ("fixed", "federated")
+"""Run-config ``planning``: the plans file on the server as it is, or plans made before round 1 from the sites."""
 
 
 class PlanningPhaseError(FlwrNnUNetError, RuntimeError):
@@ -52,6 +63,35 @@ class PlanningResult:
     folder: Path
     sites: dict[int, str]
     """Node id -> site name."""
+
+
+def check_planning_settings(settings: Any) -> None:
+    """Run-config ``planning``, ``planner`` and ``plans`` must fit together; checked before any data are made.
+
+    Raises
+    ------
+    PlanningPhaseError
+        Naming the key to change and its accepted values.
+    """
+    from flwr_nnunet.nnunet.planning import PLANNERS
+
+    if settings.planning not in PLANNING_MODES:
+        raise PlanningPhaseError(
+            f"unknown planning {settings.planning!r}: set run-config planning to 'federated' (plan from the sites' "
+            "statistics before round 1) or 'fixed' (use the plans file on the server)"
+        )
+    if settings.planning != "federated":
+        return
+    if str(settings.planner).strip().lower() not in PLANNERS:
+        raise PlanningPhaseError(
+            f"unknown planner {settings.planner!r}: set run-config planner to one of {', '.join(PLANNERS)}"
+        )
+    plans_name = PLANNERS[str(settings.planner).strip().lower()][1]
+    if settings.plans != plans_name:
+        raise PlanningPhaseError(
+            f"planner {settings.planner!r} writes plans {plans_name!r} but run-config plans is {settings.plans!r}: "
+            f"set plans='{plans_name}'"
+        )
 
 
 def _node_ids(grid: Any, wanted: int, wait: float) -> list[int]:
@@ -164,12 +204,8 @@ def run_planning_phase(grid: Any, settings: Any, *, total_samples: float | None 
     )
     from flwr_nnunet.nnunet.planning import install_plans, planner_preset
 
+    check_planning_settings(settings)
     planner, plans_name = planner_preset(settings.planner)
-    if settings.plans != plans_name:
-        raise PlanningPhaseError(
-            f"planner {settings.planner!r} writes plans {plans_name!r} but run-config plans is {settings.plans!r}: "
-            f"set plans='{plans_name}'"
-        )
     timeout = float(settings.round_timeout)
     nodes = _node_ids(grid, int(settings.min_available_nodes), float(settings.node_wait))
     log(INFO, "flwr-nnunet: federated planning with %d site(s): survey", len(nodes))

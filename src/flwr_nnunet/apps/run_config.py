@@ -124,6 +124,25 @@ RUN_CONFIG: tuple[Setting, ...] = (
     Setting("configuration", str, "2d", "nnU-Net configuration (2d, 3d_fullres, ...)"),
     Setting("plans", str, "nnUNetPlans", "plans identifier"),
     Setting(
+        "planning",
+        str,
+        "fixed",
+        "fixed: train with the plans in <data-root>/server/nnUNet_preprocessed/<dataset> (an earlier run's, a "
+        "pretrained model's, the demo's); federated: before round 1 every site sends aggregate statistics of its "
+        "raw data (query messages, no image), the server plans with nnU-Net and every site preprocesses",
+    ),
+    Setting(
+        "planner",
+        str,
+        "default",
+        "federated planning's nnU-Net planner: default (plans nnUNetPlans), resenc-m, resenc-l, resenc-xl "
+        "(plans nnUNetResEncUNetMPlans, ...LPlans, ...XLPlans: set plans to match)",
+    ),
+    Setting("plans-max-features", int, 0, "federated planning: cap every stage's width (0: nnU-Net's widths)"),
+    Setting(
+        "plans-width-divisor", int, 1, "federated planning: divide every stage's width first (1: nnU-Net's widths)"
+    ),
+    Setting(
         "trainer",
         str,
         "nnUNetTrainer",
@@ -248,6 +267,10 @@ class RunSettings:
     dataset: str
     configuration: str
     plans: str
+    planning: str
+    planner: str
+    plans_max_features: int
+    plans_width_divisor: int
     trainer: str
     fold: str
     data_root: Path

@@ -33,6 +33,7 @@ __all__ = [
     "build_strategy",
     "check_demo_settings",
     "check_strategy_settings",
+    "plan_before_training",
     "install_one_line_errors",
     "prepare_data",
     "finished_round",
@@ -220,6 +221,27 @@ def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
         ) from None
 
 
+def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool = False) -> None:
+    """With ``planning = "federated"``: the planning phase (:mod:`flwr_nnunet.apps.planning_phase`) before round 1.
+
+    ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site.
+
+    Raises
+    ------
+    ServerConfigError
+        If the planning settings do not fit, or the planning phase stops (a site failed, or the sites' datasets
+        disagree: naming the sites and fields), before any training.
+    """
+    from flwr_nnunet.apps.planning_phase import PlanningPhaseError, check_planning_settings, run_planning_phase
+
+    try:
+        check_planning_settings(settings)
+        if settings.planning == "federated" and not check_only:
+            run_planning_phase(grid, settings)
+    except PlanningPhaseError as error:
+        raise ServerConfigError(str(error)) from None
+
+
 def check_strategy_settings(settings: RunSettings) -> None:
     """The run config's ``strategy`` and ``dp`` must name a known strategy and wrapper.
 
@@ -303,7 +325,9 @@ def run_server(grid: Any, context: Any) -> Any:
     install_one_line_errors()
     settings = read_settings(context.run_config)
     check_strategy_settings(settings)
+    plan_before_training(grid, settings, check_only=True)
     prepare_data(settings)
+    plan_before_training(grid, settings)
     strategy = build_strategy(settings, context.run_config)
     core = _core(strategy)
     history = RunHistory(
