@@ -10,6 +10,7 @@ from strategy_support import (
     LoopbackGrid,
     perturbed,
     received,
+    reply,
     set_task_identity,
     tiny_network,
     tiny_plans,
@@ -92,3 +93,13 @@ def test_a_run_without_enough_nodes_stops_cleanly_with_its_checkpoints(tmp_path,
     assert "round 2: 1 node(s) connected, fewer than the round's minimum of 2 (min-train-nodes)" in caplog.text
     assert "the run stops; the checkpoints of the completed rounds are intact" in caplog.text
     assert "stopped after round 1 of 3" in caplog.text
+
+
+def test_a_node_whose_reply_never_comes_is_named(tmp_path, caplog):
+    fedavg = strategy(tmp_path, min_train_nodes=1, min_available_nodes=2)
+    fedavg.configure_train(1, None, ConfigRecord(), LoopbackGrid([11, 12], site))
+    only = reply(11, perturbed(fedavg.model.tensors, 1, scale=0.01))  # (node id 1 is the SuperLink's)
+    with caplog.at_level("INFO"):
+        arrays, _ = fedavg.aggregate_train(1, [only])
+    assert arrays is not None
+    assert "aggregate_train: round 1: no reply from node(s) [12] before the round timeout" in caplog.text

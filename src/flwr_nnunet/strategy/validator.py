@@ -187,6 +187,15 @@ class ReplyValidator:
                 log_rejection(stage, server_round, result)
             else:
                 accepted.append(result)
+        silent = [node for node in self.unanswered if node not in seen]
+        if silent:
+            log(
+                WARNING,
+                "%s: round %d: no reply from node(s) %s before the round timeout (run-config round-timeout)",
+                stage,
+                server_round,
+                silent[:20],
+            )
         log(INFO, "%s: round %d: %d of %d replies accepted", stage, server_round, len(accepted), len(replies))
         problem = total_weight_problem([a.weight for a in accepted]) if accepted else None
         if problem:
