@@ -18,7 +18,9 @@ from strategy_support import RUN_ID, SERVER_NODE, canonical, perturbed, received
 
 from flwr_nnunet import NnUNetFedAvg, to_array_record
 from flwr_nnunet.core.reduce import RunningWeightedSum, weighted_mean_
-from flwr_nnunet.strategy.robust import NnUNetFedMedian
+from flwr_nnunet.strategy.flower_adapted import NnUNetBulyan, NnUNetKrum, NnUNetQFedAvg
+from flwr_nnunet.strategy.privacy import NnUNetDPServerSideFixedClipping
+from flwr_nnunet.strategy.robust import NnUNetFedMedian, NnUNetFedTrimmedAvg
 from flwr_nnunet.strategy.server_optimizers import NnUNetFedAdam, NnUNetFedAvgM
 from flwr_nnunet.strategy.streaming import TrainStream, quorum_count, streams
 
@@ -364,6 +366,8 @@ def test_server_optimizer_streaming_equals_its_batch_result(cls, options):
 def test_strategies_that_do_not_stream_use_the_batch_path(flwr_log):
     assert streams(NnUNetFedAvg) is True and streams(NnUNetFedAdam) is True
     assert streams(NnUNetFedMedian) is False
+    assert not any(streams(c) for c in (NnUNetFedTrimmedAvg, NnUNetKrum, NnUNetBulyan, NnUNetQFedAvg))
+    assert not streams(NnUNetDPServerSideFixedClipping)
     strategy = build(NnUNetFedMedian)
     grid = ScriptedGrid(NODES)
     result = strategy.start(grid, num_rounds=1, streaming=True, poll_interval=0.01)
