@@ -17,7 +17,8 @@ from flwr.simulation import run_simulation
 from strategy_support import RUN_ID, SERVER_NODE, canonical, perturbed, received, reply, set_task_identity, tiny_network
 
 from flwr_nnunet import NnUNetFedAvg, to_array_record
-from flwr_nnunet.core.reduce import RunningWeightedSum, weighted_mean_
+from flwr_nnunet.core.reduce import weighted_mean_
+from flwr_nnunet.core.running import RunningWeightedSum
 from flwr_nnunet.strategy.flower_adapted import NnUNetBulyan, NnUNetKrum, NnUNetQFedAvg
 from flwr_nnunet.strategy.privacy import NnUNetDPServerSideFixedClipping
 from flwr_nnunet.strategy.robust import NnUNetFedMedian, NnUNetFedTrimmedAvg

@@ -5,7 +5,7 @@ and pulls the replies as they come (``grid.pull_messages`` every
 ``poll_interval`` seconds). A :class:`TrainStream` checks each reply when it
 arrives, with the checks of ``aggregate_train`` (NaN/Inf included, before the
 reply touches the accumulator), folds it into a
-:class:`~flwr_nnunet.core.reduce.RunningWeightedSum` and keeps only its small
+:class:`~flwr_nnunet.core.running.RunningWeightedSum` and keeps only its small
 ``MetricRecord``. The running sum of each float32 group lives in the global
 network's own tensor plus a float32 low part (``in_place=True``; other groups
 in float64); the pre-round model stays in the record sent this round. When the
@@ -41,7 +41,7 @@ from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from flwr_nnunet.core.reduce import RunningWeightedSum
+from flwr_nnunet.core.running import RunningWeightedSum
 from flwr_nnunet.strategy.aggregation import aggregate_metrics, enough_replies, log_rejection
 from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, check_weight
 
