@@ -180,6 +180,21 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "where the sites train: auto (CUDA when present), cpu or cuda (node-config 'device' overrides it)",
     ),
     Setting("round-timeout", float, 3600.0, "seconds to wait for replies each round"),
+    Setting(
+        "streaming",
+        bool,
+        False,
+        "fold each training reply into the global model as it arrives: server memory flat in the number of sites "
+        "(the weighted means stream; order statistics, Krum, QFedAvg and DP keep the batch path)",
+    ),
+    Setting(
+        "quorum",
+        float,
+        1.0,
+        "with streaming: a training round closes 'grace' seconds after this fraction of the sampled nodes replied "
+        "(1.0: all of them, or round-timeout)",
+    ),
+    Setting("grace", float, 0.0, "with streaming: seconds a round stays open for late replies once the quorum is in"),
 )
 """Every run-config key, in pyproject.toml's order."""
 
@@ -282,6 +297,9 @@ class RunSettings:
     seed: int
     device: str
     round_timeout: float
+    streaming: bool
+    quorum: float
+    grace: float
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

@@ -372,6 +372,9 @@ def run_server(grid: Any, context: Any) -> Any:
         num_rounds=settings.num_rounds,
         timeout=settings.round_timeout,
         node_wait=None if settings.node_wait < 0 else settings.node_wait,
+        streaming=settings.streaming,
+        quorum=settings.quorum,
+        grace=settings.grace,
         train_config=config,
         evaluate_config=ConfigRecord(settings.train_config()),
     )
