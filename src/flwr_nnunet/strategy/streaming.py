@@ -22,7 +22,7 @@ seconds after ``ceil(quorum * sampled)`` replies were accepted. Replies that
 arrive after their round closed are dropped with a log line (:class:`LateReplies`).
 
 Which strategies stream: those whose reduction is a weighted mean, optionally
-followed by a server step on it (``streams = True`` on the class: NnUNetFedAvg,
+followed by a server step on it (``streams = True`` on the class: StreamingStrategy,
 NnUNetFedProx, FedBN-style local groups, the server optimizers); order
 statistics and Flower-adapted or wrapped strategies keep the batch path.
 """
@@ -32,21 +32,49 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from flwr_nnunet.core.running import RunningWeightedSum
 from flwr_nnunet.strategy.aggregation import aggregate_metrics, enough_replies, log_rejection
+from flwr_nnunet.strategy.global_model import GlobalModel
 from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, check_weight
+from flwr_nnunet.strategy.validator import ReplyValidator
 
-if TYPE_CHECKING:
-    from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
+
+class StreamingStrategy(Protocol):
+    """What a streaming round uses of its strategy (an NnUNetFedAvg family member whose class streams)."""
+
+    model: GlobalModel
+    validator: ReplyValidator
+    min_train_nodes: int
+    weighted_by_key: str
+    train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
+
+    def reply_weight(self, reply: AcceptedReply) -> float:
+        """The aggregation weight of an accepted reply."""
+
+    def reduce_all_(
+        self,
+        server_round: int,
+        targets: Mapping[str, torch.Tensor],
+        updates: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+    ) -> list[str]:
+        """Reduce updates into targets; the keys whose result is not finite."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The round's instructions."""
+
 
 __all__ = ["LateReplies", "TrainStream", "quorum_count", "release_arrays", "stream_train_round", "streams"]
 
@@ -107,7 +135,7 @@ class TrainStream:
         How many replies were offered.
     """
 
-    def __init__(self, strategy: NnUNetFedAvg, server_round: int) -> None:
+    def __init__(self, strategy: StreamingStrategy, server_round: int) -> None:
         if not streams(strategy):
             raise TypeError(f"{type(strategy).__name__} does not stream: use aggregate_train")
         self.strategy = strategy
@@ -211,8 +239,9 @@ class TrainStream:
         try:
             non_finite = self.accumulator.finish_(model.tensors, check_finite=True)
             self.release()
-            if not non_finite and _has_server_step(strategy):
-                # the step of a mean-then-step strategy, on the streamed mean as its one update of weight 1
+            if not non_finite:
+                # the strategy's own reduction of the streamed mean as its one update of weight 1: the mean
+                # itself for FedAvg, the server step of a server optimizer
                 non_finite = strategy.reduce_all_(server_round, model.tensors, [model.tensors], [1.0])
         except ArithmeticError as refused:  # RoundRefused: a server step that would go non-finite
             self.release()
@@ -251,13 +280,6 @@ class TrainStream:
         return model.record(), metrics
 
 
-def _has_server_step(strategy: NnUNetFedAvg) -> bool:
-    """Whether the strategy's ``reduce_all_`` is more than the weighted mean (a server optimizer's step)."""
-    from flwr_nnunet.strategy.fedavg import NnUNetFedAvg  # noqa: PLC0415  (fedavg imports the round loop)
-
-    return type(strategy).reduce_all_ is not NnUNetFedAvg.reduce_all_
-
-
 class LateReplies:
     """Instructions of closed rounds still unanswered: their replies, when they come, are dropped and logged.
 
@@ -287,7 +309,7 @@ class LateReplies:
 
 
 def stream_train_round(
-    strategy: NnUNetFedAvg,
+    strategy: StreamingStrategy,
     grid: Grid,
     server_round: int,
     messages: Iterable[Message],
