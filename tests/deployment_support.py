@@ -346,16 +346,16 @@ class Deployment:
         assert result.returncode == 0, f"flwr supernode ls failed:\n{result.stdout}\n{result.stderr}"
         return {int(node["node-id"]): str(node["status"]) for node in json.loads(result.stdout)["nodes"]}
 
-    def submit(self, run_config: Mapping[str, object], *overrides: str) -> str:
-        """``flwr run <repo> <connection> --run-config <file> [--run-config <override> ...] --format=json``: the
-        run config written to ``run.toml`` (the researcher's file), then ``overrides`` (``"resume=true"``); the run
-        id."""
+    def submit(self, run_config: Mapping[str, object]) -> str:
+        """``flwr run <repo> <connection> --run-config <tmp_path>/run.toml --format=json``: the run config written
+        to ``run.toml`` (the researcher's file; Flower takes one TOML file and no key-value pairs beside it); the
+        run id."""
         path = self.tmp_path / "run.toml"
         path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_config.items()))
-        options = [item for override in overrides for item in ("--run-config", override)]
-        submitted = self.flwr("run", str(REPO), CONNECTION, "--run-config", str(path), *options, "--format=json")
-        assert submitted.returncode == 0, f"flwr run failed:\n{submitted.stdout}\n{submitted.stderr}"
-        return str(json.loads(submitted.stdout)["run-id"])
+        submitted = self.flwr("run", str(REPO), CONNECTION, "--run-config", str(path), "--format=json")
+        answer = json.loads(submitted.stdout) if submitted.returncode == 0 else {}
+        assert "run-id" in answer, f"flwr run failed:\n{submitted.stdout}\n{submitted.stderr}"
+        return str(answer["run-id"])
 
     def run_status(self, run_id: str) -> str:
         """The run's status as ``flwr ls <connection> --format=json`` reports it (e.g. ``finished:completed``)."""

@@ -88,7 +88,7 @@ def test_the_superlink_killed_and_restarted_with_its_database_resumes_every_roun
     wait_for(lambda: "online" == deployment.node_status().get(services[0].node_id()), 120, "site-0 back online")
     wait_for(lambda: "online" == deployment.node_status().get(services[1].node_id()), 120, "site-1 back online")
     assert all(service.process.poll() is None for service in services), "a SuperNode exited"
-    resumed = deployment.submit(config, "resume=true")
+    resumed = deployment.submit({**config, "resume": True})
     assert resumed != run_id
     assert deployment.wait_until_finished(resumed) == "finished:completed"
 
