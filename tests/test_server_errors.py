@@ -141,3 +141,11 @@ def test_flwr_run_with_a_bad_config_fails_the_run_in_one_line(tmp_path):
     errors = [line for line in done.stdout.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "flwr-nnunet: configuration '3d_fullres'" in errors[0], errors
     assert "demo-3d=true" in errors[0]
+
+
+def test_a_data_root_with_other_data_is_one_line_and_left_alone(tmp_path):
+    (tmp_path / "site-0").mkdir()
+    (tmp_path / "site-0" / "mine.txt").write_text("not a demo")
+    error = _server_app_error(**{"data-root": str(tmp_path)})
+    assert str(error).startswith("make-demo=true: ") and "not a demo" in str(error)
+    assert (tmp_path / "site-0" / "mine.txt").read_text() == "not a demo"

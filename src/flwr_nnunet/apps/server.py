@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -35,6 +37,7 @@ __all__ = [
     "check_strategy_settings",
     "plan_before_training",
     "install_one_line_errors",
+    "make_demo_in_a_fresh_process",
     "prepare_data",
     "finished_round",
     "read_settings",
@@ -42,6 +45,7 @@ __all__ = [
 ]
 
 DEMO_DATASET = "Dataset987_FedDemo"
+_CLI_USAGE_ERROR = 2  # flwr-nnunet's exit status for a one-line error (flwr_nnunet.cli.EXIT_ERROR)
 _DEMO_CONFIGURATION = {False: "2d", True: "3d_fullres"}
 
 
@@ -127,14 +131,14 @@ def prepare_data(settings: RunSettings) -> None:
     """
     if not settings.make_demo:
         return
-    from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
+    from flwr_nnunet.demo.data import load_demo_dataset
 
     check_demo_settings(settings)
     try:
         demo = load_demo_dataset(settings.data_root)
     except FileNotFoundError:
-        dims = 3 if settings.demo_3d else 2
-        demo = make_demo_dataset(settings.data_root, num_sites=settings.demo_sites, dims=dims)
+        make_demo_in_a_fresh_process(settings)
+        demo = load_demo_dataset(settings.data_root)
     wanted = (settings.dataset, settings.configuration)
     if (demo.dataset_name, demo.configuration) != wanted:
         raise ServerConfigError(
@@ -142,6 +146,32 @@ def prepare_data(settings: RunSettings) -> None:
             f"{wanted[0]} / {wanted[1]}: set run-config dataset / configuration to match, or point data-root at "
             "another folder (the demo is made there)"
         )
+
+
+def make_demo_in_a_fresh_process(settings: RunSettings) -> None:
+    """``flwr-nnunet demo <data-root>`` in a new Python process (the demo the run config asks for).
+
+    nnU-Net's fingerprinting and preprocessing start worker processes; started from inside a Flower
+    simulation (Ray's and gRPC's threads in the same process) one of them hung for good. A fresh
+    interpreter has no such threads.
+
+    Raises
+    ------
+    ServerConfigError
+        With the command's one-line error (for example ``data-root`` holding other data).
+    RuntimeError
+        With the end of its output, if it crashed.
+    """
+    command = [sys.executable, "-m", "flwr_nnunet.cli", "demo", str(settings.data_root)]
+    command += ["--sites", str(settings.demo_sites)] + (["--3d"] if settings.demo_3d else [])
+    log(INFO, "flwr-nnunet: making the demo dataset under %s (first use)", settings.data_root)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return
+    output = [line for line in (done.stdout + "\n" + done.stderr).splitlines() if line.strip()]
+    if done.returncode == _CLI_USAGE_ERROR and output:
+        raise ServerConfigError(f"make-demo=true: {output[-1]}")
+    raise RuntimeError(f"`{' '.join(command)}` failed (exit {done.returncode}):\n" + "\n".join(output[-30:]))
 
 
 def check_demo_settings(settings: RunSettings) -> None:
