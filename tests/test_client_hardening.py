@@ -24,8 +24,9 @@ from flwr_nnunet.apps.client import live_site
 from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.core.codec import to_array_record
 from flwr_nnunet.nnunet.digests import plans_sha256
-from flwr_nnunet.site.site import Site, first_non_finite
+from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import DEFAULT_MAX_LOCAL_EPOCHS, InstructionError, TrainOptions
+from flwr_nnunet.site.trainer_state import first_non_finite
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

@@ -11,8 +11,9 @@ from test_site import copies, initial_weights, options, spec_for
 from flwr_nnunet.demo.data import make_demo_dataset
 from flwr_nnunet.nnunet.checkpoint_io import load_checkpoint
 from flwr_nnunet.nnunet.digests import plans_sha256
-from flwr_nnunet.site.site import KEPT_ROUNDS, Site, round_state_file
+from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteError
+from flwr_nnunet.site.trainer_state import KEPT_ROUNDS, round_state_file
 
 
 @pytest.fixture(scope="module")

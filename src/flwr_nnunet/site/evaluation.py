@@ -1,0 +1,92 @@
+"""A site's validation Dice: whole cases, nnU-Net's sliding-window predictor, preprocessed space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from logging import INFO
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.supercore import log
+from torch import nn
+
+from flwr_nnunet.nnunet.metrics import dice_from_counts, voxel_counts
+from flwr_nnunet.site.spec import SiteError, SiteSpec
+
+__all__ = ["predictor", "validation_dice"]
+
+
+@torch.no_grad()
+def validation_dice(
+    spec: SiteSpec, trainer: Any, network: nn.Module, validation: Sequence[str]
+) -> dict[str, float | int | list[float]]:
+    """Dice of ``network`` (the trainer's, unwrapped) on the ``validation`` cases of the site's fold.
+
+    Returns
+    -------
+    dict
+        ``num-examples`` (validation cases), ``dice`` (the mean over foreground labels of the Dice from voxel
+        counts summed over the cases) and ``dice-per-class``.
+
+    Raises
+    ------
+    SiteError
+        If there are no validation cases, or the training is region-based.
+    """
+    if not validation:
+        raise SiteError(f"{spec.name}: fold {spec.fold} has no validation cases; set run-config 'fold'")
+    labels = trainer.label_manager
+    if labels.has_regions:
+        raise SiteError(f"{spec.name}: evaluation of region-based training is not supported")
+    foreground = list(labels.foreground_labels)
+    counts = np.zeros((len(foreground), 3))
+    sliding = predictor(trainer, network)
+    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, validation)
+    trainer.set_deep_supervision_enabled(False)
+    try:
+        for case in validation:
+            data, seg, _, _ = dataset.load_case(case)
+            logits = sliding.predict_sliding_window_return_logits(torch.from_numpy(np.ascontiguousarray(data[:])))
+            predicted = logits.argmax(0).cpu().numpy()
+            truth = np.asarray(seg[:])[0]
+            for index, label in enumerate(foreground):
+                counts[index] += voxel_counts(truth, predicted, label)
+    finally:
+        trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
+    per_class = [dice_from_counts(*count) for count in counts]
+    dice = float(np.mean(per_class))
+    log(INFO, "%s: global model Dice %.4f on %d validation case(s)", spec.name, dice, len(validation))
+    return {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}
+
+
+def predictor(trainer: Any, network: nn.Module) -> Any:
+    """An ``nnUNetPredictor`` over ``network`` with the trainer's plans (Gaussian tiles, half-tile steps).
+
+    Mirroring is used when the trainer allows it; ``network`` is put in eval mode.
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    if trainer.inference_allowed_mirroring_axes is None:
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    result = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=trainer.inference_allowed_mirroring_axes is not None,
+        perform_everything_on_device=trainer.device.type == "cuda",
+        device=trainer.device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    result.manual_initialization(
+        network,
+        trainer.plans_manager,
+        trainer.configuration_manager,
+        None,
+        trainer.dataset_json,
+        type(trainer).__name__,
+        trainer.inference_allowed_mirroring_axes,
+    )
+    network.eval()
+    return result

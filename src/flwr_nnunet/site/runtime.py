@@ -1,0 +1,138 @@
+"""Building and running a site's nnU-Net trainer: seeding, CPU worker defaults, schedule, epochs, progress plot,
+metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from flwr_nnunet.nnunet.networks import trainer_class
+from flwr_nnunet.nnunet.planning import nnunet_environment
+from flwr_nnunet.site.fedprox import ProximalLoss
+from flwr_nnunet.site.spec import SiteError, SiteSpec
+
+__all__ = [
+    "build_trainer",
+    "cpu_worker_defaults",
+    "epoch_metrics",
+    "progress_plot_once",
+    "run_epoch",
+    "seed_everything",
+    "set_schedule",
+]
+
+
+def build_trainer(spec: SiteSpec, plans: dict, resume: bool) -> Any:
+    """A new (uninitialised) trainer of the class ``spec.trainer`` names, on the site's plans, fold and device.
+
+    Raises
+    ------
+    SiteError
+        If ``spec.trainer`` names no trainer class.
+    """
+    try:
+        cls = trainer_class(spec.trainer)
+    except ValueError as error:
+        raise SiteError(f"{spec.name}: {error}; set run-config 'trainer'") from None
+    dataset_json = json.loads((spec.dataset_folder / "dataset.json").read_text())
+    plans = {**json.loads(json.dumps(plans)), "continue_training": resume}
+    with nnunet_environment(preprocessed=spec.nnunet_preprocessed, results=spec.nnunet_results):
+        trainer = cls(
+            plans=plans,
+            configuration=spec.configuration,
+            fold=spec.fold,
+            dataset_json=dataset_json,
+            device=spec.torch_device(),
+        )
+    return trainer
+
+
+def seed_everything(seed: int, server_round: int, name: str) -> None:
+    """Seed Python's, numpy's and torch's generators from the run's ``seed``, the round and the site's name."""
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}/{server_round}/{name}".encode()).digest()[:4], "little")
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+@contextmanager
+def cpu_worker_defaults(device: torch.device) -> Iterator[None]:
+    """On CPU, run nnU-Net's augmentation in-process unless ``nnUNet_n_proc_DA`` says otherwise.
+
+    Augmentation workers would compete with the training for the same cores
+    and cost seconds to start in every fresh SuperNode process.
+    """
+    if device.type != "cpu" or "nnUNet_n_proc_DA" in os.environ:
+        yield
+        return
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("nnUNet_n_proc_DA", None)
+
+
+@contextmanager
+def progress_plot_once(trainer: Any) -> Iterator[None]:
+    """Draw nnU-Net's ``progress.png`` once at the end of a round instead of after every epoch (about 1 s each)."""
+    logger = trainer.logger
+    logger.plot_progress_png = lambda output_folder: None
+    try:
+        yield
+    finally:
+        del logger.plot_progress_png
+        logger.plot_progress_png(trainer.output_folder)
+
+
+def set_schedule(trainer: Any, num_epochs: int) -> None:
+    """Make ``num_epochs`` the trainer's total, and the end of its PolyLR schedule where it has one."""
+    trainer.num_epochs = num_epochs
+    if trainer.lr_scheduler is not None and hasattr(trainer.lr_scheduler, "max_steps"):
+        trainer.lr_scheduler.max_steps = num_epochs
+
+
+def run_epoch(trainer: Any) -> None:
+    """One nnU-Net epoch through the trainer's own hooks (FedProx term only on the training steps)."""
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
+    trainer.on_train_epoch_end(outputs)
+    loss = trainer.loss
+    if isinstance(loss, ProximalLoss):
+        trainer.loss = loss.loss
+    with torch.no_grad():
+        trainer.on_validation_epoch_start()
+        outputs = [
+            trainer.validation_step(next(trainer.dataloader_val)) for _ in range(trainer.num_val_iterations_per_epoch)
+        ]
+        trainer.on_validation_epoch_end(outputs)
+    trainer.loss = loss
+    trainer.on_epoch_end()
+
+
+def _finite(value: Any) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else 0.0
+
+
+def epoch_metrics(trainer: Any) -> dict[str, float | int | list[float]]:
+    """The trainer's last epoch: ``train-loss``, ``val-loss``, ``pseudo-dice`` (mean foreground),
+    ``pseudo-dice-per-class`` (non-finite values as 0), ``epoch`` (the next to run) and ``learning-rate``."""
+    logger = trainer.logger
+    return {
+        "train-loss": _finite(logger.get_value("train_losses", step=-1)),
+        "val-loss": _finite(logger.get_value("val_losses", step=-1)),
+        "pseudo-dice": _finite(logger.get_value("mean_fg_dice", step=-1)),
+        "pseudo-dice-per-class": [_finite(d) for d in logger.get_value("dice_per_class_or_region", step=-1)],
+        "epoch": int(trainer.current_epoch),
+        "learning-rate": float(trainer.optimizer.param_groups[0]["lr"]),
+    }
