@@ -322,8 +322,10 @@ class Site:
             round's last epoch.
         """
         self._drop_stale_trainer()
-        self.agree_on_round(options.server_round)
-        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=options.server_round == 1)
+        fresh = options.server_round == 1
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh)
+        if self.agree_on_round(options.server_round):  # the instruction is valid: now the state may go back
+            self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh)
         self._prepare_training(options)
         if options.seed is not None:
             seed_everything(options.seed, options.server_round, self.spec.name)
@@ -368,11 +370,13 @@ class Site:
         self._state_token = save_state(self.spec, self.trainer, server_round)
         return self.spec.state_file
 
-    def agree_on_round(self, server_round: int) -> None:
+    def agree_on_round(self, server_round: int) -> bool:
         """Before training ``server_round``: if this site has trained that round already (the server resumed from
         an earlier checkpoint, e.g. after it was killed), drop the trainer and go back to the state after round
         ``server_round - 1`` (:func:`~flwr_nnunet.site.trainer_state.roll_back`), so every round is trained once
-        and the learning-rate schedule is the uninterrupted one.
+        and the learning-rate schedule is the uninterrupted one. Returns whether it went back (then the
+        trainer must be rebuilt and the server's tensors loaded again). :meth:`train` calls it only once the
+        instruction has passed every check, so a malformed instruction never moves the state back.
 
         Raises
         ------
@@ -382,11 +386,12 @@ class Site:
         """
         saved = trained_round(self.spec)
         if saved is None or saved < server_round:
-            return
+            return False
         self.trainer = None
         token = roll_back(self.spec, server_round, saved)
         if token is not None:
             self._state_token = token
+        return True
 
     def split(self) -> tuple[list[str], list[str]]:
         """(training, validation) case identifiers of the site's fold."""
