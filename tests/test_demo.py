@@ -34,6 +34,7 @@ def test_sites_share_one_set_of_tiny_plans(demo):
         assert plans_sha256(plans) == plans_sha256(server_plans)
     merged = json.loads((demo.server.preprocessed_dataset_folder / "dataset_fingerprint.json").read_text())
     assert len(merged["spacings"]) == sum(len(site.training_cases) for site in demo.sites)
+    assert not (demo.root / "server" / "nnUNet_raw").exists()  # planned from the sites' statistics: no case copied
 
 
 def test_every_site_is_written_in_nnunet_raw_and_preprocessed_format(demo):

@@ -5,7 +5,6 @@ different intensity scale and offset, noise, contrast and object sizes, and a
 different number of cases. Label 1 is an ellipse ("organ"), label 2 a small
 disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root::
 
-    server/nnUNet_raw/Dataset<ID>_<Name>/          dataset.json (+ one example case, for the planner)
     server/nnUNet_preprocessed/Dataset<ID>_<Name>/ shared plans, merged fingerprint, dataset.json
     server/nnUNet_results/                      the global model goes here
     site-K/nnUNet_raw/Dataset<ID>_<Name>/          imagesTr, labelsTr, imagesTs, labelsTs, dataset.json
@@ -14,7 +13,10 @@ disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root::
     demo.json                                   what was made (read back by :func:`load_demo_dataset`)
 
 Every site uses the same dataset id and name (as real federations agree on one),
-so the plans are byte-identical across sites and the server.
+so the plans are byte-identical across sites and the server. The plans come from
+the sites' aggregate statistics, merged exactly (:mod:`flwr_nnunet.nnunet.fingerprint`),
+as the run's federated planning makes them: the server holds no raw data, no
+case is copied to it.
 
 Held-out evaluation and local-only baselines: :mod:`flwr_nnunet.demo.heldout`.
 Command line: ``flwr-nnunet demo ROOT [--sites N] [--3d] [--seed S]``.
@@ -31,14 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from flwr_nnunet.demo.synthesis import SITE_STYLES, SITE_STYLES_3D, SiteStyle, site_styles, synthesize_case, write_case
-from flwr_nnunet.nnunet.planning import (
-    fingerprint_site,
-    install_plans,
-    merge_fingerprints,
-    plan_experiment,
-    preprocess_site,
-    shrink_plans,
+from flwr_nnunet.nnunet.fingerprint import (
+    agreed_bins,
+    check_consistency,
+    merge_site_statistics,
+    site_statistics,
+    site_survey,
 )
+from flwr_nnunet.nnunet.planning import install_plans, plan_from_fingerprint, preprocess_site, shrink_plans
 
 __all__ = [
     "SITE_STYLES",
@@ -54,6 +56,8 @@ __all__ = [
 PLANS_NAME = "nnUNetPlans"
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 _MANIFEST = "demo.json"
+_SAMPLES_PER_CASE = 10000
+"""Foreground samples per case for the demo's intensity statistics (its MRI channel's z-score does not use them)."""
 
 
 @dataclass(frozen=True)
@@ -201,16 +205,6 @@ def _write_site_raw(
     )
 
 
-def _write_server_stub(server: DemoSite, example: DemoSite, num_training: int, dims: int, ending: str) -> None:
-    """The planner needs ``dataset.json`` and one example image to pick nnU-Net's reader."""
-    folder = server.raw_dataset_folder
-    case = example.training_cases[0]
-    for sub, name in (("imagesTr", f"{case}_0000{ending}"), ("labelsTr", f"{case}{ending}")):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(example.raw_dataset_folder / sub / name, folder / sub / name)
-    (folder / "dataset.json").write_text(json.dumps(_dataset_json(num_training, dims), indent=4))
-
-
 def _write_splits(site: DemoSite) -> None:
     train = [c for c in site.training_cases if c not in site.validation_cases]
     splits = [{"train": train, "val": list(site.validation_cases)}]
@@ -309,21 +303,19 @@ def make_demo_dataset(
     ]
     server = _site(root, "server", dataset_name)
     ending = ".png" if dims == 2 else ".nii.gz"
-    _write_server_stub(server, sites[0], sum(len(s.training_cases) for s in sites), dims, ending)
 
-    fingerprints = [fingerprint_site(site.raw_dataset_folder) for site in sites]
-    plans = plan_experiment(
-        server.nnunet_raw,
-        server.nnunet_preprocessed,
-        dataset_name,
-        merge_fingerprints(fingerprints),
-        plans_name=PLANS_NAME,
-    )
+    surveys = {site.name: site_survey(site.raw_dataset_folder) for site in sites}
+    check_consistency(surveys)
+    bins = agreed_bins(surveys)
+    statistics = [site_statistics(site.raw_dataset_folder, bins, _SAMPLES_PER_CASE) for site in sites]
+    fingerprint = merge_site_statistics(statistics, bins)
+    dataset_json = _dataset_json(sum(len(s.training_cases) for s in sites), dims)
+    reader_writer = surveys[sites[0].name]["reader_writer"]
+    plans = plan_from_fingerprint(fingerprint, dataset_json, dataset_name, reader_writer, plans_name=PLANS_NAME)
     plans = shrink_plans(plans, max_features=max_features, width_divisor=4)
     plans["configurations"] = {configuration: plans["configurations"][configuration]}
-    dataset_json = json.loads((server.raw_dataset_folder / "dataset.json").read_text())
-    install_plans(plans, dataset_json, server.preprocessed_dataset_folder)
-    for site, fingerprint in zip(sites, fingerprints):
+    install_plans(plans, dataset_json, server.preprocessed_dataset_folder, fingerprint)
+    for site in sites:
         site_json = json.loads((site.raw_dataset_folder / "dataset.json").read_text())
         install_plans(plans, site_json, site.preprocessed_dataset_folder, fingerprint)
         preprocess_site(site.raw_dataset_folder, site.preprocessed_dataset_folder, plans, configuration)
