@@ -448,3 +448,54 @@ def test_a_stopped_planning_phase_is_one_server_config_error(planning_phase, tmp
 
     with pytest.raises(ServerConfigError, match=r"needs every site: 0 node\(s\) connected"):
         plan_before_training(QueryGrid({}), _settings(tmp_path))
+
+
+# --- the whole run: raw data at each site, nothing on the server, one simulation ----------------------------------
+
+
+def _raw_only_federation(root, labels_of_site_2=LABELS):
+    """``<root>/site-K/nnUNet_raw/<dataset>/`` and nothing else (the README's layout for your own data)."""
+    for k, size in enumerate((40, 48, 56)):
+        labels = LABELS if k < 2 else labels_of_site_2
+        write_site(root / f"site-{k}" / "nnUNet_raw" / DATASET, k, size, 3, labels=labels)
+    return root
+
+
+def _simulate(root, **extra):
+    from test_apps_simulation import run_app_simulation
+
+    override = {
+        "data-root": str(root),
+        "make-demo": False,
+        "dataset": DATASET,
+        "configuration": "2d",
+        "planning": "federated",
+        "plans-max-features": 16,
+        "plans-width-divisor": 4,
+        "num-server-rounds": 1,
+        "iterations-per-epoch": 2,
+        "val-iterations-per-epoch": 1,
+        "min-available-nodes": 3,
+        "min-train-nodes": 3,
+        "min-evaluate-nodes": 3,
+        "node-wait": 120.0,
+        "device": "cpu",
+        **extra,
+    }
+    run_app_simulation(override, num_supernodes=3)
+
+
+@pytest.mark.slow
+def test_one_simulation_plans_preprocesses_and_trains_from_raw_data_at_each_site(tmp_path):
+    from flwr_nnunet.nnunet.digests import plans_sha256
+
+    root = _raw_only_federation(tmp_path / "data")
+    _simulate(root)
+    model = root / "server" / "nnUNet_results" / DATASET / "nnUNetTrainer__nnUNetPlans__2d"
+    assert (model / "plans.json").is_file() and (model / "fold_all" / "checkpoint_final.pth").is_file()
+    assert not (root / "server" / "nnUNet_raw").exists()
+    plans = json.loads((model / "plans.json").read_text())
+    assert max(plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"]) <= 16
+    for k in range(3):
+        site_plans = root / f"site-{k}" / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
+        assert plans_sha256(json.loads(site_plans.read_text())) == plans_sha256(plans)

@@ -81,8 +81,16 @@ class FederationMismatchError(FlwrNnUNetError, ValueError):
 
 
 def training_cases(raw_dataset_folder: Path) -> tuple[dict, dict]:
-    """A raw dataset's ``dataset.json`` and its training cases (nnU-Net's ``{id: {"images", "label"}}``)."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    """A raw dataset's ``dataset.json`` and its training cases (nnU-Net's ``{id: {"images", "label"}}``).
+
+    The same cases as nnU-Net's ``get_filenames_of_train_images_and_targets``, found without its worker pool
+    (a forked pool deadlocks inside a multi-threaded process such as a Ray actor of Flower's simulation).
+    """
+    from nnunetv2.utilities.utils import (
+        create_paths_fn,
+        get_filenames_of_train_images_and_targets,
+        get_identifiers_from_splitted_dataset_folder,
+    )
 
     path = raw_dataset_folder / "dataset.json"
     if not path.is_file():
@@ -91,7 +99,19 @@ def training_cases(raw_dataset_folder: Path) -> tuple[dict, dict]:
             "(<nnUNet_raw>/DatasetXXX_Name/dataset.json, imagesTr/, labelsTr/)"
         )
     dataset_json = json.loads(path.read_text())
-    cases = get_filenames_of_train_images_and_targets(str(raw_dataset_folder), dataset_json)
+    if "dataset" in dataset_json:  # explicit file lists: nnU-Net's own code, no pool on this path
+        cases = get_filenames_of_train_images_and_targets(str(raw_dataset_folder), dataset_json)
+    else:
+        images, ending = raw_dataset_folder / "imagesTr", dataset_json["file_ending"]
+        files = sorted(p.name for p in images.iterdir() if p.name.endswith(ending)) if images.is_dir() else []
+        identifiers = get_identifiers_from_splitted_dataset_folder(str(images), ending) if files else []
+        cases = {
+            str(i): {
+                "images": create_paths_fn(str(images), files, ending, i),
+                "label": str(raw_dataset_folder / "labelsTr" / f"{i}{ending}"),
+            }
+            for i in identifiers
+        }
     if not cases:
         raise FileNotFoundError(f"{raw_dataset_folder} has no training cases in imagesTr/labelsTr")
     return dataset_json, cases

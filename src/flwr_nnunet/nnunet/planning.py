@@ -75,10 +75,9 @@ def nnunet_environment(
 
 
 def _training_cases(raw_dataset_folder: Path) -> tuple[dict, dict]:
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from flwr_nnunet.nnunet.fingerprint import training_cases
 
-    dataset_json = json.loads((raw_dataset_folder / "dataset.json").read_text())
-    return dataset_json, get_filenames_of_train_images_and_targets(str(raw_dataset_folder), dataset_json)
+    return training_cases(Path(raw_dataset_folder))
 
 
 def fingerprint_site(raw_dataset_folder: str | os.PathLike, *, samples_per_case: int = 10000) -> dict:
