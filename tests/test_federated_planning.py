@@ -499,3 +499,21 @@ def test_one_simulation_plans_preprocesses_and_trains_from_raw_data_at_each_site
     for k in range(3):
         site_plans = root / f"site-{k}" / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json"
         assert plans_sha256(json.loads(site_plans.read_text())) == plans_sha256(plans)
+
+
+@pytest.mark.slow
+def test_a_site_with_another_label_set_stops_the_simulation_before_training(tmp_path):
+    """The message naming the site and field: test_a_site_with_another_label_set_stops_the_planning_phase_naming_it."""
+    root = _raw_only_federation(tmp_path / "data", labels_of_site_2={"background": 0, "organ": 1, "tumour": 2})
+    try:
+        _simulate(root)
+    except Exception:  # noqa: BLE001 - however the simulation reports the ServerApp's failure, nothing trains
+        pass
+    assert not (root / "server" / "nnUNet_preprocessed" / DATASET).exists()  # no plans were made
+    assert not (root / "server" / "nnUNet_results").exists() or not list((root / "server").rglob("*.pth"))
+    assert not any((root / f"site-{k}" / "nnUNet_preprocessed").exists() for k in range(3))
+    assert not any(
+        list((root / f"site-{k}" / "nnUNet_results").rglob("*.pth"))
+        for k in range(3)
+        if (root / f"site-{k}" / "nnUNet_results").exists()
+    )
