@@ -32,6 +32,7 @@ import torch
 from flwr_nnunet.errors import KeyMismatchError
 
 __all__ = [
+    "Tensors",
     "Reducer",
     "assign_",
     "check_updates",
@@ -44,6 +45,9 @@ __all__ = [
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
 SORT_SCRATCH_ELEMENTS = 1 << 22
+
+Tensors = Mapping[str, torch.Tensor]
+"""Canonical key -> tensor: a model's alias groups, one tensor each (targets, or one client's update)."""
 
 Reducer = Callable[[Sequence[torch.Tensor], torch.dtype, torch.Tensor], torch.Tensor]
 """``reducer(chunks, work_dtype, out)``: reduces equally long flat chunks (one per client) to one flat

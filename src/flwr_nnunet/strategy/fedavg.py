@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Result, Strategy
 from torch import nn
 
-from flwr_nnunet.core.reduce import weighted_mean_
+from flwr_nnunet.core.reduce import Tensors, weighted_mean_
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
 from flwr_nnunet.nnunet.networks import build_trainer_network
@@ -232,22 +232,14 @@ class NnUNetFedAvg(FedAvg):
     # ------------------------------------------------------------ aggregation
 
     def reduce_all_(
-        self,
-        server_round: int,
-        targets: Mapping[str, torch.Tensor],
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
+        self, server_round: int, targets: Tensors, updates: Sequence[Tensors], weights: Sequence[float]
     ) -> list[str]:
         """Reduce the updates into ``targets`` (the network's tensors) in place; return the keys whose result
         holds NaN/Inf (override point; default: the weighted mean of every group in one fused pass)."""
         return weighted_mean_(targets, updates, weights, accumulate_dtype=self.accumulate_dtype, check_finite=True)
 
     def reduce_groups_(
-        self,
-        server_round: int,
-        targets: Mapping[str, torch.Tensor],
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
+        self, server_round: int, targets: Tensors, updates: Sequence[Tensors], weights: Sequence[float]
     ) -> list[str]:
         """:meth:`reduce_all_` group by group through :meth:`reduce_group_`, stopping at the first non-finite
         result."""

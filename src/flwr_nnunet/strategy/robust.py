@@ -6,12 +6,11 @@ them first (``result_shows_non_finite = False``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
-from flwr_nnunet.core.reduce import median_, trimmed_mean_
+from flwr_nnunet.core.reduce import Tensors, median_, trimmed_mean_
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 
 __all__ = ["NnUNetFedMedian", "NnUNetFedTrimmedAvg"]
@@ -23,11 +22,7 @@ class NnUNetFedMedian(NnUNetFedAvg, FedMedian):
     result_shows_non_finite = False
 
     def reduce_all_(
-        self,
-        server_round: int,
-        targets: Mapping[str, torch.Tensor],
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
+        self, server_round: int, targets: Tensors, updates: Sequence[Tensors], weights: Sequence[float]
     ) -> list[str]:
         """Write the element-wise median of the updates into ``targets``."""
         return median_(targets, updates, accumulate_dtype=self.accumulate_dtype, check_finite=True)
@@ -39,11 +34,7 @@ class NnUNetFedTrimmedAvg(NnUNetFedAvg, FedTrimmedAvg):
     result_shows_non_finite = False
 
     def reduce_all_(
-        self,
-        server_round: int,
-        targets: Mapping[str, torch.Tensor],
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
+        self, server_round: int, targets: Tensors, updates: Sequence[Tensors], weights: Sequence[float]
     ) -> list[str]:
         """Write the element-wise trimmed mean of the updates into ``targets``."""
         return trimmed_mean_(targets, updates, self.beta, accumulate_dtype=self.accumulate_dtype, check_finite=True)

@@ -18,6 +18,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
+from flwr_nnunet.core.reduce import Tensors
 from flwr_nnunet.strategy.aggregation import RoundRefused
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
 from flwr_nnunet.strategy.replies import non_finite_reason
@@ -60,11 +61,7 @@ class _ServerOptimizer(NnUNetFedAvg):
         """Replace ``target`` (holding the mean of the replies) by the server update from ``previous``."""
 
     def reduce_all_(
-        self,
-        server_round: int,
-        targets: Mapping[str, torch.Tensor],
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
+        self, server_round: int, targets: Tensors, updates: Sequence[Tensors], weights: Sequence[float]
     ) -> list[str]:
         """Weighted mean into ``targets``, then :meth:`step_group_` on every floating-point group
         (from the pre-round values, read from the record sent this round).

@@ -32,16 +32,16 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Protocol
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from flwr_nnunet.core.reduce import Tensors
 from flwr_nnunet.core.running import RunningWeightedSum
 from flwr_nnunet.strategy.aggregation import aggregate_metrics, enough_replies, log_rejection
 from flwr_nnunet.strategy.global_model import GlobalModel
@@ -62,11 +62,7 @@ class StreamingStrategy(Protocol):
         """The aggregation weight of an accepted reply."""
 
     def reduce_all_(
-        self,
-        server_round: int,
-        targets: Mapping[str, torch.Tensor],
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float],
+        self, server_round: int, targets: Tensors, updates: Sequence[Tensors], weights: Sequence[float]
     ) -> list[str]:
         """Reduce updates into targets; the keys whose result is not finite."""
 
