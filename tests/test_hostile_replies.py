@@ -80,18 +80,6 @@ def _frozen_gc():
     gc.unfreeze()
 
 
-@pytest.fixture
-def flwr_log():
-    """Records of Flower's logger (it does not propagate to pytest's caplog)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
-
 def model_of(strategy):
     return getattr(strategy, "strategy", strategy).model
 

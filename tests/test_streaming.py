@@ -34,18 +34,6 @@ def _task_identity():
     set_task_identity()
 
 
-@pytest.fixture
-def flwr_log():
-    """Records of Flower's logger (it does not propagate to pytest's caplog)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
-
 def messages(log: list[logging.LogRecord]) -> list[str]:
     return [r.getMessage() for r in log]
 

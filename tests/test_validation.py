@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import OrderedDict
@@ -21,18 +20,6 @@ from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, check_weight
 from flwr_nnunet.strategy.validator import ReplyValidator
 
 PLANS = tiny_plans()
-
-
-@pytest.fixture
-def flwr_log():
-    """Records of Flower's logger (it does not propagate to pytest's caplog)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _full_state_dict(tensors, amap: AliasMap) -> OrderedDict:

@@ -96,7 +96,7 @@ def training_cases(raw_dataset_folder: Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: each site needs its training data in nnU-Net's raw format "
-            "(<nnUNet_raw>/DatasetXXX_Name/dataset.json, imagesTr/, labelsTr/)"
+            "(<nnUNet_raw>/Dataset<ID>_<Name>/dataset.json, imagesTr/, labelsTr/)"
         )
     dataset_json = json.loads(path.read_text())
     if "dataset" in dataset_json:  # explicit file lists: nnU-Net's own code, no pool on this path
