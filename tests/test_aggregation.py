@@ -98,7 +98,7 @@ def test_integer_and_bool_rule_rounds_and_keeps_dtype():
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 9),
-    st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    st.lists(st.integers(0, 12), min_size=1, max_size=4),
     st.integers(1, 50),
     st.floats(0.0, 0.49),
     st.integers(0, 10_000),
