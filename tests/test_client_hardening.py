@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from client_app import app  # noqa: E402 - the ClientApp of the project, as Flower loads it
+from client_app import app  # the ClientApp of the project, as Flower loads it (after the sys.path entry)
 
 _RUN_IDS = iter(range(7000, 8000))
 
@@ -142,7 +142,8 @@ class Federation:
         return RecordDict({"arrays": to_array_record(weights), "config": self.config(server_round, **overrides)})
 
 
-def _send(kind, content, context):
+def send(kind, content, context):
+    """An instruction of message type ``kind`` through ``client_app.app``, as Flower calls it; the reply."""
     return app(make_message(_metadata(kind), content=content), context)
 
 
@@ -156,7 +157,7 @@ def trained(demo, tmp_path_factory):  # noqa: F811
     federation = Federation(demo)
     run_id = next(_RUN_IDS)
     context = _context(demo, tmp_path_factory.mktemp("hardening") / "results", run_id)
-    reply = _send("train", federation.content(1), context)
+    reply = send("train", federation.content(1), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     site = live_site(run_id, _spec(context))
     assert site.spec.state_file.is_file() and site.trainer.current_epoch == 1
@@ -339,7 +340,7 @@ def test_every_malformed_instruction_gets_an_error_reply_and_leaves_the_state_fi
         row_context = context
         if node_config:
             row_context = _context_like(context, **node_config)
-        reply = _send(kind, content, row_context)
+        reply = send(kind, content, row_context)
         assert reply.has_error(), name
         assert fragment in reply.error.reason, (name, reply.error.reason)
         assert "site-0" in reply.error.reason, name
@@ -347,7 +348,7 @@ def test_every_malformed_instruction_gets_an_error_reply_and_leaves_the_state_fi
         assert live_site(context.run_id, spec) is site and site.trainer is trainer, name  # not thrown away
         assert site.trainer.current_epoch == 1, name
     # The site still trains the next honest round from where it was.
-    reply = _send("train", federation.content(2), context)
+    reply = send("train", federation.content(2), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert site.trainer.current_epoch == 2 and _state_bytes(spec) != before
 
@@ -366,7 +367,7 @@ def _context_like(context, **node_config):
 def test_training_that_goes_non_finite_is_refused_and_the_previous_state_is_kept(demo, tmp_path, monkeypatch):  # noqa: F811
     federation = Federation(demo)
     context = _context(demo, tmp_path / "results", next(_RUN_IDS))
-    assert not _send("train", federation.content(1), context).has_error()
+    assert not send("train", federation.content(1), context).has_error()
     spec = _spec(context)
     before = _state_bytes(spec)
     original = Site._run_epoch
@@ -377,7 +378,7 @@ def test_training_that_goes_non_finite_is_refused_and_the_previous_state_is_kept
         state["momentum_buffer"].fill_(math.nan)  # the momentum of one parameter goes NaN
 
     monkeypatch.setattr(Site, "_run_epoch", diverging_epoch)
-    reply = _send("train", federation.content(2), context)
+    reply = send("train", federation.content(2), context)
     assert reply.has_error() and "training went non-finite" in reply.error.reason, reply
     assert "optimizer state 0 momentum_buffer" in reply.error.reason
     assert _state_bytes(spec) == before
@@ -385,7 +386,7 @@ def test_training_that_goes_non_finite_is_refused_and_the_previous_state_is_kept
     assert site.trainer is None  # the poisoned trainer is dropped
 
     monkeypatch.setattr(Site, "_run_epoch", original)
-    reply = _send("train", federation.content(2), context)  # the round again, honestly: from the kept state
+    reply = send("train", federation.content(2), context)  # the round again, honestly: from the kept state
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert site.trainer.current_epoch == 2
     momentum = [s["momentum_buffer"] for s in site.trainer.optimizer.state.values()]
@@ -406,7 +407,7 @@ class _Marker:
 def test_a_state_file_that_runs_code_on_unpickling_is_refused_and_never_unpickled(demo, tmp_path):  # noqa: F811
     federation = Federation(demo)
     context = _context(demo, tmp_path / "results", next(_RUN_IDS))
-    assert not _send("train", federation.content(1), context).has_error()
+    assert not send("train", federation.content(1), context).has_error()
     spec = _spec(context)
     marker = tmp_path / "marker"
     state = torch.load(spec.state_file, weights_only=True)
@@ -416,7 +417,7 @@ def test_a_state_file_that_runs_code_on_unpickling_is_refused_and_never_unpickle
 
     fresh = _context_like(context)
     fresh = Context(fresh.run_id + 500, fresh.node_id, fresh.node_config, RecordDict(), fresh.run_config)
-    reply = _send("train", federation.content(2), fresh)  # a fresh SuperNode process: rebuilds from the file
+    reply = send("train", federation.content(2), fresh)  # a fresh SuperNode process: rebuilds from the file
     assert reply.has_error(), "the hostile state file was accepted"
     assert "round state" in reply.error.reason and "not allowed to be unpickled" in reply.error.reason
     assert "remove it" in reply.error.reason

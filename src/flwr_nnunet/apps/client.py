@@ -31,7 +31,15 @@ from flwr_nnunet.core.codec import from_array_record, to_array_record
 from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.site.site import Site
-from flwr_nnunet.site.spec import DEFAULT_MAX_LOCAL_EPOCHS, InstructionError, SiteError, SiteSpec, TrainOptions
+from flwr_nnunet.site.spec import (
+    DEFAULT_MAX_LOCAL_EPOCHS,
+    InstructionError,
+    SiteError,
+    SiteSpec,
+    TrainOptions,
+    checked_dataset_name,
+    find_site_dataset,
+)
 
 __all__ = [
     "CLIENT_DP_MODES",
@@ -40,6 +48,7 @@ __all__ = [
     "handle_message",
     "handle_query",
     "live_site",
+    "site_name",
     "site_spec",
 ]
 
@@ -51,6 +60,7 @@ NODE_CONFIG_KEYS = {
     "fold": "overrides run-config 'fold' on this node",
     "max-local-epochs": f"the most local epochs this site trains per round (default {DEFAULT_MAX_LOCAL_EPOCHS})",
     "nnunet-raw": "the site's nnUNet_raw root, read by federated planning (default: the nnUNet_raw variable)",
+    "dataset": "this site's dataset folder Dataset<ID>_<Name> in its nnU-Net roots (default: run-config 'dataset')",
 }
 """Deployment: ``flower-supernode --node-config "nnunet-preprocessed='/data/pp' nnunet-results='/data/res'"``."""
 
@@ -61,25 +71,38 @@ def _fold(value: Any) -> int | str:
     return "all" if str(value) == "all" else int(value)
 
 
+def site_name(node_config: Mapping[str, Any], node_id: int = 0) -> str:
+    """The name of a node's site in logs and errors: ``site-K`` in simulation, else node-config ``site-name``
+    (default ``node-<node id>``)."""
+    if "partition-id" in node_config:
+        return f"site-{int(node_config['partition-id'])}"
+    return str(node_config.get("site-name", f"node-{node_id}"))
+
+
 def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_id: int = 0) -> SiteSpec:
     """The site a ClientApp serves, from the run config and the node config.
 
     In simulation (``partition-id`` in the node config) site K uses
-    ``<data-root>/site-K/nnUNet_preprocessed`` and ``.../nnUNet_results``. In
-    deployment the SuperNode's node config names the folders
-    (:data:`NODE_CONFIG_KEYS`), falling back to nnU-Net's environment variables.
+    ``<data-root>/site-K/nnUNet_preprocessed`` and ``.../nnUNet_results``, and
+    its own dataset name is found in its folders
+    (:func:`~flwr_nnunet.site.spec.find_site_dataset`). In deployment the
+    SuperNode's node config names the folders and the dataset
+    (:data:`NODE_CONFIG_KEYS`), falling back to nnU-Net's environment variables
+    and the run config's ``dataset``, the federation's name.
 
     Raises
     ------
     SiteError
-        If a deployed node has neither ``nnunet-preprocessed`` nor ``nnUNet_preprocessed``.
+        If a deployed node has neither ``nnunet-preprocessed`` nor ``nnUNet_preprocessed``, its node-config
+        ``dataset`` is not of the form ``Dataset<ID>_<Name>``, or a simulated site's folders hold several
+        datasets that could be its own.
     """
+    federation, name = str(run_config_value(run_config, "dataset")), site_name(node_config, node_id)
     if "partition-id" in node_config:
-        name = f"site-{int(node_config['partition-id'])}"
         folder = data_root(run_config) / name
         preprocessed, results = folder / "nnUNet_preprocessed", folder / "nnUNet_results"
+        dataset = find_site_dataset(federation, (folder / "nnUNet_raw", preprocessed), name)
     else:
-        name = str(node_config.get("site-name", f"node-{node_id}"))
         preprocessed = node_config.get("nnunet-preprocessed") or os.environ.get("nnUNet_preprocessed")
         results = node_config.get("nnunet-results") or os.environ.get("nnUNet_results")
         if not preprocessed or not results:
@@ -87,9 +110,10 @@ def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], nod
                 f"{name}: start the SuperNode with --node-config \"nnunet-preprocessed='<folder>' "
                 "nnunet-results='<folder>'\" (or set nnUNet_preprocessed and nnUNet_results)"
             )
+        dataset = checked_dataset_name(node_config["dataset"], name) if "dataset" in node_config else federation
     return SiteSpec(
         name=name,
-        dataset=str(run_config_value(run_config, "dataset")),
+        dataset=dataset,
         nnunet_preprocessed=Path(preprocessed).expanduser().absolute(),
         nnunet_results=Path(results).expanduser().absolute(),
         configuration=str(run_config_value(run_config, "configuration")),
@@ -200,8 +224,8 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
 
     name = f"node-{getattr(context, 'node_id', '?')}"
     try:
+        name = site_name(context.node_config, context.node_id)
         spec = site_spec(context.run_config, context.node_config, context.node_id)
-        name = spec.name
         try:
             received, config, options, local_keys = _received(message, max_epochs=max_local_epochs(context.node_config))
         except InstructionError as error:
@@ -236,11 +260,11 @@ def handle_query(message: Any, context: Any) -> Any:
 
     name = f"node-{getattr(context, 'node_id', '?')}"
     try:
+        name = site_name(context.node_config, context.node_id)
         spec = site_spec(context.run_config, context.node_config, context.node_id)
-        name = spec.name
         if message.has_error() or not message.has_content() or "config" not in message.content:
             raise InstructionError("the planning query carries no config record")
-        raw = raw_dataset_folder(context.run_config, context.node_config)
+        raw = raw_dataset_folder(context.run_config, context.node_config, spec.dataset)
         stage, answer = answer_planning(message.content["config"], raw, spec.dataset_folder)
         about = {"planning-stage": stage, "site-name": name, "planning": json.dumps(answer)}
         return Message(RecordDict({"config": ConfigRecord(about)}), reply_to=message)

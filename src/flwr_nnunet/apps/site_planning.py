@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr_nnunet.apps.run_config import data_root, run_config_value
+from flwr_nnunet.apps.run_config import data_root
 from flwr_nnunet.errors import FlwrNnUNetError
 
 __all__ = [
@@ -53,18 +53,19 @@ class PlanningQueryError(FlwrNnUNetError, ValueError):
     """A planning query this site cannot answer (malformed, or the site's data are missing)."""
 
 
-def raw_dataset_folder(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Path:
+def raw_dataset_folder(run_config: Mapping[str, Any], node_config: Mapping[str, Any], dataset: str) -> Path:
     """The site's raw dataset: ``<data-root>/site-K/nnUNet_raw/<dataset>`` in simulation.
 
     In deployment the node config's ``nnunet-raw`` (else the ``nnUNet_raw``
-    variable) is the site's nnUNet_raw root.
+    variable) is the site's nnUNet_raw root. ``dataset`` is the site's own
+    dataset folder name (:attr:`~flwr_nnunet.site.spec.SiteSpec.dataset`),
+    which may differ from the federation's.
 
     Raises
     ------
     PlanningQueryError
         If a deployed node names no raw root.
     """
-    dataset = str(run_config_value(run_config, "dataset"))
     if "partition-id" in node_config:
         return data_root(run_config) / f"site-{int(node_config['partition-id'])}" / "nnUNet_raw" / dataset
     root = node_config.get("nnunet-raw") or os.environ.get("nnUNet_raw")

@@ -31,12 +31,16 @@ def canonical_json_sha256(obj: Any, *, default: Callable[[Any], Any] | None = No
 
 
 def plans_sha256(plans: dict) -> str:
-    """A digest of an nnU-Net plans dict that does not depend on key order or whitespace.
+    """A digest of an nnU-Net plans dict that does not depend on key order, whitespace or ``dataset_name``.
 
     Server and sites compare it (config key ``plans-sha256``) to make sure every
     site trains the architecture and preprocessing the server aggregates.
+    ``dataset_name`` is left out: a site keeps the federation's plans under its
+    own dataset name (``Dataset517_Liver`` at one site, ``Dataset003_Liver`` at
+    another), and nnU-Net finds the site's folders by it, so the same plans
+    carry different names at different sites.
     """
-    return canonical_json_sha256(plans)
+    return canonical_json_sha256({key: value for key, value in plans.items() if key != "dataset_name"})
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:

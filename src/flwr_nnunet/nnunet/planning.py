@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "PLANNERS",
     "fingerprint_site",
     "install_plans",
     "merge_fingerprints",
-    "PLANNERS",
     "nnunet_environment",
     "plan_experiment",
     "plan_from_fingerprint",
@@ -332,12 +332,16 @@ def install_plans(
 ) -> Path:
     """Put the federation's plans (and ``dataset.json``) into a site's preprocessed dataset folder.
 
-    What ``nnUNetv2_move_plans_between_datasets`` does for one site. Returns the plans file.
+    What ``nnUNetv2_move_plans_between_datasets`` does for one site: the plans
+    are written with ``dataset_name`` set to the folder's name, the site's own
+    dataset name, by which nnU-Net's trainer finds the site's data
+    (:func:`~flwr_nnunet.nnunet.digests.plans_sha256` leaves it out, so the
+    digest stays the federation's). Returns the plans file.
     """
     folder = Path(preprocessed_dataset_folder)
     folder.mkdir(parents=True, exist_ok=True)
     plans_file = folder / f"{plans['plans_name']}.json"
-    plans_file.write_text(json.dumps(plans, indent=4))
+    plans_file.write_text(json.dumps({**plans, "dataset_name": folder.name}, indent=4))
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=4))
     if fingerprint is not None:
         (folder / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))

@@ -91,6 +91,10 @@ class Site:
     def check(self, plans_sha: str | None = None) -> dict:
         """The site's plans, after checking the dataset is there, preprocessed and planned like the server's.
 
+        The plans returned carry this site's own ``dataset_name`` (``spec.dataset``), from which nnU-Net's
+        trainer derives the site's folders: a plain copy of the federation's plans file holds the
+        federation's name, and the plans digest leaves the name out.
+
         Raises
         ------
         SiteError
@@ -124,7 +128,7 @@ class Site:
         data = folder / identifier
         if not identifier or not data.is_dir() or not any(data.iterdir()):
             raise SiteError(f"{spec.name}: {data} holds no preprocessed cases; run {spec.fix_command('preprocess')}")
-        return plans
+        return {**plans, "dataset_name": spec.dataset}
 
     # ---------------------------------------------------------------- trainer
     @property

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_
 from flwr_nnunet.errors import FlwrNnUNetError
 
 __all__ = [
+    "DATASET_NAME",
     "DEFAULT_MAX_LOCAL_EPOCHS",
     "STATE_FILE",
     "STATE_TOKEN_FILE",
@@ -21,6 +23,8 @@ __all__ = [
     "SiteError",
     "SiteSpec",
     "TrainOptions",
+    "checked_dataset_name",
+    "find_site_dataset",
 ]
 
 STATE_FILE = "flwr_site_state.pth"
@@ -84,6 +88,67 @@ def _at_least(key: str, value: int, minimum: int) -> int:
     return value
 
 
+DATASET_NAME = re.compile(r"Dataset(\d{3})_(\S+)")
+"""The form of an nnU-Net dataset folder name: ``Dataset<3-digit ID>_<Name>``."""
+
+
+def checked_dataset_name(value: Any, site: str) -> str:
+    """``value`` when it is an nnU-Net dataset folder name (:data:`DATASET_NAME`): a node config's ``dataset``.
+
+    Raises
+    ------
+    SiteError
+        Naming ``site``, the value, the form and the fix.
+    """
+    if isinstance(value, str) and DATASET_NAME.fullmatch(value):
+        return value
+    raise SiteError(
+        f"{site}: node-config 'dataset' must be an nnU-Net dataset folder name Dataset<3-digit ID>_<Name>, not "
+        f"{_shown(value)}; start the SuperNode with --node-config \"dataset='Dataset517_Liver' ...\" naming this "
+        "site's folder in its nnUNet_raw / nnUNet_preprocessed"
+    )
+
+
+def find_site_dataset(federation: str, roots: Sequence[Path], site: str) -> str:
+    """This site's own dataset folder name, found in its roots (simulation: its nnUNet_raw and nnUNet_preprocessed).
+
+    ``federation`` when a root holds a folder of that name; else the one
+    ``Dataset<ID>_<Name>`` folder there whose ``<Name>`` is the federation's
+    (``Dataset517_Liver`` for ``Dataset003_Liver``), else the only dataset
+    folder there. With no dataset folder at all, ``federation`` (the site's
+    checks then name what is missing).
+
+    Raises
+    ------
+    SiteError
+        If several folders fit, naming them and the fix.
+    """
+    if any((Path(root) / federation).is_dir() for root in roots):
+        return federation
+    found = sorted(
+        {
+            path.name
+            for root in roots
+            if Path(root).is_dir()
+            for path in Path(root).iterdir()
+            if path.is_dir() and DATASET_NAME.fullmatch(path.name)
+        }
+    )
+    wanted = DATASET_NAME.fullmatch(federation)
+    same = [name for name in found if wanted and DATASET_NAME.fullmatch(name).group(2) == wanted.group(2)]
+    candidates = same or found
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        return federation
+    folders = " or ".join(str(Path(root)) for root in roots)
+    raise SiteError(
+        f"{site}: the federation's dataset {federation} is not in {folders}, and several dataset folders there "
+        f"could be this site's ({', '.join(candidates)}); rename this site's folder to {federation}, or remove "
+        "the others"
+    )
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     """Where a site's data lives and which nnU-Net training it runs.
@@ -93,7 +158,9 @@ class SiteSpec:
     name
         Shown in logs and errors (e.g. ``site-0``).
     dataset
-        ``Dataset<ID>_<Name>``, the same at every site.
+        This site's own dataset folder name ``Dataset<ID>_<Name>`` in its ``nnUNet_raw``,
+        ``nnUNet_preprocessed`` and ``nnUNet_results`` (node config ``dataset``); it may differ from the
+        federation's run-config ``dataset`` (``Dataset517_Liver`` here, ``Dataset003_Liver`` elsewhere).
     nnunet_preprocessed
         The site's ``nnUNet_preprocessed`` root (holds ``<dataset>/<plans>.json`` and the preprocessed cases).
     nnunet_results
