@@ -194,7 +194,7 @@ def check_consistency(surveys: Mapping[str, Mapping]) -> None:
         )
         raise FederationMismatchError(
             f"the sites' datasets differ, so they cannot share one set of plans ({details}); make every site's "
-            "dataset.json agree on channel_names, labels (or regions) and file_ending before the run",
+            "dataset.json agree on channel_names, labels, regions_class_order and file_ending before the run",
             mismatches,
         )
 

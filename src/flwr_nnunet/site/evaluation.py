@@ -11,7 +11,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.nnunet.metrics import dice_from_counts, voxel_counts
+from flwr_nnunet.nnunet.metrics import dice_from_counts, region_counts, voxel_counts
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 
 __all__ = ["predictor", "validation_dice"]
@@ -23,23 +23,27 @@ def validation_dice(
 ) -> dict[str, float | int | list[float]]:
     """Dice of ``network`` (the trainer's, unwrapped) on the ``validation`` cases of the site's fold.
 
+    A region-based dataset (``regions_class_order`` in ``dataset.json``) is
+    scored per region as nnU-Net's validation does: region ``i`` is predicted
+    where the sigmoid of output channel ``i`` exceeds 0.5, and true where the
+    reference holds any of its labels.
+
     Returns
     -------
     dict
-        ``num-examples`` (validation cases), ``dice`` (the mean over foreground labels of the Dice from voxel
-        counts summed over the cases) and ``dice-per-class``.
+        ``num-examples`` (validation cases), ``dice`` (the mean over foreground labels, or regions, of the Dice
+        from voxel counts summed over the cases) and ``dice-per-class`` (one Dice per foreground label, or per
+        region, in the label manager's order: ``foreground_labels`` or ``foreground_regions``).
 
     Raises
     ------
     SiteError
-        If there are no validation cases, or the training is region-based.
+        If there are no validation cases.
     """
     if not validation:
         raise SiteError(f"{spec.name}: fold {spec.fold} has no validation cases; set run-config 'fold'")
     labels = trainer.label_manager
-    if labels.has_regions:
-        raise SiteError(f"{spec.name}: evaluation of region-based training is not supported")
-    foreground = list(labels.foreground_labels)
+    foreground = list(labels.foreground_regions if labels.has_regions else labels.foreground_labels)
     counts = np.zeros((len(foreground), 3))
     sliding = predictor(trainer, network)
     dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, validation)
@@ -48,10 +52,12 @@ def validation_dice(
         for case in validation:
             data, seg, _, _ = dataset.load_case(case)
             logits = sliding.predict_sliding_window_return_logits(torch.from_numpy(np.ascontiguousarray(data[:])))
-            predicted = logits.argmax(0).cpu().numpy()
             truth = np.asarray(seg[:])[0]
-            for index, label in enumerate(foreground):
-                counts[index] += voxel_counts(truth, predicted, label)
+            if labels.has_regions:
+                counts += region_counts(truth, labels.apply_inference_nonlin(logits).cpu().numpy(), foreground)
+            else:
+                predicted = logits.argmax(0).cpu().numpy()
+                counts += [voxel_counts(truth, predicted, label) for label in foreground]
     finally:
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
     per_class = [dice_from_counts(*count) for count in counts]
