@@ -135,6 +135,7 @@ def test_missing_dataset_is_refused_with_the_fix(demo, tmp_path):
     with pytest.raises(SiteError, match="not found") as error:
         site.check()
     assert "nnunet-preprocessed" in str(error.value) and "data-root" in str(error.value)
+    assert "node-config 'dataset'" in str(error.value)
     assert "nnUNetv2_preprocess -d 987 -plans_name nnUNetPlans -c 2d" in str(error.value)
 
 

@@ -8,6 +8,8 @@ deployment. The plans digest leaves ``dataset_name`` out, so every site's copy o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -226,3 +228,34 @@ def test_a_malformed_node_config_dataset_gets_an_error_reply_and_nothing_is_touc
         "not 'Liver'" in reply.error.reason and "--node-config \"dataset='Dataset517_Liver' ...\"" in reply.error.reason
     )
     assert not (tmp_path / "results").exists() and _tree(site) == before
+
+
+def test_supernode_sh_passes_the_raw_root_and_dataset_only_when_given(tmp_path):
+    fake = tmp_path / "bin" / "flower-supernode"  # prints the flags it is started with
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    (tmp_path / "ca.crt").write_text("")
+    (tmp_path / "key").write_text("")
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+        "SUPERLINK": "127.0.0.1:1",
+        "CA_CERT": str(tmp_path / "ca.crt"),
+        "NODE_KEY": str(tmp_path / "key"),
+        "PREPROCESSED": "/pp",
+        "RESULTS": "/res",
+        "SITE_NAME": "hospital-b",
+    }
+
+    def node_config(**extra):
+        script = REPO / "configs" / "deployment" / "supernode.sh"
+        out = subprocess.run(["bash", str(script)], env={**env, **extra}, capture_output=True, text=True, check=True)
+        flags = out.stdout.splitlines()
+        return flags[flags.index("--node-config") + 1]
+
+    plain = "nnunet-preprocessed='/pp' nnunet-results='/res' site-name='hospital-b'"
+    assert node_config(RAW="", DATASET="") == plain
+    assert (
+        node_config(RAW="/raw", DATASET="Dataset517_Liver") == f"{plain} nnunet-raw='/raw' dataset='Dataset517_Liver'"
+    )

@@ -3,17 +3,20 @@
 #
 #   SUPERLINK=coordinator.example.org:8000 CA_CERT=/etc/flwr-nnunet/ca.crt NODE_KEY=/etc/flwr-nnunet/hospital-a \
 #   PREPROCESSED=/data/nnUNet_preprocessed RESULTS=/data/flwr_nnunet_results SITE_NAME=hospital-a \
-#       configs/deployment/supernode.sh [extra flower-supernode flags]
+#   RAW=/data/nnUNet_raw DATASET=Dataset517_Liver configs/deployment/supernode.sh [extra flower-supernode flags]
 #
 # SUPERLINK     host:port of the coordinator's SuperLink (the name must be in its certificate)
 # CA_CERT       the CA certificate that signed the SuperLink's certificate (without it, no connection)
 # NODE_KEY      this hospital's private key (ssh-keygen -t ecdsa -b 384 -N "" -f hospital-a); NODE_KEY.pub is
 #               what the coordinator registers (`flwr supernode register`); the private key never leaves the site
 #               (Flower 1.42 derives the public key from it: --auth-supernode-public-key is deprecated)
-# PREPROCESSED  the site's nnUNet_preprocessed root: <dataset>/ with the federation's plans and the preprocessed
-#               cases of the run config's `dataset`
+# PREPROCESSED  the site's nnUNet_preprocessed root: <DATASET>/ with the federation's plans and the preprocessed
+#               cases (federated planning writes them there)
 # RESULTS       where the site's nnU-Net trainer keeps its logs and per-round state
 # SITE_NAME     the name in logs and errors
+# RAW           optional: the site's nnUNet_raw root, holding <DATASET>/ (read by run-config planning='federated')
+# DATASET       optional: this hospital's own dataset folder name, e.g. Dataset517_Liver where another hospital
+#               has Dataset003_Liver (default: the run config's `dataset`, the federation's name)
 # The SuperNode keeps retrying while the SuperLink is away (no --max-retries): after a coordinator restart it
 # reconnects by itself. Two SuperNodes on one machine need their own --port (default 9094).
 set -euo pipefail
@@ -23,9 +26,12 @@ done
 for file in "$CA_CERT" "$NODE_KEY"; do
     [[ -f "$file" ]] || { echo "supernode.sh: $file not found" >&2; exit 2; }
 done
+node_config="nnunet-preprocessed='$PREPROCESSED' nnunet-results='$RESULTS' site-name='$SITE_NAME'"
+[[ -z "${RAW:-}" ]] || node_config+=" nnunet-raw='$RAW'"
+[[ -z "${DATASET:-}" ]] || node_config+=" dataset='$DATASET'"
 exec flower-supernode \
     --superlink "$SUPERLINK" \
     --root-certificates "$CA_CERT" \
     --auth-supernode-private-key "$NODE_KEY" \
-    --node-config "nnunet-preprocessed='$PREPROCESSED' nnunet-results='$RESULTS' site-name='$SITE_NAME'" \
+    --node-config "$node_config" \
     "$@"

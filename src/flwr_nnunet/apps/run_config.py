@@ -120,7 +120,13 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "they meet min-train-nodes / min-evaluate-nodes, else the run stops with its checkpoints intact "
         "(< 0: wait without end, Flower's own behaviour)",
     ),
-    Setting("dataset", str, "Dataset987_FedDemo", "nnU-Net dataset, Dataset<ID>_<Name> (the same at every site)"),
+    Setting(
+        "dataset",
+        str,
+        "Dataset987_FedDemo",
+        "the federation's nnU-Net dataset, Dataset<ID>_<Name>: the server's plans and global model folder (a site "
+        "may hold it under its own name, e.g. Dataset517_Liver: node-config 'dataset', or its folder in simulation)",
+    ),
     Setting("configuration", str, "2d", "nnU-Net configuration (2d, 3d_fullres, ...)"),
     Setting("plans", str, "nnUNetPlans", "plans identifier"),
     Setting(

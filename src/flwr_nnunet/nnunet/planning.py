@@ -192,7 +192,7 @@ def plan_experiment(
         (its ``numTraining`` should be the federation's total) and at least one
         training case (nnU-Net reads it to pick the image reader).
     dataset_name
-        ``Dataset<ID>_<Name>``; every site stores its data under this name.
+        ``Dataset<ID>_<Name>`` of the roots given: the federation's name, written into the plans.
     fingerprint
         Written as ``dataset_fingerprint.json`` in the preprocessed folder first.
     planner

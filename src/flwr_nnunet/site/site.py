@@ -105,7 +105,8 @@ class Site:
         if not folder.is_dir():
             raise SiteError(
                 f"{spec.name}: dataset folder {folder} not found; point {where} at the site's nnUNet_preprocessed "
-                f"root, or plan and preprocess the dataset: {spec.fix_command('plans')}"
+                f"root, name the site's own dataset folder with node-config 'dataset' (deployment), or plan and "
+                f"preprocess the dataset: {spec.fix_command('plans')}"
             )
         plans_file = folder / f"{spec.plans}.json"
         if not plans_file.is_file():
