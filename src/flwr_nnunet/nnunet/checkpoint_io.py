@@ -4,6 +4,10 @@
 because the trainer stores numpy scalars (``_best_ema``, the logged Dice and
 losses). :data:`NNUNET_SAFE_GLOBALS` allows exactly the numpy scalar and dtype
 types those entries need, and nothing else.
+
+Every temp file the project writes beside a target is named by :func:`temp_path`
+(``.<target>.<writer pid>-<random>.tmp``): a writer killed mid-write leaves one
+behind, and :func:`remove_orphan_temp_files` removes those whose writer is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import pickle
 import re
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,7 +35,9 @@ __all__ = [
     "atomic_write",
     "fsync_directory",
     "load_checkpoint",
+    "remove_orphan_temp_files",
     "split_checkpoint",
+    "temp_path",
 ]
 
 _scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
@@ -64,6 +71,8 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _WEIGHTS_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", re.DOTALL)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.(?P<pid>\d+)-[A-Za-z0-9_]+" + re.escape(_TEMP_SUFFIX))
 
 
 class CheckpointError(FlwrNnUNetError):
@@ -194,6 +203,58 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh name for a temp file beside ``path``, in the project's pattern (this process's pid in it)."""
+    path = Path(path)
+    return path.with_name(f"{_temp_prefix(path)}{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (True where that cannot be told: not POSIX)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_orphan_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files in ``folder`` (not below it) that a writer killed mid-write left behind.
+
+    Only names of the project's pattern (:func:`temp_path`) whose writer process no longer runs are removed:
+    a temp file another live process is writing stays, and so does every other file.
+
+    Parameters
+    ----------
+    folder
+        A folder the project writes into atomically (a model folder, a site's results folder); may not exist.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        found = _TEMP_NAME.fullmatch(entry.name)
+        if found is None or _running(int(found["pid"])) or not entry.is_file():
+            continue
+        entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[BinaryIO], object],
@@ -219,7 +280,7 @@ def atomic_write(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX, dir=path.parent)
     temp = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as f:

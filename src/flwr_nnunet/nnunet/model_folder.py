@@ -35,6 +35,8 @@ from flwr_nnunet.nnunet.checkpoint_io import (
     atomic_write,
     fsync_directory,
     load_checkpoint,
+    remove_orphan_temp_files,
+    temp_path,
 )
 from flwr_nnunet.nnunet.digests import tensors_sha256
 
@@ -138,6 +140,10 @@ class NnUNetModelFolder:
         if self.dataset_fingerprint is not None:
             _write_json(self.path / "dataset_fingerprint.json", self.dataset_fingerprint)
 
+    def remove_orphan_temp_files(self) -> list[Path]:
+        """Remove the temp files killed writers left in the model folder and its fold folder; the removed ones."""
+        return [*remove_orphan_temp_files(self.path), *remove_orphan_temp_files(self.fold_dir)]
+
     def save_checkpoint(
         self,
         name: str,
@@ -171,7 +177,7 @@ class NnUNetModelFolder:
         }
         if name != "latest":
             return atomic_save(checkpoint, path)
-        tmp = atomic_save(checkpoint, path.with_name(f".{path.name}.new"))
+        tmp = atomic_save(checkpoint, temp_path(path))
         if path.exists():
             os.replace(path, self.checkpoint_path("previous"))
         os.replace(tmp, path)

@@ -38,6 +38,7 @@ from torch import nn
 from flwr_nnunet.core.aliasing import AliasMap
 from flwr_nnunet.core.reduce import assign_
 from flwr_nnunet.errors import KeyMismatchError
+from flwr_nnunet.nnunet.checkpoint_io import remove_orphan_temp_files
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.planning import nnunet_environment
 from flwr_nnunet.site.evaluation import validation_dice
@@ -152,6 +153,8 @@ class Site:
         """Build the trainer if there is none: from the state file (rounds after the first) or fresh."""
         if self.trainer is not None:
             return
+        for orphan in remove_orphan_temp_files(self.spec.output_folder):
+            log(INFO, "%s: removed %s, left by a site process killed while it wrote", self.spec.name, orphan)
         plans = plans if plans is not None else self.check()
         resume = options.server_round > 1 and self.spec.state_file.is_file()
         self.trainer = build_trainer(self.spec, plans, resume)

@@ -33,7 +33,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, atomic_write, load_checkpoint
+from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, atomic_save, atomic_write, load_checkpoint, temp_path
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 
 __all__ = [
@@ -169,7 +169,7 @@ def round_state_file(spec: SiteSpec, server_round: int) -> Path:
 
 def _link_or_copy(source: Path, destination: Path) -> None:
     """``destination`` becomes ``source``'s content, atomically: a hard link (a copy where links fail), renamed."""
-    temp = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.tmp")
+    temp = temp_path(destination)
     try:
         os.link(source, temp)
     except OSError:

@@ -114,6 +114,15 @@ class RunCheckpoints:
             "strategy_state": strategy.strategy_state() if isinstance(strategy, StatefulStrategy) else {},
         }
 
+    def prepare_folder(self) -> None:
+        """A run starts (or resumes): write the model folder's metadata and remove the temp files a killed
+        server left in it (logged); nothing without a model folder."""
+        if self.folder is None:
+            return
+        for orphan in self.folder.remove_orphan_temp_files():
+            log(INFO, "removed %s, left by a server killed while it wrote", orphan)
+        self.folder.write_metadata()
+
     def save(self, name: str, server_round: int, strategy: Strategy | None = None) -> Path | None:
         """Write ``checkpoint_<name>.pth`` (None without a model folder) and log it."""
         if self.folder is None:

@@ -106,8 +106,7 @@ def run_rounds(
     strategy.summary()
     train_config = ConfigRecord() if train_config is None else train_config
     evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-    if checkpoints.folder is not None:
-        checkpoints.folder.write_metadata()
+    checkpoints.prepare_folder()
     result = Result()
     started = time.time()
     stream = streaming and streams(strategy)
