@@ -3,24 +3,40 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
-from strategy_support import RUN_ID, SERVER_NODE, canonical, perturbed, received, reply, set_task_identity, tiny_network
+from strategy_support import (
+    RUN_ID,
+    SERVER_NODE,
+    LoopbackGrid,
+    canonical,
+    perturbed,
+    received,
+    reply,
+    set_task_identity,
+    tiny_network,
+)
 
-from flwr_nnunet import NnUNetFedAvg, to_array_record
+from flwr_nnunet import AliasMap, NnUNetFedAvg, to_array_record
 from flwr_nnunet.core.reduce import weighted_mean_
 from flwr_nnunet.core.running import RunningWeightedSum
 from flwr_nnunet.strategy.flower_adapted import NnUNetBulyan, NnUNetKrum, NnUNetQFedAvg
-from flwr_nnunet.strategy.privacy import NnUNetDPServerSideFixedClipping
+from flwr_nnunet.strategy.privacy import (
+    NnUNetDPClientSideFixedClipping,
+    NnUNetDPServerSideAdaptiveClipping,
+    NnUNetDPServerSideFixedClipping,
+)
 from flwr_nnunet.strategy.robust import NnUNetFedMedian, NnUNetFedTrimmedAvg
 from flwr_nnunet.strategy.server_optimizers import NnUNetFedAdam, NnUNetFedAvgM
 from flwr_nnunet.strategy.streaming import TrainStream, quorum_count, streams
@@ -356,7 +372,8 @@ def test_strategies_that_do_not_stream_use_the_batch_path(flwr_log):
     assert streams(NnUNetFedAvg) is True and streams(NnUNetFedAdam) is True
     assert streams(NnUNetFedMedian) is False
     assert not any(streams(c) for c in (NnUNetFedTrimmedAvg, NnUNetKrum, NnUNetBulyan, NnUNetQFedAvg))
-    assert not streams(NnUNetDPServerSideFixedClipping)
+    assert streams(NnUNetDPServerSideFixedClipping) and not streams(NnUNetDPServerSideAdaptiveClipping)
+    assert not streams(NnUNetDPServerSideFixedClipping(build(NnUNetFedMedian), 0.0, 1.0, 5))  # what it wraps
     strategy = build(NnUNetFedMedian)
     grid = ScriptedGrid(NODES)
     result = strategy.start(grid, num_rounds=1, streaming=True, poll_interval=0.01)
@@ -379,6 +396,96 @@ def test_subclass_overriding_the_reduction_does_not_stream_unless_it_says_so():
             return super().reduce_all_(server_round, targets, updates, weights)
 
     assert not streams(Custom) and streams(Declared)
+
+
+# ------------------------------------------------------- differential privacy
+
+DP_SCALES = {node: 0.01 * (node - 10) for node in NODES}
+"""Per-node update scale: the update norms grow with the node id, so a clipping norm between them clips some."""
+
+
+def dp_content(node: int, instruction: Message) -> RecordDict:
+    update = perturbed(received(instruction), seed=node, scale=DP_SCALES[node])
+    metrics = MetricRecord({"num-examples": WEIGHTS[node], "train-loss": float(node)})
+    return RecordDict({"arrays": to_array_record(update), "metrics": metrics})
+
+
+def update_norm(a, b) -> float:
+    return math.sqrt(sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in b))
+
+
+def dp_round(wrapper_cls, noise, *, streaming, order=NODES, **options):
+    """One DP round of the five nodes (numpy's RNG seeded as a run would); the wrapper and the pre-round model."""
+    inner = build(**options)
+    before = OrderedDict((k, v.clone()) for k, v in canonical(inner.model.network).items())
+    norms = sorted(update_norm(perturbed(before, n, scale=DP_SCALES[n]), before) for n in NODES)
+    wrapper = wrapper_cls(
+        inner, noise_multiplier=noise, clipping_norm=(norms[2] + norms[3]) / 2, num_sampled_clients=len(NODES)
+    )
+    np.random.seed(5)
+    grid = ScriptedGrid(NODES, dp_content, order=order)
+    wrapper.start(grid, num_rounds=1, streaming=streaming, poll_interval=0.01, timeout=30)
+    assert grid.used_send_and_receive is not streaming
+    return wrapper, before
+
+
+@pytest.mark.parametrize(
+    ("wrapper_cls", "noise"),
+    [
+        (NnUNetDPServerSideFixedClipping, 0.0),
+        (NnUNetDPServerSideFixedClipping, 2.0),
+        (NnUNetDPClientSideFixedClipping, 2.0),
+    ],
+    ids=["server-clipping-no-noise", "server-clipping-noise", "client-clipping-noise"],
+)
+def test_streamed_dp_fixed_clipping_equals_the_batch_path(wrapper_cls, noise, flwr_log):
+    batch, before = dp_round(wrapper_cls, noise, streaming=False, accumulate_dtype=torch.float64)
+    stream, _ = dp_round(wrapper_cls, noise, streaming=True, order=list(reversed(NODES)))
+    streamed, batched = state(stream.strategy), state(batch.strategy)
+    text = messages(flwr_log)
+    clipped = [m for m in text if "clipped to" in m]
+    assert len(clipped) == (2 if wrapper_cls is NnUNetDPServerSideFixedClipping else 0)  # nodes 14 and 15
+    assert any("streamed 5 replies" in m for m in text)
+    stdv = noise * stream.clipping_norm / len(NODES)
+    assert any(f"central DP noise with {stdv:.4f} stdev added" in m for m in text)
+    assert update_norm(canonical(stream.strategy.model.network), before) > 0
+    if noise == 0.0:
+        assert_float32_close(streamed, batched, max_ulps=1)
+        return
+    # the same noise (numpy's RNG in the same state), on means equal to float32 rounding
+    assert_float32_close(streamed, batched, rtol=1e-5, atol=1e-6)
+    quiet, _ = dp_round(wrapper_cls, 0.0, streaming=True)
+    drawn = torch.cat([(streamed[k] - v).view(-1) for k, v in state(quiet.strategy).items()])
+    assert float(drawn.std()) == pytest.approx(stdv, rel=0.05) and abs(float(drawn.mean())) < stdv / 20
+
+
+def test_streamed_dp_scales_a_reply_over_the_clip_once_per_alias_group():
+    network = tiny_network()
+    amap = AliasMap.from_module(network)
+    clipping = 0.5
+    dp = NnUNetDPServerSideFixedClipping(
+        NnUNetFedAvg(network, min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0),
+        noise_multiplier=0.0,
+        clipping_norm=clipping,
+        num_sampled_clients=1,
+    )
+    sent = received(next(iter(dp.configure_train(1, None, ConfigRecord(), LoopbackGrid([21], lambda n, m: None)))))
+    update = perturbed(sent, 5, scale=0.05)
+    delta = {k: update[k].double() - sent[k].double() for k in sent}
+    unique_norm = math.sqrt(sum(float((d**2).sum()) for d in delta.values()))
+    per_key_norm = math.sqrt(sum(float((delta[amap.canonical_of(k)] ** 2).sum()) for k in amap.keys))
+    assert per_key_norm**2 > 2.5 * unique_norm**2 and unique_norm > clipping  # aliases would count ~3x
+
+    stream = dp.train_stream(1)
+    assert stream.offer(reply(21, update, 8))
+    arrays, _ = stream.finish()
+
+    assert arrays is not None
+    applied = {k: v.double() - sent[k].double() for k, v in canonical(network).items()}
+    assert math.sqrt(sum(float((a**2).sum()) for a in applied.values())) == pytest.approx(clipping, rel=1e-5)
+    for key, value in applied.items():
+        torch.testing.assert_close(value, delta[key] * clipping / unique_norm, rtol=1e-4, atol=1e-7)
+    assert len({v.untyped_storage().data_ptr() for v in network.state_dict().values()}) == len(amap.groups)
 
 
 # --------------------------------------------------------- Flower simulation

@@ -2,14 +2,20 @@
 
 Replies are validated (and made canonical) before clipping, so norms and noise
 count each shared tensor once; the noised model is written into the network.
+The fixed-clipping wrappers also stream (``start(..., streaming=True)``, see
+:class:`FixedClippingStream`): each reply is clipped when it arrives, folded and
+released, and the noise is added once when the round closes.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from logging import WARNING
-from typing import Any
+from logging import INFO, WARNING
+from typing import Any, ClassVar
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -19,15 +25,19 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Result,
 )
+from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 from flwr.supercore import log
-from flwr.supercore.differential_privacy import KEY_NORM_BIT
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, add_gaussian_noise_inplace, compute_stdv, get_norm
 
+from flwr_nnunet.core.reduce import Tensors
 from flwr_nnunet.strategy.checkpoints import StatefulStrategy
 from flwr_nnunet.strategy.fedavg import NnUNetFedAvg
-from flwr_nnunet.strategy.replies import bounded
+from flwr_nnunet.strategy.replies import AcceptedReply, bounded, non_finite_reason
+from flwr_nnunet.strategy.streaming import STAGE, TrainStream, streams
 
 __all__ = [
     "AliasAwareDP",
+    "FixedClippingStream",
     "NnUNetDPClientSideAdaptiveClipping",
     "NnUNetDPClientSideFixedClipping",
     "NnUNetDPServerSideAdaptiveClipping",
@@ -45,6 +55,8 @@ class AliasAwareDP:
 
     strategy: NnUNetFedAvg
     clipping_norm: float
+    streams: ClassVar[bool] = False
+    """Whether ``start(..., streaming=True)`` streams the wrapped strategy's training rounds (when it streams)."""
 
     def __init__(self, strategy: NnUNetFedAvg, *args: Any, **kwargs: Any) -> None:
         if not isinstance(strategy, NnUNetFedAvg):
@@ -103,11 +115,120 @@ class AliasAwareDP:
         return self.strategy.start(grid, initial_arrays, num_rounds, via=self, **kwargs)
 
 
-class NnUNetDPServerSideFixedClipping(AliasAwareDP, DifferentialPrivacyServerSideFixedClipping):
+class FixedClippingStream(TrainStream):
+    """A streaming training round of a fixed-clipping DP wrapper, with the result of its batch path.
+
+    Server-side clipping: each accepted reply is clipped on arrival against the model sent this round, by
+    Flower's rule on the canonical tensors (each shared tensor counted once in the norm): ``x' = g + s (x - g)``
+    with ``s = min(1, clipping_norm / ||x - g||)``, in the reply's dtype, as the batch path computes it. The clipped
+    reply is folded and released, so memory is one clipped copy per reply in flight. When the round closes, after
+    the mean (and the wrapped strategy's server step), Gaussian noise of Flower's standard deviation is added
+    once, drawn as Flower draws it (``numpy.random``, group by group in the record's order): the same noise as
+    the batch path for the same random state. Flower's reply-count check and privacy accounting apply.
+
+    Parameters
+    ----------
+    wrapper
+        The DP wrapper (:class:`NnUNetDPServerSideFixedClipping` or :class:`NnUNetDPClientSideFixedClipping`).
+    server_round
+        The round.
+    clip
+        Clip each reply on arrival (server-side clipping; the sites clip for client-side clipping).
+    """
+
+    def __init__(self, wrapper: StreamedFixedClipping, server_round: int, *, clip: bool) -> None:
+        super().__init__(wrapper.strategy, server_round)
+        self.wrapper = wrapper
+        self.clip = clip
+        self.sent: list[np.ndarray] | None = None
+
+    def prepare(self, reply: AcceptedReply) -> Tensors:
+        """The reply clipped against the model sent this round (server-side clipping), else as it is."""
+        if not self.clip:
+            return reply.tensors
+        if self.sent is None:
+            model = self.strategy.model
+            self.sent = [t.cpu().numpy() for t in model.values_in(self.snapshot, list(model.tensors)).values()]
+        update = [np.subtract(t.cpu().numpy(), g) for t, g in zip(reply.tensors.values(), self.sent, strict=True)]
+        norm, clipping_norm = get_norm(update), self.wrapper.clipping_norm
+        if norm > clipping_norm:
+            for delta in update:
+                delta *= clipping_norm / norm
+            log(
+                INFO,
+                "%s: round %d: node %d: update norm %.4g clipped to %g",
+                STAGE,
+                self.server_round,
+                reply.node_id,
+                norm,
+                clipping_norm,
+            )
+        for delta, sent in zip(update, self.sent, strict=True):
+            np.add(sent, delta, out=delta)
+        device = next(iter(self.strategy.model.tensors.values())).device
+        return OrderedDict((k, torch.from_numpy(d).to(device)) for k, d in zip(reply.tensors, update, strict=True))
+
+    def on_result_(self, tensors: Tensors) -> list[str]:
+        """Add the round's Gaussian noise to the result in place; the keys now not finite."""
+        wrapper = self.wrapper
+        stdv = compute_stdv(wrapper.noise_multiplier, wrapper.clipping_norm, wrapper.num_sampled_clients)
+        host = [t.detach().cpu() for t in tensors.values()]
+        add_gaussian_noise_inplace([h.numpy() for h in host], stdv)
+        for tensor, value in zip(tensors.values(), host, strict=True):
+            if tensor.data_ptr() != value.data_ptr():
+                tensor.copy_(value)
+        log(INFO, "%s: round %d: central DP noise with %.4f stdev added", STAGE, self.server_round, stdv)
+        return [k for k, t in tensors.items() if non_finite_reason(k, t)]
+
+    def finish(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Close the round as :meth:`TrainStream.finish`, after Flower's checks of the replies (their count;
+        with an accountant, equal weights), and account for the release."""
+        wrapper = self.wrapper
+        event = wrapper._pop_pending_event(self.server_round)  # pylint: disable=protected-access
+        kept = [a.message for a in self.folded]
+        try:
+            if not validate_replies(kept, wrapper.num_sampled_clients, strict=wrapper.accountant is not None):
+                self.abort()
+                return None, None
+            wrapper._validate_uniform_weights(kept)  # pylint: disable=protected-access
+        except ValueError as error:
+            self.abort()
+            log(
+                WARNING,
+                "%s: round %d: %s refused the round (%s): global model unchanged",
+                STAGE,
+                self.server_round,
+                type(wrapper).__name__,
+                bounded(error),
+            )
+            return None, None
+        arrays, metrics = super().finish()
+        if arrays is not None:
+            wrapper._compose_release(event)  # pylint: disable=protected-access
+        return arrays, metrics
+
+
+class StreamedFixedClipping(AliasAwareDP):
+    """Fixed-clipping DP wrappers, whose training rounds stream (:class:`FixedClippingStream`)."""
+
+    streams: ClassVar[bool] = True
+    noise_multiplier: float
+    num_sampled_clients: int
+
+    def train_stream(self, server_round: int) -> FixedClippingStream:
+        """The round's stream (see :func:`flwr_nnunet.strategy.streaming.open_stream`)."""
+        if not streams(self):
+            raise TypeError(f"{type(self.strategy).__name__} does not stream: use aggregate_train")
+        return FixedClippingStream(
+            self, server_round, clip=isinstance(self, DifferentialPrivacyServerSideFixedClipping)
+        )
+
+
+class NnUNetDPServerSideFixedClipping(StreamedFixedClipping, DifferentialPrivacyServerSideFixedClipping):
     """Central DP, server-side fixed clipping (``noise_multiplier``, ``clipping_norm``, ``num_sampled_clients``)."""
 
 
-class NnUNetDPClientSideFixedClipping(AliasAwareDP, DifferentialPrivacyClientSideFixedClipping):
+class NnUNetDPClientSideFixedClipping(StreamedFixedClipping, DifferentialPrivacyClientSideFixedClipping):
     """Central DP, client-side fixed clipping (clients use Flower's ``fixedclipping_mod``)."""
 
 

@@ -23,8 +23,10 @@ arrive after their round closed are dropped with a log line (:class:`LateReplies
 
 Which strategies stream: those whose reduction is a weighted mean, optionally
 followed by a server step on it (``streams = True`` on the class: StreamingStrategy,
-NnUNetFedProx, FedBN-style local groups, the server optimizers); order
-statistics and Flower-adapted or wrapped strategies keep the batch path.
+NnUNetFedProx, FedBN-style local groups, the server optimizers), and the
+fixed-clipping DP wrappers around one of them (their :class:`TrainStream`
+clips each reply on arrival and adds the noise once when the round closes);
+order statistics, Flower-adapted strategies and adaptive clipping keep the batch path.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from flwr_nnunet.core.reduce import Tensors
 from flwr_nnunet.core.running import RunningWeightedSum
 from flwr_nnunet.strategy.aggregation import aggregate_metrics, enough_replies, log_rejection
 from flwr_nnunet.strategy.global_model import GlobalModel
-from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, check_weight
+from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, bounded, check_weight
 from flwr_nnunet.strategy.validator import ReplyValidator
 
 
@@ -72,15 +74,41 @@ class StreamingStrategy(Protocol):
         """The round's instructions."""
 
 
-__all__ = ["LateReplies", "TrainStream", "quorum_count", "release_arrays", "stream_train_round", "streams"]
+class OpensStreams(Protocol):
+    """A strategy (a wrapper, e.g. fixed-clipping DP) that makes its own :class:`TrainStream` for each round."""
+
+    def train_stream(self, server_round: int) -> TrainStream:
+        """The round's stream."""
+
+
+__all__ = [
+    "LateReplies",
+    "OpensStreams",
+    "TrainStream",
+    "open_stream",
+    "quorum_count",
+    "release_arrays",
+    "stream_train_round",
+    "streams",
+]
 
 STAGE = "aggregate_train"
 
 
 def streams(strategy: object) -> bool:
-    """Whether ``strategy`` (an instance or a class) can run streaming rounds (its class sets ``streams = True``)."""
+    """Whether ``strategy`` (an instance or a class) can run streaming rounds: its class sets ``streams = True``
+    and, for a wrapper instance (one with a ``strategy`` attribute, as Flower's DP wrappers), so does what it wraps."""
     cls = strategy if isinstance(strategy, type) else type(strategy)
-    return bool(getattr(cls, "streams", False))
+    if not getattr(cls, "streams", False):
+        return False
+    inner = None if isinstance(strategy, type) else getattr(strategy, "strategy", None)
+    return inner is None or streams(inner)
+
+
+def open_stream(strategy: StreamingStrategy | OpensStreams, server_round: int) -> TrainStream:
+    """The round's :class:`TrainStream`: the strategy's own (``train_stream``) when it makes one."""
+    make = getattr(strategy, "train_stream", None)
+    return make(server_round) if callable(make) else TrainStream(strategy, server_round)
 
 
 def quorum_count(quorum: float | None, sampled: int) -> int:
@@ -129,6 +157,9 @@ class TrainStream:
         The accepted replies, each reduced to its metrics (no tensors).
     received
         How many replies were offered.
+
+    Subclasses (fixed-clipping DP) change what is folded with :meth:`prepare` and the round's result with
+    :meth:`on_result_`.
     """
 
     def __init__(self, strategy: StreamingStrategy, server_round: int) -> None:
@@ -182,15 +213,36 @@ class TrainStream:
         finally:
             release_arrays(message)
 
+    def prepare(self, reply: AcceptedReply) -> Tensors:
+        """What is folded of an accepted reply (override point; default: its canonical tensors).
+
+        Raises
+        ------
+        ArithmeticError, TypeError, ValueError
+            When the reply cannot be prepared: it is rejected with the error as its reason.
+        """
+        return reply.tensors
+
+    def on_result_(self, tensors: Tensors) -> list[str]:
+        """Change the round's finite result in the network (``tensors``) in place; return the keys now not finite
+        (override point, run after the server step; default: nothing)."""
+        return []
+
     def _offer(self, message: Message) -> bool:
         self.received += 1
         result = self.check(message)
+        if not isinstance(result, Rejection):
+            try:
+                tensors = self.prepare(result)
+            except (ArithmeticError, TypeError, ValueError) as error:
+                result = Rejection(result.node_id, f"{type(self).__name__}: {bounded(error)}")
         if isinstance(result, Rejection):
             log_rejection(STAGE, self.server_round, result)
             return False
         if self.accumulator is None:
             self.accumulator = RunningWeightedSum(self.strategy.model.tensors, in_place=True)
-        self.accumulator.add_(result.tensors, result.weight)
+        self.accumulator.add_(tensors, result.weight)
+        del tensors
         kept = AcceptedReply(_metrics_only(result.message), OrderedDict(), result.metrics, result.num_examples)
         kept.weight = result.weight
         self.folded.append(kept)
@@ -239,6 +291,8 @@ class TrainStream:
                 # the strategy's own reduction of the streamed mean as its one update of weight 1: the mean
                 # itself for FedAvg, the server step of a server optimizer
                 non_finite = strategy.reduce_all_(server_round, model.tensors, [model.tensors], [1.0])
+            if not non_finite:
+                non_finite = self.on_result_(model.tensors)
         except ArithmeticError as refused:  # RoundRefused: a server step that would go non-finite
             self.release()
             model.roll_back_(self.snapshot)
@@ -305,7 +359,7 @@ class LateReplies:
 
 
 def stream_train_round(
-    strategy: StreamingStrategy,
+    strategy: StreamingStrategy | OpensStreams,
     grid: Grid,
     server_round: int,
     messages: Iterable[Message],
@@ -321,7 +375,8 @@ def stream_train_round(
     Parameters
     ----------
     strategy, grid, server_round
-        The streaming strategy, Flower's grid and the round.
+        The streaming strategy (or a wrapper that opens its own streams, :func:`open_stream`), Flower's grid
+        and the round.
     messages
         What ``strategy.configure_train`` returned.
     timeout
@@ -344,7 +399,7 @@ def stream_train_round(
     """
     messages = list(messages)
     needed = quorum_count(quorum, len(messages))
-    stream = TrainStream(strategy, server_round)
+    stream = open_stream(strategy, server_round)
     opened = time.monotonic()
     ids = [str(i) for i in grid.push_messages(messages) if i]
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
