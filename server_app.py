@@ -10,5 +10,5 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Make the demo data if asked, build the global network and strategy, run the rounds."""
+    """Make the demo's raw data if asked, plan with the sites, build the global network and strategy, run the rounds."""
     run_server(grid, context)

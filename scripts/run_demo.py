@@ -5,12 +5,14 @@ Steps (everything lands under ``--workdir``, default ``demo_data/``, which git i
 0. check what the run needs before anything is deleted: the work folder is writable, ``flwr`` and
    ``nnUNetv2_predict`` are installed, no SuperLink started for this work folder is still running,
    and two free local ports for this run's own SuperLink;
-1. make the synthetic multi-site dataset (``<workdir>/data``), planned once for all sites;
+1. make the synthetic multi-site dataset (``<workdir>/data``): each site's raw data and split, nothing planned;
 2. ``flwr run .`` (simulation, one SuperNode per site; runtime dependency installation disabled,
-   ``FLWR_HOME=<workdir>/flwr-home``, the local SuperLink on this run's own ports), read the run's
+   ``FLWR_HOME=<workdir>/flwr-home``, the local SuperLink on this run's own ports): its planning phase
+   plans from the sites' statistics and every site preprocesses, then the rounds; read the run's
    status from the SuperLink (``flwr ls --format=json``), then stop that SuperLink by its PID; a run
    that did not finish ``completed`` ends the script with exit status 1;
-3. train each site alone for the same number of epochs (``<workdir>/data/site-K/nnUNet_results_local``);
+3. train each site alone for the same number of epochs on the plans and preprocessed cases the run left
+   (``<workdir>/data/site-K/nnUNet_results_local``);
 4. predict every site's held-out cases with ``nnUNetv2_predict`` on the global model and on every site's
    own model, and print per site: Dice of the federated model and of the site's local-only model on the
    site's test cases, and of the local-only model on the other sites' test cases.
@@ -112,7 +114,7 @@ def run_status(environment: dict[str, str], run_id: str) -> str:
     """The run's status as the SuperLink reports it (``finished:completed``, ``finished:failed``, ...)."""
     flwr = shutil.which("flwr", path=environment["PATH"]) or "flwr"
     done = subprocess.run(
-        [flwr, "ls", "--run-id", run_id, "--format=json"], env=environment, capture_output=True, text=True
+        [flwr, "ls", "--run-id", run_id, "--format=json"], env=environment, capture_output=True, text=True, check=False
     )
     try:
         runs = json.loads(done.stdout)["runs"]
@@ -253,14 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     for stale in (results, workdir / "predictions"):
         if stale.exists():
             shutil.rmtree(stale)  # a fresh global model and fresh predictions each time (the data are reused)
-    demo = make_demo_dataset(workdir / "data", num_sites=args.sites, dims=args.dims, seed=args.seed, overwrite=True)
-    print(f"demo data: {demo.root} ({time.monotonic() - started:.0f} s)", flush=True)
+    demo = make_demo_dataset(
+        workdir / "data", num_sites=args.sites, dims=args.dims, seed=args.seed, overwrite=True, planned=False
+    )
+    print(f"demo raw data: {demo.root} ({time.monotonic() - started:.0f} s)", flush=True)
 
     status = run_federation(demo, workdir, args, ports)
     if status != "finished:completed":
         print(f"run_demo.py: the federated run did not complete (status {status}); see its log above", file=sys.stderr)
         return 1
-    print(f"federated run done ({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"federated run done, planning included ({time.monotonic() - started:.0f} s)", flush=True)
 
     epochs = args.rounds * args.local_epochs
     # one thread, as each simulated site trains (Ray gives it one CPU): on a busy 2-core machine two threads

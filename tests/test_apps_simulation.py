@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from flwr_nnunet.apps.history import HISTORY_FILE, PROGRESS_FILE
 from flwr_nnunet.apps.run_config import RUN_CONFIG_KEYS, RunSettings, parse_options
-from flwr_nnunet.demo.data import make_demo_dataset
+from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
 from flwr_nnunet.demo.heldout import predict_test_cases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,7 @@ def federated_run(tmp_path_factory):
     plans_file.write_text(json.dumps(plans))
     override = {
         "data-root": str(demo.root),
+        "planning": "fixed",  # the plans as they are: site-2's stay its own
         "num-server-rounds": 2,
         "iterations-per-epoch": 12,
         "val-iterations-per-epoch": 4,
@@ -166,11 +168,21 @@ def test_run_settings_from_the_default_run_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_run_continues_the_rounds_and_the_sites(tmp_path):
-    demo = make_demo_dataset(tmp_path / "data", num_sites=2)
-    common = {"data-root": str(demo.root), "iterations-per-epoch": 3, "val-iterations-per-epoch": 1}
+def test_resumed_run_continues_the_rounds_and_the_sites(tmp_path, flwr_log):
+    """make-demo=true, planning='federated' (the defaults): the run plans; the resumed run sends those plans again."""
+    root = tmp_path / "data"
+    common = {"data-root": str(root), "iterations-per-epoch": 3, "val-iterations-per-epoch": 1}
     run_app_simulation({**common, "num-server-rounds": 1, "demo-sites": 2}, num_supernodes=2)
+    demo = load_demo_dataset(root)
+    plans = demo.plans_file.read_bytes()
+    lost = demo.sites[1].preprocessed_dataset_folder / "nnUNetPlans_2d"
+    shutil.rmtree(lost)  # site-1 lost its preprocessed cases: the resent plans preprocess them again
     run_app_simulation({**common, "num-server-rounds": 2, "demo-sites": 2, "resume": True}, num_supernodes=2)
+    assert demo.plans_file.read_bytes() == plans
+    assert {p.stem for p in lost.glob("*.pkl")} == set(demo.sites[1].training_cases)
+    lines = [record.getMessage() for record in flwr_log]
+    assert sum("statistics (10000 foreground samples per case)" in line for line in lines) == 1, lines
+    assert sum("resume: the run's plans in" in line and "not planned again" in line for line in lines) == 1
     model = demo.server.nnunet_results / demo.dataset_name / "nnUNetTrainer__nnUNetPlans__2d"
     history = json.loads((model / HISTORY_FILE).read_text())["rounds"]
     assert sorted(history) == ["1", "2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -21,11 +22,67 @@ def demo(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", num_sites=3)
 
 
+DEMO_PLANS = {
+    (2, 3): "a0ae5322f006e9bea761f1df9ca3ad2d30c116c74ee739848a618b18ad4e2439",
+    (3, 3): "1aa040167483bf863bcc20fb9daf0d94adcd5735d99c8314c8c055540021670c",
+}
+"""sha256 of the sorted-key JSON of the demo's plans (dims, sites) as the demo planned them before the run planned
+them (commit 04e2a92): the plans of the README's Dice tables."""
+
+
 def image(path):
     return np.array(Image.open(path)).astype(np.float64)
 
 
+def plans_digest(plans_file):
+    return hashlib.sha256(json.dumps(json.loads(plans_file.read_text()), sort_keys=True).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def raw_demo(tmp_path_factory):
+    """What make-demo=true writes before the run: the sites' raw data and splits, nothing planned."""
+    return make_demo_dataset(tmp_path_factory.mktemp("raw") / "data", num_sites=3, planned=False)
+
+
+def test_the_unplanned_demo_holds_only_what_hospitals_hold(raw_demo):
+    root = raw_demo.root
+    assert sorted(p.name for p in (root / "server").iterdir()) == ["nnUNet_results"]
+    assert not any((root / "server" / "nnUNet_results").iterdir())
+    for site in raw_demo.sites:
+        assert sorted(p.name for p in site.preprocessed_dataset_folder.iterdir()) == ["splits_final.json"]
+        assert sorted(p.name for p in site.raw_dataset_folder.iterdir()) == [
+            "dataset.json",
+            "imagesTr",
+            "imagesTs",
+            "labelsTr",
+            "labelsTs",
+        ]
+
+
+def test_the_run_s_planning_phase_gives_the_demo_the_plans_it_had(raw_demo, demo):
+    """The planning phase over client_app.py's query handler, with make-demo's options: the pinned plans."""
+    from test_federated_planning import query_grid
+
+    from flwr_nnunet.apps.planning_phase import run_planning_phase
+    from flwr_nnunet.apps.server import planning_options, read_settings
+
+    config = {"data-root": str(raw_demo.root), "node-wait": 0.0, "min-available-nodes": 3}
+    settings = read_settings(config)
+    result = run_planning_phase(query_grid(config, 3), settings, planning_options(settings))
+    assert result.folder == raw_demo.server.preprocessed_dataset_folder
+    assert plans_digest(raw_demo.plans_file) == DEMO_PLANS[(2, 3)] == plans_digest(demo.plans_file)
+    for site in raw_demo.sites:
+        assert plans_digest(site.preprocessed_dataset_folder / "nnUNetPlans.json") == DEMO_PLANS[(2, 3)]
+        assert {p.stem for p in (site.preprocessed_dataset_folder / "nnUNetPlans_2d").glob("*.pkl")} == set(
+            site.training_cases
+        )
+        splits = json.loads((site.preprocessed_dataset_folder / "splits_final.json").read_text())
+        assert splits[0]["val"] == list(site.validation_cases)  # the demo's split, kept
+
+
 def test_sites_share_one_set_of_tiny_plans(demo):
+    assert plans_digest(demo.plans_file) == DEMO_PLANS[(2, 3)]
+    assert demo.run_config()["planning"] == "fixed"  # a run pointed at a planned demo trains on its plans
     server_plans = json.loads(demo.plans_file.read_text())
     assert list(server_plans["configurations"]) == ["2d"]
     assert max(server_plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"]) <= 32

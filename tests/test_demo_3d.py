@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,21 @@ def test_the_3d_run_config_is_the_measured_budget():
     config = tomllib.loads(CONFIG.read_text())
     assert config["demo-3d"] is True and config["configuration"] == "3d_fullres"
     assert (config["num-server-rounds"], config["iterations-per-epoch"]) == (6, 30)
+
+
+def test_the_3d_demo_planned_in_the_run_has_the_plans_it_had(tmp_path):
+    """make-demo=true with demo-3d=true: raw volumes only, then the run's planning phase gives the pinned plans."""
+    from test_demo import DEMO_PLANS, plans_digest
+    from test_federated_planning import query_grid
+
+    from flwr_nnunet.apps.planning_phase import run_planning_phase
+    from flwr_nnunet.apps.server import planning_options, prepare_data, read_settings
+
+    config = {**tomllib.loads(CONFIG.read_text()), "data-root": str(tmp_path / "data"), "node-wait": 0.0}
+    settings = read_settings(config)
+    prepare_data(settings)
+    assert not settings.server_dataset_folder.exists()  # nothing planned before the run
+    run_planning_phase(query_grid(config, 3), settings, planning_options(settings))
+    plans = settings.server_dataset_folder / "nnUNetPlans.json"
+    assert plans_digest(plans) == DEMO_PLANS[(3, 3)]
+    assert list(json.loads(plans.read_text())["configurations"]) == ["3d_fullres"]

@@ -40,6 +40,7 @@ DATASET = "Dataset100_Federation"
 SIZES = (40, 80, 144)
 CASES = (4, 3, 3)
 TOTAL_SAMPLES = 30000  # nnU-Net's 1e8 foreground samples shrunk for a test (the same rule: total // cases)
+SAMPLES_PER_CASE = samples_per_case(sum(CASES), TOTAL_SAMPLES)
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 
 
@@ -298,10 +299,24 @@ def _settings(root, **overrides):
     return RunSettings.from_run_config(values)
 
 
-def _grid(root, num_sites):
-    from flwr.app import Context, RecordDict
+def _options():
+    from flwr_nnunet.apps.planning_phase import PlanningOptions
 
-    run_config = {"data-root": str(root), "dataset": DATASET, "configuration": "2d", "make-demo": False}
+    return PlanningOptions(samples_per_case=SAMPLES_PER_CASE)
+
+
+def query_grid(run_config, num_sites):
+    """A :class:`QueryGrid` of ``num_sites`` simulated sites (``partition-id`` K) with this run config."""
+    import sys
+    from pathlib import Path
+
+    from flwr.app import Context, RecordDict
+    from strategy_support import set_task_identity
+
+    repo = str(Path(__file__).resolve().parents[1])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)  # client_app.py
+    set_task_identity()  # what a running ServerApp has: messages are built with its run id
     return QueryGrid(
         {
             100 + k: Context(
@@ -309,28 +324,26 @@ def _grid(root, num_sites):
                 node_id=100 + k,
                 node_config={"partition-id": k, "num-partitions": num_sites},
                 state=RecordDict(),
-                run_config=run_config,
+                run_config=dict(run_config),
             )
             for k in range(num_sites)
         }
     )
 
 
+def _grid(root, num_sites):
+    return query_grid(
+        {"data-root": str(root), "dataset": DATASET, "configuration": "2d", "make-demo": False}, num_sites
+    )
+
+
 @pytest.fixture(scope="module")
 def planning_phase(sites):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # client_app.py
-    from strategy_support import set_task_identity
-
     from flwr_nnunet.apps.planning_phase import run_planning_phase
-
-    set_task_identity()  # what a running ServerApp has: messages are built with its run id
 
     root = next(iter(sites.values())).parents[2]
     grid = _grid(root, len(sites))
-    result = run_planning_phase(grid, _settings(root), total_samples=TOTAL_SAMPLES)
+    result = run_planning_phase(grid, _settings(root), _options())
     return {"root": root, "grid": grid, "result": result}
 
 
@@ -393,7 +406,7 @@ def test_a_second_planning_phase_finds_the_sites_preprocessed_and_skips_them(pla
 
     root = planning_phase["root"]
     grid = _grid(root, len(CASES))
-    run_planning_phase(grid, _settings(root), total_samples=TOTAL_SAMPLES)
+    run_planning_phase(grid, _settings(root), _options())
     answers = [
         json.loads(r.content["config"]["planning"])
         for r in grid.replies
@@ -411,7 +424,7 @@ def test_a_site_with_another_label_set_stops_the_planning_phase_naming_it(planni
         write_site(root / f"site-{k}" / "nnUNet_raw" / DATASET, k, size, n, labels=labels)
     settings = _settings(root, **{"min-available-nodes": 2})
     with pytest.raises(PlanningPhaseError) as caught:
-        run_planning_phase(_grid(root, 2), settings, total_samples=TOTAL_SAMPLES)
+        run_planning_phase(_grid(root, 2), settings, _options())
     message = str(caught.value)
     assert "before training" in message and "labels" in message and "site-0" in message and "site-1" in message
     assert not settings.server_dataset_folder.exists()  # no plans: no round can start
@@ -424,7 +437,7 @@ def test_a_site_without_raw_data_is_named_with_the_fix(planning_phase, tmp_path)
     root = tmp_path / "federation"
     write_site(root / "site-0" / "nnUNet_raw" / DATASET, 0, 40, 2)
     with pytest.raises(PlanningPhaseError, match=r"site-1: .*dataset.json not found.*nnU-Net's raw format"):
-        run_planning_phase(_grid(root, 2), _settings(root, **{"min-available-nodes": 2}), total_samples=TOTAL_SAMPLES)
+        run_planning_phase(_grid(root, 2), _settings(root, **{"min-available-nodes": 2}), _options())
 
 
 @pytest.mark.parametrize(
@@ -502,13 +515,19 @@ def test_one_simulation_plans_preprocesses_and_trains_from_raw_data_at_each_site
 
 
 @pytest.mark.slow
-def test_a_site_with_another_label_set_stops_the_simulation_before_training(tmp_path):
-    """The message naming the site and field: test_a_site_with_another_label_set_stops_the_planning_phase_naming_it."""
+def test_a_site_with_another_label_set_stops_the_simulation_before_training(tmp_path, flwr_log):
+    """One line in the simulation's log names the sites and the field; nothing is planned, preprocessed or trained."""
+    from flwr_nnunet.apps.server import ServerConfigError
+
     root = _raw_only_federation(tmp_path / "data", labels_of_site_2={"background": 0, "organ": 1, "tumour": 2})
-    try:
+    with pytest.raises(ServerConfigError):
         _simulate(root)
-    except Exception:  # noqa: BLE001 - however the simulation reports the ServerApp's failure, nothing trains
-        pass
+    errors = [r.getMessage() for r in flwr_log if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("flwr-nnunet: federated planning stopped before training:"), errors
+    assert "labels" in errors[0] and all(f"site-{k}" in errors[0] for k in (0, 2)), errors
+    assert "make every site's dataset.json agree on channel_names, labels" in errors[0]  # the fix
+    assert "\n" not in errors[0] and not any(r.exc_info for r in flwr_log if r.levelname == "ERROR")
     assert not (root / "server" / "nnUNet_preprocessed" / DATASET).exists()  # no plans were made
     assert not (root / "server" / "nnUNet_results").exists() or not list((root / "server").rglob("*.pth"))
     assert not any((root / f"site-{k}" / "nnUNet_preprocessed").exists() for k in range(3))

@@ -49,15 +49,18 @@ def test_unknown_dataset_with_make_demo(tmp_path):
 
 
 def test_unknown_dataset_without_make_demo(tmp_path):
-    error = _server_app_error(**{"data-root": str(tmp_path), "dataset": "Dataset123_Liver", "make-demo": False})
+    error = _server_app_error(
+        **{"data-root": str(tmp_path), "dataset": "Dataset123_Liver", "make-demo": False, "planning": "fixed"}
+    )
     assert "no dataset 'Dataset123_Liver' on the server" in str(error) and "data-root" in str(error)
+    assert "planning='federated' plans from the sites' raw data" in str(error)
 
 
 def test_missing_plans(tmp_path):
     folder = tmp_path / "server" / "nnUNet_preprocessed" / "Dataset987_FedDemo"
     folder.mkdir(parents=True)
     (folder / "dataset.json").write_text(json.dumps({}))
-    error = _server_app_error(**{"data-root": str(tmp_path), "make-demo": False})
+    error = _server_app_error(**{"data-root": str(tmp_path), "make-demo": False, "planning": "fixed"})
     assert f"{folder / 'nnUNetPlans.json'} not found" in str(error)
 
 
@@ -67,7 +70,9 @@ def test_configuration_missing_from_the_plans(tmp_path):
     for name in ("dataset.json", "dataset_fingerprint.json"):
         (folder / name).write_text("{}")
     (folder / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {}}}))
-    error = _server_app_error(**{"data-root": str(tmp_path), "make-demo": False, "configuration": "3d_lowres"})
+    error = _server_app_error(
+        **{"data-root": str(tmp_path), "make-demo": False, "planning": "fixed", "configuration": "3d_lowres"}
+    )
     assert "no configuration '3d_lowres' (they have 2d)" in str(error)
 
 
@@ -106,9 +111,11 @@ def _as_flower_reports(error: BaseException) -> None:
 
 
 def test_flower_logs_a_config_error_as_one_line(tmp_path, flower_log):
+    """The ServerApp logs the line itself (a simulation run from Python logs nothing of it); Flower's report is dropped."""
     try:
         server_app.app(None, _context(**{"data-root": str(tmp_path), "configuration": "3d_fullres"}))
     except ServerConfigError as error:
+        assert len(flower_log.lines) == 1, flower_log.lines  # before Flower reports anything
         try:  # the simulation re-raises it from its own frame
             raise RuntimeError("An error was encountered. Ending simulation.") from error
         except RuntimeError as wrapped:
@@ -116,6 +123,14 @@ def test_flower_logs_a_config_error_as_one_line(tmp_path, flower_log):
     assert len(flower_log.lines) == 1, flower_log.lines
     assert flower_log.lines[0].startswith("ERROR flwr-nnunet: configuration '3d_fullres' does not fit the 2D demo")
     assert "demo-3d=true" in flower_log.lines[0]
+
+
+def test_a_config_error_raised_elsewhere_is_made_one_line_by_flower_s_report(flower_log):
+    try:
+        raise RuntimeError("An error was encountered. Ending simulation.") from ServerConfigError("bad; fix it")
+    except RuntimeError as wrapped:
+        _as_flower_reports(wrapped)
+    assert flower_log.lines == ["ERROR flwr-nnunet: bad; fix it"]
 
 
 def test_other_exceptions_keep_their_traceback(flower_log):

@@ -18,14 +18,20 @@ Three rounds of Flower ``query`` messages (the sites' side:
 
 The plans, ``dataset.json`` and ``dataset_fingerprint.json`` are written to
 the server's dataset folder (``<data-root>/server/nnUNet_preprocessed/<dataset>``),
-where :func:`flwr_nnunet.apps.server.build_strategy` reads them.
+where :func:`flwr_nnunet.apps.server.build_strategy` reads them. A resumed run
+does not plan again: :func:`resend_plans` sends the plans already there (those
+its checkpoints were trained with) in the third stage alone.
+
+The stages run over any ``ask(stage, config)`` that returns each site's answer
+(:func:`plan_with_sites`): Flower query messages in a run, the sites' own
+functions called in one process for the demo (:mod:`flwr_nnunet.demo.data`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -37,11 +43,15 @@ from flwr_nnunet.errors import FlwrNnUNetError
 
 __all__ = [
     "PLANNING_MODES",
+    "Ask",
+    "PlanningOptions",
     "PlanningPhaseError",
     "PlanningResult",
     "ask_sites",
     "check_planning_settings",
     "plan_federation",
+    "plan_with_sites",
+    "resend_plans",
     "run_planning_phase",
 ]
 
@@ -49,8 +59,38 @@ PLANNING_MODES = ("fixed", "federated")
 """Run-config ``planning``: the plans file on the server as it is, or plans made before round 1 from the sites."""
 
 
+Ask = Callable[[str, Mapping[str, Any]], Mapping[Any, tuple[str, dict]]]
+"""``ask(stage, config)``: one planning query to every site, ``{site key: (site name, answer)}``."""
+
+
 class PlanningPhaseError(FlwrNnUNetError, RuntimeError):
     """The planning phase cannot finish (a site failed or did not answer, or the sites disagree)."""
+
+
+@dataclass(frozen=True)
+class PlanningOptions:
+    """How the planned plans are narrowed, and how many foreground samples each case gives.
+
+    Attributes
+    ----------
+    max_features, width_divisor
+        Every stage's width divided by ``width_divisor``, then capped at ``max_features`` (0 and 1: nnU-Net's).
+    only_configuration
+        Keep only the run's configuration in the plans (nnU-Net plans several).
+    samples_per_case
+        Foreground samples per case for the intensity statistics (0: nnU-Net's rule, 1e8 over the
+        federation's cases).
+    """
+
+    max_features: int = 0
+    width_divisor: int = 1
+    only_configuration: bool = False
+    samples_per_case: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PlanningOptions:
+        """Run-config ``plans-max-features`` and ``plans-width-divisor``; nnU-Net's sample count, every configuration."""
+        return cls(int(settings.plans_max_features), int(settings.plans_width_divisor))
 
 
 @dataclass(frozen=True)
@@ -157,8 +197,7 @@ def plan_federation(
     planner: str,
     plans_name: str,
     configuration: str,
-    max_features: int = 0,
-    width_divisor: int = 1,
+    options: PlanningOptions = PlanningOptions(),
 ) -> tuple[dict, dict, dict]:
     """``(plans, dataset_json, fingerprint)`` from the sites' surveys and statistics (keyed by site name)."""
     from flwr_nnunet.nnunet.fingerprint import federation_dataset_json, merge_site_statistics
@@ -175,26 +214,48 @@ def plan_federation(
             f"nnU-Net planned {', '.join(sorted(plans['configurations']))} for this federation, not "
             f"{configuration!r}: set run-config configuration to one of them"
         )
-    if max_features > 0 or width_divisor > 1:
-        plans = shrink_plans(plans, max_features=max_features or 10**9, width_divisor=max(1, width_divisor))
+    if options.max_features > 0 or options.width_divisor > 1:
+        plans = shrink_plans(
+            plans, max_features=options.max_features or 10**9, width_divisor=max(1, options.width_divisor)
+        )
+    if options.only_configuration:
+        plans["configurations"] = {configuration: plans["configurations"][configuration]}
     return plans, dataset_json, fingerprint
 
 
-def run_planning_phase(grid: Any, settings: Any, *, total_samples: float | None = None) -> PlanningResult:
-    """The planning phase of a run (:mod:`this module <flwr_nnunet.apps.planning_phase>`), from its settings.
+def _send_plans(ask: Ask, plans: dict, dataset_json: dict, fingerprint: dict, configuration: str) -> None:
+    from flwr_nnunet.nnunet.digests import plans_sha256
 
-    ``settings`` is the run's :class:`~flwr_nnunet.apps.run_config.RunSettings`
-    (``planner``, ``plans``, ``configuration``, ``dataset``, ``plans-max-features``,
-    ``plans-width-divisor``, ``min-available-nodes``, ``node-wait``, ``round-timeout``).
-    ``total_samples`` is the foreground samples over the federation (default nnU-Net's 1e8,
-    :data:`~flwr_nnunet.nnunet.fingerprint.NNUNET_FOREGROUND_SAMPLES`), split equally over the cases.
+    digest = plans_sha256(plans)
+    log(INFO, "flwr-nnunet: federated planning: plans %s (sha256 %s) to every site", plans["plans_name"], digest[:12])
+    config = {
+        "plans": json.dumps(plans),
+        "dataset-json": json.dumps(dataset_json),
+        "fingerprint": json.dumps(fingerprint),
+        "configuration": configuration,
+    }
+    answers = ask("plans", config)
+    wrong = [
+        f"{name} has {answer.get('plans-sha256')}"
+        for name, answer in answers.values()
+        if answer.get("plans-sha256") != digest
+    ]
+    if wrong:
+        raise PlanningPhaseError(f"sites installed other plans than {digest}: {'; '.join(wrong)}")
+
+
+def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = None) -> PlanningResult:
+    """The three stages over ``ask``; the plans written to ``settings.server_dataset_folder`` and sent to every site.
+
+    ``settings`` is the run's :class:`~flwr_nnunet.apps.run_config.RunSettings` (``planner``, ``plans``,
+    ``configuration``, ``dataset``); ``options`` default to :meth:`PlanningOptions.from_settings`.
+    The sites' statistics are merged in the order of their names, so the plans do not depend on node ids.
 
     Raises
     ------
     PlanningPhaseError
-        If a site fails, does not answer, or the sites' datasets disagree (naming sites and fields).
+        If the sites' datasets disagree (naming sites and fields), or a site installed other plans.
     """
-    from flwr_nnunet.nnunet.digests import plans_sha256
     from flwr_nnunet.nnunet.fingerprint import (
         NNUNET_FOREGROUND_SAMPLES,
         FederationMismatchError,
@@ -205,23 +266,21 @@ def run_planning_phase(grid: Any, settings: Any, *, total_samples: float | None 
     from flwr_nnunet.nnunet.planning import install_plans, planner_preset
 
     check_planning_settings(settings)
+    options = options or PlanningOptions.from_settings(settings)
     planner, plans_name = planner_preset(settings.planner)
-    timeout = float(settings.round_timeout)
-    nodes = _node_ids(grid, int(settings.min_available_nodes), float(settings.node_wait))
-    log(INFO, "flwr-nnunet: federated planning with %d site(s): survey", len(nodes))
-    answers = ask_sites(grid, nodes, "survey", {}, timeout)
-    names = {node: name for node, (name, _) in answers.items()}
-    surveys = {names[node]: answer for node, (_, answer) in sorted(answers.items())}
+    answers = ask("survey", {})
+    names = {key: name for key, (name, _) in answers.items()}
+    surveys = {name: answer for name, answer in sorted(answers.values(), key=lambda item: item[0])}
     try:
         check_consistency(surveys)
     except FederationMismatchError as error:
         raise PlanningPhaseError(f"federated planning stopped before training: {error}") from None
     bins = agreed_bins(surveys)
     total_cases = sum(int(s["num_cases"]) for s in surveys.values())
-    samples = samples_per_case(total_cases, NNUNET_FOREGROUND_SAMPLES if total_samples is None else total_samples)
+    samples = options.samples_per_case or samples_per_case(total_cases, NNUNET_FOREGROUND_SAMPLES)
     log(INFO, "flwr-nnunet: federated planning: statistics (%d foreground samples per case)", samples)
-    answers = ask_sites(grid, nodes, "statistics", {"bins": json.dumps(bins), "samples-per-case": samples}, timeout)
-    statistics = {names[node]: answer for node, (_, answer) in answers.items()}
+    answers = ask("statistics", {"bins": json.dumps(bins), "samples-per-case": samples})
+    statistics = dict(answers.values())
     plans, dataset_json, fingerprint = plan_federation(
         surveys,
         statistics,
@@ -230,25 +289,51 @@ def run_planning_phase(grid: Any, settings: Any, *, total_samples: float | None 
         planner=planner,
         plans_name=plans_name,
         configuration=settings.configuration,
-        max_features=int(settings.plans_max_features),
-        width_divisor=int(settings.plans_width_divisor),
+        options=options,
     )
     folder = settings.server_dataset_folder
     install_plans(plans, dataset_json, folder, fingerprint)
-    digest = plans_sha256(plans)
-    log(INFO, "flwr-nnunet: federated planning: plans %s (sha256 %s) to every site", plans_name, digest[:12])
-    config = {
-        "plans": json.dumps(plans),
-        "dataset-json": json.dumps(dataset_json),
-        "fingerprint": json.dumps(fingerprint),
-        "configuration": settings.configuration,
-    }
-    answers = ask_sites(grid, nodes, "plans", config, timeout)
-    wrong = [
-        f"{name} has {answer.get('plans-sha256')}"
-        for name, answer in answers.values()
-        if answer.get("plans-sha256") != digest
-    ]
-    if wrong:
-        raise PlanningPhaseError(f"sites installed other plans than {digest}: {'; '.join(wrong)}")
+    _send_plans(ask, plans, dataset_json, fingerprint, settings.configuration)
     return PlanningResult(plans, dataset_json, fingerprint, Path(folder), names)
+
+
+def _grid_ask(grid: Any, settings: Any) -> Ask:
+    nodes = _node_ids(grid, int(settings.min_available_nodes), float(settings.node_wait))
+    timeout = float(settings.round_timeout)
+    log(INFO, "flwr-nnunet: federated planning with %d site(s)", len(nodes))
+    return lambda stage, config: ask_sites(grid, nodes, stage, config, timeout)
+
+
+def run_planning_phase(grid: Any, settings: Any, options: PlanningOptions | None = None) -> PlanningResult:
+    """The planning phase of a run (:func:`plan_with_sites` over Flower query messages to the connected nodes).
+
+    Waits for ``min-available-nodes`` (at most ``node-wait`` seconds); each stage waits ``round-timeout``.
+
+    Raises
+    ------
+    PlanningPhaseError
+        If too few nodes connect, a site fails or does not answer, or the sites' datasets disagree
+        (naming sites and fields).
+    """
+    check_planning_settings(settings)
+    return plan_with_sites(_grid_ask(grid, settings), settings, options)
+
+
+def resend_plans(grid: Any, settings: Any) -> Path:
+    """For a resumed run: the plans already in the server's dataset folder to every site (no new planning).
+
+    The sites preprocess with them where they have not yet. Returns the plans file.
+
+    Raises
+    ------
+    PlanningPhaseError
+        If a site fails or does not answer, or installed other plans.
+    """
+    folder = settings.server_dataset_folder
+    plans_file = folder / f"{settings.plans}.json"
+    plans, dataset_json, fingerprint = (
+        json.loads((folder / name).read_text())
+        for name in (plans_file.name, "dataset.json", "dataset_fingerprint.json")
+    )
+    _send_plans(_grid_ask(grid, settings), plans, dataset_json, fingerprint, settings.configuration)
+    return plans_file

@@ -132,10 +132,11 @@ RUN_CONFIG: tuple[Setting, ...] = (
     Setting(
         "planning",
         str,
-        "fixed",
-        "fixed: train with the plans in <data-root>/server/nnUNet_preprocessed/<dataset> (an earlier run's, a "
-        "pretrained model's, the demo's); federated: before round 1 every site sends aggregate statistics of its "
-        "raw data (query messages, no image), the server plans with nnU-Net and every site preprocesses",
+        "federated",
+        "federated: before round 1 every site sends aggregate statistics of its raw data (query messages, no "
+        "image), the server plans with nnU-Net and every site preprocesses (resume=true: the plans of the run "
+        "resumed, not planned again); fixed: train with the plans in <data-root>/server/nnUNet_preprocessed/"
+        "<dataset> (an earlier run's, a pretrained model's), every site preprocessed with them",
     ),
     Setting(
         "planner",
@@ -144,9 +145,17 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "federated planning's nnU-Net planner: default (plans nnUNetPlans), resenc-m, resenc-l, resenc-xl "
         "(plans nnUNetResEncUNetMPlans, ...LPlans, ...XLPlans: set plans to match)",
     ),
-    Setting("plans-max-features", int, 0, "federated planning: cap every stage's width (0: nnU-Net's widths)"),
     Setting(
-        "plans-width-divisor", int, 1, "federated planning: divide every stage's width first (1: nnU-Net's widths)"
+        "plans-max-features",
+        int,
+        0,
+        "federated planning: cap every stage's width (0: nnU-Net's widths; make-demo=true plans the demo's: 32)",
+    ),
+    Setting(
+        "plans-width-divisor",
+        int,
+        1,
+        "federated planning: divide every stage's width first (1: nnU-Net's widths; make-demo=true: the demo's 4)",
     ),
     Setting(
         "trainer",
@@ -169,7 +178,12 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "folder with server/ and site-K/ nnU-Net roots ('': $FLWR_HOME/flwr-nnunet-demo, or -demo-3d)",
     ),
     Setting("results-dir", str, "", "nnUNet_results of the global model ('': <data-root>/server/nnUNet_results)"),
-    Setting("make-demo", bool, True, "make the synthetic demo under data-root if it is not there"),
+    Setting(
+        "make-demo",
+        bool,
+        True,
+        "make the synthetic demo under data-root if it is not there (each site's raw data; the run plans it)",
+    ),
     Setting(
         "demo-3d",
         bool,
@@ -191,7 +205,8 @@ RUN_CONFIG: tuple[Setting, ...] = (
         bool,
         False,
         "fold each training reply into the global model as it arrives: server memory flat in the number of sites "
-        "(the weighted means stream; order statistics, Krum, QFedAvg and DP keep the batch path)",
+        "(the weighted means and DP fixed clipping stream; order statistics, Krum, QFedAvg and adaptive clipping "
+        "keep the batch path)",
     ),
     Setting(
         "quorum",

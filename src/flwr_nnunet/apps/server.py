@@ -1,21 +1,20 @@
-"""The server side of a run: demo data, global nnU-Net network, strategy, rounds.
+"""The server side of a run: demo data, planning, global nnU-Net network, strategy, rounds.
 
 ``server_app.py`` calls :func:`run_server`. It reads the run config
 (``[tool.flwr.app.config]``, schema in :mod:`flwr_nnunet.apps.run_config`),
-makes the synthetic demo data when asked, builds the global network from the
-shared plans exactly as the sites' trainer class builds it, runs the strategy,
-and leaves behind the nnU-Net model folder with ``flwr_history.json`` and
-``flwr_progress.png`` (:mod:`flwr_nnunet.apps.history`).
+makes the synthetic demo's raw data when asked, plans with the sites before
+round 1 (``planning = "federated"``, :mod:`flwr_nnunet.apps.planning_phase`),
+builds the global network from the shared plans exactly as the sites' trainer
+class builds it, runs the strategy, and leaves behind the nnU-Net model folder
+with ``flwr_history.json`` and ``flwr_progress.png`` (:mod:`flwr_nnunet.apps.history`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from collections.abc import Mapping
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,16 @@ __all__ = [
     "build_strategy",
     "check_demo_settings",
     "check_strategy_settings",
-    "plan_before_training",
-    "install_one_line_errors",
-    "make_demo_in_a_fresh_process",
-    "prepare_data",
     "finished_round",
+    "install_one_line_errors",
+    "plan_before_training",
+    "planning_options",
+    "prepare_data",
     "read_settings",
     "run_server",
 ]
 
 DEMO_DATASET = "Dataset987_FedDemo"
-_CLI_USAGE_ERROR = 2  # flwr-nnunet's exit status for a one-line error (flwr_nnunet.cli.EXIT_ERROR)
 _DEMO_CONFIGURATION = {False: "2d", True: "3d_fullres"}
 
 
@@ -53,11 +51,14 @@ class ServerConfigError(FlwrNnUNetError, AppExitException, ValueError):
     """A run config the server cannot run with (the user's to fix, not a bug): one line, the problem and the fix.
 
     Raised out of the ServerApp it fails the run (status ``finished:failed``; a
-    ``flwr-serverapp`` process exits non-zero). :func:`install_one_line_errors`
-    makes Flower log it as that one line, without a traceback.
+    ``flwr-serverapp`` process exits non-zero). :func:`run_server` logs it as that
+    one line, and :func:`install_one_line_errors` keeps Flower from logging it
+    again with its traceback.
     """
 
     exit_code = ExitCode.SERVERAPP_EXCEPTION
+    reported = False
+    """Set once the one line is in Flower's log."""
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
@@ -78,25 +79,34 @@ def _config_error(exc_info: Any) -> ServerConfigError | None:
 class _OneLineConfigErrors(logging.Filter):
     """Flower logs an exception out of the ServerApp with its traceback, then an exit-code footer.
 
-    For a :class:`ServerConfigError` this keeps one line: ``flwr-nnunet: <problem>; <fix>``.
-    Every other record (and every other exception, with its traceback) passes unchanged.
+    For a :class:`ServerConfigError` this keeps one line: ``flwr-nnunet: <problem>; <fix>`` (none when
+    :meth:`report` already logged it). Every other record (and every other exception, with its traceback)
+    passes unchanged.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.reported = False
 
+    def report(self, error: ServerConfigError) -> None:
+        """Log ``error`` as its one line now (a simulation run from Python logs nothing of the ServerApp's error)."""
+        log(ERROR, "flwr-nnunet: %s", error)
+        error.reported = self.reported = True
+
     def filter(self, record: logging.LogRecord) -> bool:
         error = _config_error(record.exc_info)
         if error is not None:
+            self.reported = True
+            if error.reported:
+                return False
             record.msg, record.args = "flwr-nnunet: %s", (str(error),)
             record.exc_info, record.exc_text, record.stack_info = None, None, None
-            self.reported = True
+            error.reported = True
             return True
         return not (self.reported and str(record.msg).startswith("Exit Code:"))
 
 
-def install_one_line_errors(logger: logging.Logger | None = None) -> logging.Filter:
+def install_one_line_errors(logger: logging.Logger | None = None) -> _OneLineConfigErrors:
     """Make Flower's logger (``flwr``) report a :class:`ServerConfigError` as one line; idempotent."""
     logger = logger or logging.getLogger("flwr")
     for existing in logger.filters:
@@ -122,23 +132,31 @@ def read_settings(run_config: Mapping[str, Any]) -> RunSettings:
 
 
 def prepare_data(settings: RunSettings) -> None:
-    """With ``make-demo``: make the demo under ``data-root`` unless one is there, and check it fits the run config.
+    """With ``make-demo``: make the demo's raw data under ``data-root`` unless a demo is there; check it fits.
+
+    Only what hospitals hold is made (each site's raw dataset and split): the run's planning phase plans it.
 
     Raises
     ------
-    ValueError
-        If the demo under ``data-root`` is not the dataset / configuration the run config names.
+    ServerConfigError
+        If the demo under ``data-root`` is not the dataset / configuration the run config names, or
+        ``data-root`` holds other data.
     """
     if not settings.make_demo:
         return
-    from flwr_nnunet.demo.data import load_demo_dataset
+    from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
 
     check_demo_settings(settings)
     try:
         demo = load_demo_dataset(settings.data_root)
     except FileNotFoundError:
-        make_demo_in_a_fresh_process(settings)
-        demo = load_demo_dataset(settings.data_root)
+        log(INFO, "flwr-nnunet: making the demo's raw data under %s (first use)", settings.data_root)
+        try:
+            demo = make_demo_dataset(
+                settings.data_root, num_sites=settings.demo_sites, dims=3 if settings.demo_3d else 2, planned=False
+            )
+        except ValueError as error:
+            raise ServerConfigError(f"make-demo=true: {error}") from None
     wanted = (settings.dataset, settings.configuration)
     if (demo.dataset_name, demo.configuration) != wanted:
         raise ServerConfigError(
@@ -148,30 +166,15 @@ def prepare_data(settings: RunSettings) -> None:
         )
 
 
-def make_demo_in_a_fresh_process(settings: RunSettings) -> None:
-    """``flwr-nnunet demo <data-root>`` in a new Python process (the demo the run config asks for).
+def planning_options(settings: RunSettings) -> Any:
+    """The planning phase's :class:`~flwr_nnunet.apps.planning_phase.PlanningOptions`: the demo's with make-demo."""
+    if settings.make_demo:
+        from flwr_nnunet.demo.data import DEMO_PLANNING
 
-    nnU-Net's fingerprinting and preprocessing start worker processes; started from inside a Flower
-    simulation (Ray's and gRPC's threads in the same process) one of them hung for good. A fresh
-    interpreter has no such threads.
+        return DEMO_PLANNING
+    from flwr_nnunet.apps.planning_phase import PlanningOptions
 
-    Raises
-    ------
-    ServerConfigError
-        With the command's one-line error (for example ``data-root`` holding other data).
-    RuntimeError
-        With the end of its output, if it crashed.
-    """
-    command = [sys.executable, "-m", "flwr_nnunet.cli", "demo", str(settings.data_root)]
-    command += ["--sites", str(settings.demo_sites)] + (["--3d"] if settings.demo_3d else [])
-    log(INFO, "flwr-nnunet: making the demo dataset under %s (first use)", settings.data_root)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode == 0:
-        return
-    output = [line for line in (done.stdout + "\n" + done.stderr).splitlines() if line.strip()]
-    if done.returncode == _CLI_USAGE_ERROR and output:
-        raise ServerConfigError(f"make-demo=true: {output[-1]}")
-    raise RuntimeError(f"`{' '.join(command)}` failed (exit {done.returncode}):\n" + "\n".join(output[-30:]))
+    return PlanningOptions.from_settings(settings)
 
 
 def check_demo_settings(settings: RunSettings) -> None:
@@ -210,8 +213,8 @@ def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
     folder = settings.server_dataset_folder
     fix = (
         f"check run-config dataset ({settings.dataset!r}), plans ({settings.plans!r}) and data-root "
-        f"({settings.data_root}), or put the federation's plans, dataset.json and dataset_fingerprint.json there "
-        "(make-demo=true makes the demo's)"
+        f"({settings.data_root}); planning='fixed' needs the federation's plans, dataset.json and "
+        "dataset_fingerprint.json there, planning='federated' plans from the sites' raw data before round 1"
     )
     if not folder.is_dir():
         raise ServerConfigError(f"no dataset {settings.dataset!r} on the server: {folder} does not exist; {fix}")
@@ -251,10 +254,17 @@ def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
         ) from None
 
 
+def _resumes_with_plans(settings: RunSettings) -> bool:
+    """resume=true and the server's dataset folder holds the plans (the run resumed was planned before)."""
+    return settings.resume and (settings.server_dataset_folder / f"{settings.plans}.json").is_file()
+
+
 def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool = False) -> None:
     """With ``planning = "federated"``: the planning phase (:mod:`flwr_nnunet.apps.planning_phase`) before round 1.
 
-    ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site.
+    With ``resume`` and plans in the server's dataset folder nothing is planned again: those plans (the ones
+    the checkpoints were trained with, checked by the resume) go to every site, which preprocesses with them
+    where it has not. ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site.
 
     Raises
     ------
@@ -262,12 +272,22 @@ def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool =
         If the planning settings do not fit, or the planning phase stops (a site failed, or the sites' datasets
         disagree: naming the sites and fields), before any training.
     """
-    from flwr_nnunet.apps.planning_phase import PlanningPhaseError, check_planning_settings, run_planning_phase
+    from flwr_nnunet.apps.planning_phase import (
+        PlanningPhaseError,
+        check_planning_settings,
+        resend_plans,
+        run_planning_phase,
+    )
 
     try:
         check_planning_settings(settings)
-        if settings.planning == "federated" and not check_only:
-            run_planning_phase(grid, settings)
+        if settings.planning != "federated" or check_only:
+            return
+        if _resumes_with_plans(settings):
+            log(INFO, "flwr-nnunet: resume: the run's plans in %s, not planned again", settings.server_dataset_folder)
+            resend_plans(grid, settings)
+        else:
+            run_planning_phase(grid, settings, planning_options(settings))
     except PlanningPhaseError as error:
         raise ServerConfigError(str(error)) from None
 
@@ -346,18 +366,29 @@ def _result(core: Any) -> Any:
 
 
 def run_server(grid: Any, context: Any) -> Any:
-    """The ServerApp's main: data, global network, strategy, rounds, model folder, history and plot.
+    """The ServerApp's main: data, planning, global network, strategy, rounds, model folder, history and plot.
 
-    Returns Flower's ``Result`` of the strategy.
+    Returns Flower's ``Result`` of the strategy. A :class:`ServerConfigError` is logged as its one line
+    before it ends the run.
     """
+    one_line = install_one_line_errors()
+    try:
+        return _run(grid, context)
+    except ServerConfigError as error:
+        one_line.report(error)
+        raise
+
+
+def _run(grid: Any, context: Any) -> Any:
     from flwr.app import ConfigRecord
 
-    install_one_line_errors()
     settings = read_settings(context.run_config)
     check_strategy_settings(settings)
     plan_before_training(grid, settings, check_only=True)
     prepare_data(settings)
-    plan_before_training(grid, settings)
+    planned_before = _resumes_with_plans(settings)
+    if not planned_before:
+        plan_before_training(grid, settings)
     strategy = build_strategy(settings, context.run_config)
     core = _core(strategy)
     history = RunHistory(
@@ -386,6 +417,8 @@ def run_server(grid: Any, context: Any) -> Any:
             strategy.resume(context.run_config)
         except ResumeError as error:
             raise ServerConfigError(f"resume=true: {error}") from None
+        if planned_before:  # the checkpoint's plans digest checked: these plans to every site
+            plan_before_training(grid, settings)
     log(
         INFO,
         "flwr-nnunet: %s, %s, %d round(s) x %d local epoch(s), strategy %s; global model in %s",

@@ -3,23 +3,28 @@
 Each site ("hospital") images the same kind of object with its own scanner:
 different intensity scale and offset, noise, contrast and object sizes, and a
 different number of cases. Label 1 is an ellipse ("organ"), label 2 a small
-disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root::
+disc inside it ("lesion"). :func:`make_demo_dataset` writes, under one root,
+what hospitals would hold::
 
-    server/nnUNet_preprocessed/Dataset<ID>_<Name>/ shared plans, merged fingerprint, dataset.json
-    server/nnUNet_results/                      the global model goes here
     site-K/nnUNet_raw/Dataset<ID>_<Name>/          imagesTr, labelsTr, imagesTs, labelsTs, dataset.json
-    site-K/nnUNet_preprocessed/Dataset<ID>_<Name>/ the shared plans, splits_final.json, preprocessed cases
+    site-K/nnUNet_preprocessed/Dataset<ID>_<Name>/ splits_final.json (the site's fold-0 validation cases)
     site-K/nnUNet_results/                      the site's own trainer output and round state
+    server/nnUNet_results/                      the global model goes here
     demo.json                                   what was made (read back by :func:`load_demo_dataset`)
 
-Every site uses the same dataset id and name (as real federations agree on one),
-so the plans are byte-identical across sites and the server. The plans come from
-the sites' aggregate statistics, merged exactly (:mod:`flwr_nnunet.nnunet.fingerprint`),
-as the run's federated planning makes them: the server holds no raw data, no
-case is copied to it.
+and, with ``planned=True``, plans it as a run's planning phase does (the same
+stages, :func:`flwr_nnunet.apps.planning_phase.plan_with_sites`, the sites'
+answers computed in this process) with :data:`DEMO_PLANNING`::
+
+    server/nnUNet_preprocessed/Dataset<ID>_<Name>/ shared plans, merged fingerprint, dataset.json
+    site-K/nnUNet_preprocessed/Dataset<ID>_<Name>/ the shared plans, preprocessed cases
+
+``flwr run .`` with ``make-demo=true`` makes it unplanned and plans it in the
+run (run-config ``planning='federated'``), with the same options: the plans
+are byte-identical either way. Every site uses the same dataset id and name.
 
 Held-out evaluation and local-only baselines: :mod:`flwr_nnunet.demo.heldout`.
-Command line: ``flwr-nnunet demo ROOT [--sites N] [--3d] [--seed S]``.
+Command line: ``flwr-nnunet demo ROOT [--sites N] [--3d] [--seed S]`` (planned).
 """
 
 from __future__ import annotations
@@ -32,17 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from flwr_nnunet.apps.planning_phase import PlanningOptions
 from flwr_nnunet.demo.synthesis import SITE_STYLES, SITE_STYLES_3D, SiteStyle, site_styles, synthesize_case, write_case
-from flwr_nnunet.nnunet.fingerprint import (
-    agreed_bins,
-    check_consistency,
-    merge_site_statistics,
-    site_statistics,
-    site_survey,
-)
-from flwr_nnunet.nnunet.planning import install_plans, plan_from_fingerprint, preprocess_site, shrink_plans
 
 __all__ = [
+    "DEMO_PLANNING",
     "SITE_STYLES",
     "SITE_STYLES_3D",
     "DemoDataset",
@@ -50,14 +49,17 @@ __all__ = [
     "SiteStyle",
     "load_demo_dataset",
     "make_demo_dataset",
+    "plan_demo",
     "synthesize_case",
 ]
 
 PLANS_NAME = "nnUNetPlans"
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 _MANIFEST = "demo.json"
-_SAMPLES_PER_CASE = 10000
-"""Foreground samples per case for the demo's intensity statistics (its MRI channel's z-score does not use them)."""
+
+DEMO_PLANNING = PlanningOptions(max_features=32, width_divisor=4, only_configuration=True, samples_per_case=10000)
+"""The demo's plans: nnU-Net's widths divided by 4 and capped at 32 (a CPU trains them in seconds), only the
+demo's configuration, 10000 foreground samples per case (its MRI channel's z-score does not use them)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class DemoSite:
     nnunet_raw, nnunet_preprocessed, nnunet_results
         The site's nnU-Net roots (set them as ``nnUNet_raw`` etc. to run nnU-Net commands for this site).
     training_cases, validation_cases
-        Identifiers of the preprocessed cases and the fold-0 validation split (``splits_final.json``).
+        Identifiers of the training cases and the fold-0 validation split (``splits_final.json``).
     test_cases
         Held-out case identifiers in ``raw_dataset_folder/imagesTs`` (labels in ``labelsTs``).
     """
@@ -129,7 +131,8 @@ class DemoDataset:
     file_ending
         ``.png`` (2d) or ``.nii.gz`` (3d).
     server
-        The server's folders: shared plans in ``nnunet_preprocessed``, the global model in ``nnunet_results``.
+        The server's folders: shared plans in ``nnunet_preprocessed`` (once planned), the global model in
+        ``nnunet_results``.
     sites
         The sites, ``sites[k].name == f"site-{k}"``.
     """
@@ -154,13 +157,14 @@ class DemoDataset:
         return {site.name: site.test_cases for site in self.sites}
 
     def run_config(self) -> dict[str, str | bool]:
-        """Run-config values (``[tool.flwr.app.config]`` keys) that point a run at this dataset."""
+        """Run-config values (``[tool.flwr.app.config]`` keys) that point a run at this planned dataset's plans."""
         return {
             "data-root": str(self.root),
             "make-demo": False,
             "dataset": self.dataset_name,
             "configuration": self.configuration,
             "plans": self.plans_name,
+            "planning": "fixed",
         }
 
 
@@ -208,10 +212,11 @@ def _write_site_raw(
 def _write_splits(site: DemoSite) -> None:
     train = [c for c in site.training_cases if c not in site.validation_cases]
     splits = [{"train": train, "val": list(site.validation_cases)}]
+    site.preprocessed_dataset_folder.mkdir(parents=True, exist_ok=True)
     (site.preprocessed_dataset_folder / "splits_final.json").write_text(json.dumps(splits, indent=4))
 
 
-def _parameters(num_sites: int, dims: int, dataset_id: int, name: str, seed: int, size: int, max_features: int):
+def _parameters(num_sites: int, dims: int, dataset_id: int, name: str, seed: int, size: int):
     return {
         "num_sites": num_sites,
         "dims": dims,
@@ -219,7 +224,7 @@ def _parameters(num_sites: int, dims: int, dataset_id: int, name: str, seed: int
         "name": name,
         "seed": seed,
         "size": size,
-        "max_features": max_features,
+        "max_features": DEMO_PLANNING.max_features,
         "styles": [asdict(s) for s in site_styles(dims)[:num_sites]],
     }
 
@@ -233,16 +238,17 @@ def make_demo_dataset(
     name: str = "FedDemo",
     seed: int = 0,
     size: int | None = None,
-    max_features: int = 32,
     overwrite: bool = False,
+    planned: bool = True,
 ) -> DemoDataset:
-    """Write the synthetic multi-site dataset, plan it once for all sites and preprocess every site.
+    """Write the synthetic multi-site dataset; with ``planned``, plan it once for all sites and preprocess each.
 
     Parameters
     ----------
     root
         Folder to write into (created). If it already holds a demo made with the
-        same parameters, that demo is returned as is (nothing is rewritten).
+        same parameters, that demo is returned as is (nothing is rewritten; with
+        ``planned`` it is planned if it is not yet).
     num_sites
         2 or 3 sites (styles from :data:`SITE_STYLES`, in 3D :data:`SITE_STYLES_3D`).
     dims
@@ -253,12 +259,12 @@ def make_demo_dataset(
         Seed of the random images.
     size
         Image edge in voxels (default 64 in 2d, 32 in 3d).
-    max_features
-        Widest network stage of the shared plans (nnU-Net's widths divided by 4 and capped here), so
-        that a CPU trains it in seconds.
     overwrite
         Replace what is under ``root/server``, ``root/site-K`` and ``root/demo.json`` instead of refusing
         (a demo made with other parameters, or other data).
+    planned
+        Also plan and preprocess (:func:`plan_demo`) unless already planned; False: only what hospitals hold
+        (raw data and splits), as ``flwr run .`` with ``make-demo=true`` makes it before planning in the run.
 
     Returns
     -------
@@ -278,11 +284,12 @@ def make_demo_dataset(
         raise ValueError(f"dataset_id must be between 1 and 999, got {dataset_id}")
     root = Path(root).absolute()
     size = size or (64 if dims == 2 else 32)
-    parameters = json.loads(json.dumps(_parameters(num_sites, dims, dataset_id, name, seed, size, max_features)))
+    parameters = json.loads(json.dumps(_parameters(num_sites, dims, dataset_id, name, seed, size)))
     manifest = root / _MANIFEST
     ours = [root / name for name in ("server", *(f"site-{k}" for k in range(len(SITE_STYLES))), _MANIFEST)]
     if manifest.is_file() and json.loads(manifest.read_text())["parameters"] == parameters:
-        return load_demo_dataset(root)
+        demo = load_demo_dataset(root)
+        return plan_demo(demo) if planned and not demo.plans_file.is_file() else demo
     present = [path for path in ours if path.exists()]
     if present and not overwrite:
         what = "a demo made with other parameters" if manifest.is_file() else f"{present[0].name} (not a demo)"
@@ -303,22 +310,7 @@ def make_demo_dataset(
     ]
     server = _site(root, "server", dataset_name)
     ending = ".png" if dims == 2 else ".nii.gz"
-
-    surveys = {site.name: site_survey(site.raw_dataset_folder) for site in sites}
-    check_consistency(surveys)
-    bins = agreed_bins(surveys)
-    statistics = [site_statistics(site.raw_dataset_folder, bins, _SAMPLES_PER_CASE) for site in sites]
-    fingerprint = merge_site_statistics(statistics, bins)
-    dataset_json = _dataset_json(sum(len(s.training_cases) for s in sites), dims)
-    reader_writer = surveys[sites[0].name]["reader_writer"]
-    plans = plan_from_fingerprint(fingerprint, dataset_json, dataset_name, reader_writer, plans_name=PLANS_NAME)
-    plans = shrink_plans(plans, max_features=max_features, width_divisor=4)
-    plans["configurations"] = {configuration: plans["configurations"][configuration]}
-    install_plans(plans, dataset_json, server.preprocessed_dataset_folder, fingerprint)
     for site in sites:
-        site_json = json.loads((site.raw_dataset_folder / "dataset.json").read_text())
-        install_plans(plans, site_json, site.preprocessed_dataset_folder, fingerprint)
-        preprocess_site(site.raw_dataset_folder, site.preprocessed_dataset_folder, plans, configuration)
         _write_splits(site)
         site.nnunet_results.mkdir(parents=True, exist_ok=True)
     server.nnunet_results.mkdir(parents=True, exist_ok=True)
@@ -340,7 +332,33 @@ def make_demo_dataset(
         ],
     }
     manifest.write_text(json.dumps({"parameters": parameters, "demo": description}, indent=2))
-    return load_demo_dataset(root)
+    demo = load_demo_dataset(root)
+    return plan_demo(demo) if planned else demo
+
+
+def plan_demo(demo: DemoDataset) -> DemoDataset:
+    """Plan ``demo`` as a run's planning phase does, in this process, and preprocess every site; return it.
+
+    The stages of :func:`~flwr_nnunet.apps.planning_phase.plan_with_sites` with :data:`DEMO_PLANNING`, each
+    site answering with :func:`~flwr_nnunet.apps.site_planning.answer_planning` on its own folders; a site
+    already preprocessed with the same plans is left as it is.
+    """
+    from flwr_nnunet.apps.planning_phase import plan_with_sites
+    from flwr_nnunet.apps.run_config import RunSettings
+    from flwr_nnunet.apps.site_planning import answer_planning
+
+    def ask(stage: str, config: dict) -> dict[str, tuple[str, dict]]:
+        query = {"planning-stage": stage, **config}
+        return {
+            site.name: (site.name, answer_planning(query, site.raw_dataset_folder, site.preprocessed_dataset_folder)[1])
+            for site in demo.sites
+        }
+
+    settings = RunSettings.from_run_config(
+        {"data-root": str(demo.root), "dataset": demo.dataset_name, "configuration": demo.configuration}
+    )
+    plan_with_sites(ask, settings, DEMO_PLANNING)
+    return demo
 
 
 def load_demo_dataset(root: str | os.PathLike) -> DemoDataset:
