@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -96,50 +95,16 @@ def test_the_plans_digest_leaves_the_dataset_name_out_and_install_writes_the_sit
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """A ServerApp run in-process (federated planning, one round) over sites holding Dataset003/517_Liver."""
-    from flwr.common.config import get_fused_config_from_dir
-    from strategy_support import set_task_identity
-    from test_federated_planning import QueryGrid, write_site
+    from federation_support import run_config, run_federation, write_site
 
-    from flwr_nnunet.apps.server import run_server
+    from flwr_nnunet.demo.synthesis import SITE_STYLES
 
     root = tmp_path_factory.mktemp("liver") / "data"
+    labels = {"background": 0, "organ": 1, "lesion": 2}
     for k, name in enumerate(SITE_DATASETS):
-        write_site(root / f"site-{k}" / "nnUNet_raw" / name, k, 40, 3)
-    override = {
-        "data-root": str(root),
-        "make-demo": False,
-        "dataset": FEDERATION,
-        "configuration": "2d",
-        "planning": "federated",
-        "plans-max-features": 16,
-        "plans-width-divisor": 4,
-        "num-server-rounds": 1,
-        "iterations-per-epoch": 2,
-        "val-iterations-per-epoch": 1,
-        "min-available-nodes": 2,
-        "min-train-nodes": 2,
-        "min-evaluate-nodes": 2,
-        "node-wait": 0.0,
-        "device": "cpu",
-    }
-    run_config = get_fused_config_from_dir(REPO, override)
-    contexts = {
-        100 + k: Context(
-            run_id=1,
-            node_id=100 + k,
-            node_config={"partition-id": k, "num-partitions": 2},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        for k in range(2)
-    }
-    set_task_identity()  # what a running ServerApp has: messages are built with its run id
-    grid = QueryGrid(contexts)
-    started = time.perf_counter()
-    with pytest.MonkeyPatch.context() as patch:  # nnU-Net's 1e8 foreground samples shrunk for a test (same rule)
-        patch.setattr("flwr_nnunet.nnunet.fingerprint.NNUNET_FOREGROUND_SAMPLES", 30000)
-        run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    return {"root": root, "grid": grid, "run_config": run_config, "seconds": time.perf_counter() - started}
+        write_site(root / f"site-{k}" / "nnUNet_raw" / name, k, SITE_STYLES[k], (40, 40), 3, labels)
+    config = run_config(root, FEDERATION, "2d", len(SITE_DATASETS))
+    return {"root": root, "grid": run_federation(config, len(SITE_DATASETS))["grid"], "run_config": config}
 
 
 @pytest.mark.slow
