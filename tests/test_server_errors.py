@@ -45,7 +45,7 @@ def test_2d_configuration_on_the_3d_demo_names_the_fix(tmp_path):
 
 def test_unknown_dataset_with_make_demo(tmp_path):
     error = _server_app_error(**{"data-root": str(tmp_path), "dataset": "Dataset123_Liver"})
-    assert "make-demo=false" in str(error) and "Dataset123_Liver" in str(error)
+    assert "make-demo=false" in str(error) and "site-K/nnUNet_raw/Dataset123_Liver" in str(error)
 
 
 def test_unknown_dataset_without_make_demo(tmp_path):

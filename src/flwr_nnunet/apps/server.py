@@ -201,8 +201,9 @@ def check_demo_settings(settings: RunSettings) -> None:
     if settings.dataset != DEMO_DATASET:
         raise ServerConfigError(
             f"dataset {settings.dataset!r} is not the demo's ({DEMO_DATASET}), and make-demo=true makes only the "
-            f"demo: for your own dataset set make-demo=false and data-root to the folder with server/ and site-K/ "
-            f"(see the README, 'Your own nnU-Net datasets'), or set dataset='{DEMO_DATASET}'"
+            f"demo: for your own dataset set make-demo=false and data-root to the folder with each site's "
+            f"site-K/nnUNet_raw/{settings.dataset} (see the README, 'Your own nnU-Net datasets'), or set "
+            f"dataset='{DEMO_DATASET}'"
         )
 
 
