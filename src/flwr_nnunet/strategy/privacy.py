@@ -184,9 +184,9 @@ class FixedClippingStream(TrainStream):
         """Close the round as :meth:`TrainStream.finish`, after Flower's checks of the replies (their count;
         with an accountant, equal weights), and account for the release."""
         wrapper = self.wrapper
-        event = wrapper._pop_pending_event(self.server_round)  # pylint: disable=protected-access
         kept = [a.message for a in self.folded]
         try:
+            event = wrapper._pop_pending_event(self.server_round)  # pylint: disable=protected-access
             if not validate_replies(kept, wrapper.num_sampled_clients, strict=wrapper.accountant is not None):
                 self.abort()
                 return None, None
