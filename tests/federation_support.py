@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -125,27 +124,6 @@ def run_config(root: Path, dataset: str, configuration: str, num_sites: int, **o
     return get_fused_config_from_dir(REPO, override)
 
 
-def in_process_grid(config: Mapping, num_sites: int):
-    """A grid delivering every message to ``client_app.py``'s ClientApp in this process, one node per site."""
-    from flwr.app import Context, RecordDict
-
-    sys.path.insert(0, str(REPO))  # client_app.py
-    from test_federated_planning import QueryGrid
-
-    return QueryGrid(
-        {
-            100 + k: Context(
-                run_id=1,
-                node_id=100 + k,
-                node_config={"partition-id": k, "num-partitions": num_sites},
-                state=RecordDict(),
-                run_config=dict(config),
-            )
-            for k in range(num_sites)
-        }
-    )
-
-
 def run_federation(config: Mapping, num_sites: int, total_samples: int = TOTAL_SAMPLES) -> dict:
     """The ServerApp's whole run (federated planning, then the rounds) with ``total_samples`` foreground samples.
 
@@ -153,14 +131,13 @@ def run_federation(config: Mapping, num_sites: int, total_samples: int = TOTAL_S
     ``"history"`` (flwr_history.json's rounds) and ``"model"`` (the global model folder).
     """
     from flwr.app import Context, RecordDict
-    from strategy_support import set_task_identity
+    from test_federated_planning import query_grid
 
     from flwr_nnunet.apps.history import HISTORY_FILE
     from flwr_nnunet.apps.run_config import RunSettings
     from flwr_nnunet.apps.server import run_server
 
-    set_task_identity()  # what a running ServerApp has: messages are built with its run id
-    grid = in_process_grid(config, num_sites)
+    grid = query_grid(config, num_sites)  # it sets the task identity a running ServerApp has
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as each simulated site has (two are several times slower on 2 busy cores)
     try:
