@@ -3,14 +3,16 @@ the loss explained; each site's number of validation cases in the legend."""
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+import matplotlib.pyplot as plt
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from flwr_nnunet.apps.history import RunHistory  # noqa: E402
+from flwr_nnunet.apps.history import RunHistory, class_names
 
 
 def _reply(site: str, **metrics) -> RecordDict:
@@ -66,3 +68,29 @@ def test_title_without_metadata_still_names_the_sites(tmp_path):
     assert history.title().endswith("0 site(s): none yet")
     history.plot()  # an empty history plots too
     assert history.plot_file.is_file()
+
+
+def test_dice_per_class_is_named_and_plotted_per_label_or_region(tmp_path):
+    """flwr_history.json names each ``dice-per-class`` entry; the plot draws the aggregated one per name."""
+    regions = {"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}}
+    assert class_names({**regions, "regions_class_order": [1, 2, 3]}) == ["whole", "core", "enhancing"]
+    assert class_names({"labels": {"background": 0, "lesion": 2, "organ": 1}}) == ["organ", "lesion"]  # by value
+    (tmp_path / "dataset.json").write_text(json.dumps({**regions, "regions_class_order": [1, 2, 3]}))
+    history = RunHistory(tmp_path)
+    for server_round in (1, 2):
+        per_class = [0.1 * server_round, 0.2 * server_round, 0.3 * server_round]
+        history.evaluate_metrics(
+            [_reply(s, **{"num-examples": 1, "dice": 0.2 * server_round, "dice-per-class": per_class}) for s in "ab"],
+            "num-examples",
+        )
+        history.end_round(server_round)
+    assert json.loads(history.json_file.read_text())["class-names"] == ["whole", "core", "enhancing"]
+    lines = history.aggregated_per_class()
+    assert list(lines) == ["whole", "core", "enhancing"]
+    assert lines["core"][0] == [1, 2] and lines["core"][1] == [0.2, 0.4]
+    figure = history.figure()
+    try:
+        labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+        assert {"aggregated Dice of whole", "aggregated Dice of core", "aggregated Dice of enhancing"} <= set(labels)
+    finally:
+        plt.close(figure)

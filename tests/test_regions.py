@@ -15,6 +15,7 @@ import pytest
 import torch
 from federation_support import run_config, run_federation, write_site
 
+from flwr_nnunet.apps.history import HISTORY_FILE
 from flwr_nnunet.demo.synthesis import SITE_STYLES
 from flwr_nnunet.nnunet.fingerprint import FederationMismatchError, check_consistency, site_survey
 from flwr_nnunet.nnunet.metrics import dice_from_counts, region_counts
@@ -100,6 +101,7 @@ def test_every_site_reports_per_region_dice_and_the_server_aggregates_it(federat
         assert metrics["num-examples"] == 1
         train = round_1["train"]["sites"][name]
         assert len(train["pseudo-dice-per-class"]) == len(ORDER) and np.isfinite(train["train-loss"])
+    assert json.loads((federation["model"] / HISTORY_FILE).read_text())["class-names"] == ["whole", "lesion"]
     aggregated = round_1["evaluate"]["aggregated"]
     expected = np.mean([sites[n]["dice-per-class"] for n in sites], axis=0)  # one validation case each
     assert aggregated["dice-per-class"] == pytest.approx(expected.tolist())

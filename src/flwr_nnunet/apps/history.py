@@ -8,16 +8,33 @@ into the model folder after every round.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr_nnunet.nnunet.checkpoint_io import atomic_write
 
-__all__ = ["HISTORY_FILE", "PROGRESS_FILE", "RunHistory"]
+__all__ = ["HISTORY_FILE", "PROGRESS_FILE", "RunHistory", "class_names"]
 
 HISTORY_FILE = "flwr_history.json"
 PROGRESS_FILE = "flwr_progress.png"
+
+
+def class_names(dataset_json: Mapping[str, Any]) -> list[str]:
+    """The names of the foreground labels, or of the regions, in the order of the sites' ``dice-per-class``.
+
+    That order is nnU-Net's label manager's: ``foreground_labels`` by value, or ``foreground_regions`` in
+    ``dataset.json``'s order for a region-based dataset.
+    """
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    labels = dataset_json["labels"]
+    manager = LabelManager(labels, dataset_json.get("regions_class_order"))
+    if manager.has_regions:
+        by_region = {tuple(v) if isinstance(v, list) else v: name for name, v in labels.items()}
+        return [by_region[region] for region in manager.foreground_regions]
+    by_value = {int(v[0] if isinstance(v, list) else v): name for name, v in labels.items()}
+    return [by_value[label] for label in manager.foreground_labels]
 
 
 class RunHistory:
@@ -84,10 +101,16 @@ class RunHistory:
         self._pending = {}
         self.write()
 
+    def class_names(self) -> list[str]:
+        """:func:`class_names` of the model folder's ``dataset.json`` (none before it is written)."""
+        path = self.folder / "dataset.json"
+        return class_names(json.loads(path.read_text())) if path.is_file() else []
+
     def write(self) -> None:
-        """Write ``flwr_history.json`` and ``flwr_progress.png``."""
+        """Write ``flwr_history.json`` (with ``class-names``: what each ``dice-per-class`` entry scores) and the plot."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"rounds": {str(r): self.rounds[r] for r in sorted(self.rounds)}}, indent=1)
+        about = {"class-names": self.class_names(), "rounds": {str(r): self.rounds[r] for r in sorted(self.rounds)}}
+        text = json.dumps(about, indent=1)
         atomic_write(self.json_file, lambda file: file.write(text.encode()))
         self.plot()
 
@@ -102,6 +125,19 @@ class RunHistory:
                     rounds, points = lines.setdefault(name, ([], []))
                     rounds.append(server_round)
                     points.append(float(metrics[metric]))
+        return lines
+
+    def aggregated_per_class(self) -> dict[str, tuple[list[int], list[float]]]:
+        """``{class name: (rounds, values)}`` of the aggregated ``dice-per-class`` (names from :meth:`class_names`)."""
+        names = self.class_names()
+        lines: dict[str, tuple[list[int], list[float]]] = {}
+        for server_round in sorted(self.rounds):
+            values = self.rounds[server_round].get("evaluate", {}).get("aggregated", {}).get("dice-per-class")
+            if isinstance(values, list) and len(values) == len(names):
+                for name, value in zip(names, values):
+                    rounds, points = lines.setdefault(name, ([], []))
+                    rounds.append(server_round)
+                    points.append(float(value))
         return lines
 
     def validation_cases(self) -> dict[str, int]:
@@ -147,10 +183,14 @@ class RunHistory:
             dice_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=label)
         for name, (rounds, values) in pseudo.items():
             dice_axis.plot(rounds, values, ":", color=colors[name], lw=width[name], label=f"{name} pseudo-Dice")
+        for index, (name, (rounds, values)) in enumerate(self.aggregated_per_class().items()):
+            color = f"C{(len(names) + index) % 10}"
+            dice_axis.plot(rounds, values, "s--", color=color, lw=1.0, label=f"aggregated Dice of {name}")
         for name, (rounds, values) in loss.items():
             loss_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=name)
         dice_axis.set_ylabel(
-            "Dice of the global model on each site's\nvalidation cases (solid); training pseudo-Dice (dotted)"
+            "Dice of the global model on each site's validation\n"
+            "cases (solid; per label or region: dashed);\ntraining pseudo-Dice (dotted)"
         )
         loss_axis.set_ylabel(
             "training loss: nnU-Net's Dice + CE\n= cross-entropy - soft Dice (below 0 once\nDice > CE; lower is better)"
