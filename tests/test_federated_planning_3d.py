@@ -32,7 +32,7 @@ SITES = (  # (shape in voxels, spacing in mm, cases): thick slices at site-0, fi
     ((24, 24, 24), (1.5, 1.25, 1.25), 3),
     ((20, 36, 36), (2.0, 0.8, 0.8), 2),
 )
-pytestmark = pytest.mark.slow  # nnU-Net's pooled planning, the federated one and a round: about 45 s in all
+pytestmark = pytest.mark.slow  # pooled and federated planning and a round: 20 s (quiet) to 65 s (load 11) here
 
 SAMPLES = samples_per_case(sum(n for _, _, n in SITES), TOTAL_SAMPLES)
 SHARED = (

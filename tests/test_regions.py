@@ -76,7 +76,7 @@ def test_sites_with_another_region_order_are_named_with_the_field(tmp_path):
     assert "site-0 has [1, 2]" in str(caught.value) and "site-1 has [2, 1]" in str(caught.value)
 
 
-@pytest.mark.slow  # the federation fixture (planning, one round): 15-35 s on this busy 2-core machine
+@pytest.mark.slow  # the federation fixture (planning, one round): 8 s (quiet) to 35 s (load 8) here
 def test_the_federation_plans_one_sigmoid_channel_per_region(federation):
     about = federation["dataset_json"]
     assert about["labels"] == REGIONS and about["regions_class_order"] == ORDER
@@ -87,7 +87,7 @@ def test_the_federation_plans_one_sigmoid_channel_per_region(federation):
     assert heads and all(head.shape[0] == len(ORDER) for head in heads)  # 2 regions, no background channel
 
 
-@pytest.mark.slow  # the federation fixture (planning, one round): 15-35 s on this busy 2-core machine
+@pytest.mark.slow  # the federation fixture (planning, one round): 8 s (quiet) to 35 s (load 8) here
 def test_every_site_reports_per_region_dice_and_the_server_aggregates_it(federation):
     from flwr_nnunet.apps.client import live_site
 
@@ -123,7 +123,7 @@ class _ConstantLogits(torch.nn.Module):
         return self.values.view(1, -1, *([1] * (x.ndim - 2))).expand(shape).clone()
 
 
-@pytest.mark.slow  # the federation fixture (planning, one round): 15-35 s on this busy 2-core machine
+@pytest.mark.slow  # the federation fixture (planning, one round): 8 s (quiet) to 35 s (load 8) here
 def test_a_site_scores_the_sigmoid_of_each_region_channel_against_the_union_of_its_labels(federation):
     """Logits 0.2 and 0.1 (sigmoid 0.55 and 0.52) predict both regions everywhere: Dice = 2|R| / (|R| + N)."""
     from flwr_nnunet.apps.client import live_site
