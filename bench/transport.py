@@ -1,6 +1,6 @@
 """Transport benchmark: real bytes between one SuperNode and the SuperLink on loopback, stock vs canonical records.
 
-A SuperLink and one SuperNode run on 127.0.0.1 as in ``tests/test_deployment.py``; the SuperNode reaches the
+A SuperLink and one SuperNode run on 127.0.0.1 (``tests/deployment_support.py``, insecure); the SuperNode reaches the
 SuperLink through a TCP forwarder in this script that counts the bytes in each direction (gRPC and HTTP/2
 framing, heartbeats and all). One round of Flower's own ``FedAvg`` runs through ``flwr run`` on the 3d_fullres
 PlainConvUNet, once with stock records (``ArrayRecord(state_dict)``, every key: 292 arrays) and once with
@@ -138,7 +138,7 @@ def forward(listen: int, target: int, out: Path) -> None:
 
 def one_round(variant: str, root: Path, app: Path) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
-    from test_deployment import BIN, CONNECTION, HOST, Deployment, free_port, wait_for_port
+    from deployment_support import BIN, CONNECTION, HOST, Deployment, free_port, wait_for_port
 
     root.mkdir(parents=True)
     deployment = Deployment(root)

@@ -18,12 +18,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from flwr_nnunet.demo.data import DemoDataset, DemoSite
 from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
@@ -33,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIGS = REPO / "configs" / "deployment"
 CERTIFICATE_SCRIPT = REPO / "scripts" / "make_test_certificates.sh"
+RUN_CONFIG_FILE = REPO / "configs" / "deployment.toml"
 HOST = "127.0.0.1"
 CONNECTION = "e2e-local"
 RUN_TIMEOUT_S = 900.0
@@ -132,6 +138,8 @@ class Service:
     name: str
     process: subprocess.Popen
     log: Path
+    port: int | None = None
+    """The port it listens on (a SuperNode's Runtime API), where the test knows it."""
 
     def tail(self) -> str:
         """The end of the log, headed by the service's name and exit status."""
@@ -166,7 +174,7 @@ class Deployment:
     secure
         Run the guide: TLS (throw-away certificates from ``scripts/make_test_certificates.sh``), SuperNode
         authentication and the SuperLink's state in SQLite, through ``configs/deployment/superlink.sh`` and
-        ``supernode.sh``. False: an insecure SuperLink and SuperNodes, state in memory.
+        ``supernode.sh``. False: an insecure SuperLink and SuperNodes, state in memory (``bench/transport.py``).
     """
 
     def __init__(self, tmp_path: Path, *, secure: bool = False):
@@ -289,10 +297,18 @@ class Deployment:
                 "--max-retries", "2", *own,
             ]  # fmt: skip
         service = self.start(name, command, self.environment(home, **extra))
+        service.port = port
         self.supernodes[name] = service
         if wait:
             wait_for_port(port, service.process)
         return service
+
+    def start_supernodes(self, sites: Sequence[DemoSite]) -> list[Service]:
+        """One SuperNode per site (:meth:`start_supernode`), all started before waiting for their Runtime APIs."""
+        services = [self.start_supernode(site, wait=False) for site in sites]
+        for service in services:
+            wait_for_port(service.port, service.process)
+        return services
 
     # -------------------------------------------------------------- flwr CLI
     def write_connection(self) -> None:
@@ -431,8 +447,11 @@ def running_deployment(tmp_path: Path, request: pytest.FixtureRequest, **options
 
 
 def run_config(demo: DemoDataset, **overrides: object) -> dict[str, object]:
-    """The demo's run config with :data:`TINY_BUDGET` and ``overrides`` (``_`` in names becomes ``-``)."""
-    return {**demo.run_config(), **TINY_BUDGET, **{key.replace("_", "-"): value for key, value in overrides.items()}}
+    """The guide's ``configs/deployment.toml`` pointed at the demo, with :data:`TINY_BUDGET` and ``overrides``
+    (``_`` in names becomes ``-``): `flwr run` refuses a key the app does not know."""
+    guide = tomllib.loads(RUN_CONFIG_FILE.read_text())
+    extra = {key.replace("_", "-"): value for key, value in overrides.items()}
+    return {**guide, **demo.run_config(), **TINY_BUDGET, **extra}
 
 
 def model_folder(demo: DemoDataset) -> NnUNetModelFolder:
