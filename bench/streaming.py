@@ -8,10 +8,14 @@ Each row is one round of N simulated sites, run in its own process:
 - batch: ``NnUNetFedAvg.start`` (today's path): ``send_and_receive`` returns the N canonical replies, then
   ``aggregate_train`` reduces them into the network in place and ``checkpoint_latest.pth`` is written;
 - stream: ``NnUNetFedAvg.start(..., streaming=True)``: the grid makes each reply only when it is pulled (one per
-  pull, as replies trickle in), so the benchmark itself never holds more than the reply in flight.
+  pull, as replies trickle in), so the benchmark itself never holds more than the reply in flight;
+- stream-fixed: the same in a process whose glibc mmap threshold is fixed (``MALLOC_MMAP_THRESHOLD_``).
 
 Peak extra memory is VmHWM during ``start()`` (reset with ``/proc/self/clear_refs``) minus the RSS before it
-(the network and the record sent this round are already there), in units of the model's unique bytes.
+(the network and the record sent this round are already there), in units of the model's unique bytes. Each
+process first runs the same round on a 31 KB network (features / 64): the first round of a process pays a
+one-time ~6 MB, whatever the model (torch's first kernels and intra-op threads, the fold's thread pool, lazily
+imported ``torch.save`` code); that warm-up round's own peak extra memory is reported as the one-time overhead.
 Round-end latency runs from the last reply's arrival (``send_and_receive`` returning; the last pull) to
 ``checkpoint_latest.pth`` written (``post_round_fn``; stock: the end of ``evaluate_fn``'s write).
 
@@ -44,19 +48,24 @@ from flwr_nnunet.core.codec import encode_tensor
 from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
 BASE = "3d_fullres PlainConvUNet"
-NETWORKS = {"full": (BASE, 1), "quarter": (BASE, 4)}
+NETWORKS = {"full": (BASE, 1), "quarter": (BASE, 4), "warm-up": (BASE, 64)}
 """name -> (stock architecture, divisor of its features_per_stage)."""
 NETWORK_LABELS = {"full": "3d_fullres PlainConvUNet", "quarter": "3d PlainConvUNet, features / 4"}
+WARM_UP_SITES = 2
 PLANS = {
-    "full": [("stock", 8), ("batch", 8), ("batch", 32), ("stream", 8), ("stream", 32), ("stream", 128)],
-    "quarter": [(v, n) for n in (8, 32, 128) for v in ("stock", "batch", "stream")],
+    "full": [("stock", 8), ("batch", 8), ("batch", 32)] + [("stream", n) for n in (8, 32, 128)] + [("stream-fixed", 8)],
+    "quarter": [(v, n) for n in (8, 32, 128) for v in ("stock", "batch", "stream")] + [("stream-fixed", 128)],
 }
-QUICK = {"quarter": [("stock", 8), ("batch", 8), ("stream", 8), ("stream", 32)]}
+QUICK = {"quarter": [("stock", 8), ("batch", 8), ("stream", 8), ("stream", 32), ("stream-fixed", 32)]}
 VARIANT_LABELS = {
     "stock": "Flower FedAvg.start, stock replies",
     "batch": "NnUNetFedAvg.start, batch",
     "stream": "NnUNetFedAvg.start, streaming",
+    "stream-fixed": "NnUNetFedAvg.start, streaming, MALLOC_MMAP_THRESHOLD_=131072",
 }
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc's mmap threshold held at its 128 KiB default: freed replies go back to the system at once (without it
+glibc raises the threshold after the first large free and keeps later replies' freed bytes in its heap)."""
 
 
 def architecture(name: str) -> dict:
@@ -182,8 +191,14 @@ def atomic_save(state_dict: dict, path: str) -> None:
 
 
 def worker(variant: str, network_name: str, clients: int, threads: int) -> dict:
+    """The round of ``network_name`` after a warm-up round of the same variant on the 31 KB network."""
     torch.set_num_threads(threads)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    warm_up = one_round(variant, "warm-up", WARM_UP_SITES)
+    return {**one_round(variant, network_name, clients), "one_time": warm_up["extra"]}
+
+
+def one_round(variant: str, network_name: str, clients: int) -> dict:
     torch.manual_seed(0)
     arch = architecture(network_name)
     network = build_network(arch)
@@ -202,7 +217,6 @@ def worker(variant: str, network_name: str, clients: int, threads: int) -> dict:
                 if server_round:
                     atomic_save(arrays.to_torch_state_dict(), checkpoint)
                     done["ready"] = time.perf_counter()
-                return None
 
             options = {"initial_arrays": initial, "evaluate_fn": evaluate_fn}
         else:
@@ -213,7 +227,7 @@ def worker(variant: str, network_name: str, clients: int, threads: int) -> dict:
 
             strategy = NnUNetFedAvg(network, model_folder=folder, post_round_fn=post_round, **common)
             strategy.model.record()  # the record sent this round: there before the round starts
-            options = {"streaming": variant == "stream", "poll_interval": 0.0}
+            options = {"streaming": variant.startswith("stream"), "poll_interval": 0.0}
         before = rss_bytes()
         reset_peak_rss()
         started = time.perf_counter()
@@ -231,7 +245,8 @@ def worker(variant: str, network_name: str, clients: int, threads: int) -> dict:
 def measure(variant: str, network: str, clients: int, threads: int) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--network", network, "--clients", str(clients)]
     command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, **(FIXED_MMAP_THRESHOLD if variant == "stream-fixed" else {})}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"{variant} {network} N={clients} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -250,15 +265,20 @@ def main() -> None:
         return
     plan = PLANS if args.plan == "full" else QUICK
     mb = 1e6
-    print(f"One training round through start(), {args.threads} torch thread(s); peak extra memory of the process\n")
-    print("| network (unique MB) | sites N | round | peak extra memory | / unique model bytes | round-end latency |")
-    print("|---|---|---|---|---|---|")
+    print(f"One training round through start(), {args.threads} torch thread(s); peak extra memory of the process")
+    print(f"(load average before the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())})\n")
+    print(
+        "| network (unique MB) | sites N | round | peak extra memory | / unique model bytes | round-end latency "
+        "| one-time first-round overhead |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for network, rows in plan.items():
         for variant, clients in rows:
             row = measure(variant, network, clients, args.threads)
             print(
                 f"| {NETWORK_LABELS[network]} ({row['unique'] / mb:.1f}) | {clients} | {VARIANT_LABELS[variant]} | "
-                f"{row['extra'] / mb:.0f} MB | {row['extra'] / row['unique']:.2f}x | {row['latency']:.2f} s |",
+                f"{row['extra'] / mb:.0f} MB | {row['extra'] / row['unique']:.2f}x | {row['latency']:.2f} s | "
+                f"{row['one_time'] / mb:.1f} MB |",
                 flush=True,
             )
 
