@@ -9,7 +9,8 @@ Each row is one round of N simulated sites, run in its own process:
   ``aggregate_train`` reduces them into the network in place and ``checkpoint_latest.pth`` is written;
 - stream: ``NnUNetFedAvg.start(..., streaming=True)``: the grid makes each reply only when it is pulled (one per
   pull, as replies trickle in), so the benchmark itself never holds more than the reply in flight;
-- stream-fixed: the same in a process whose glibc mmap threshold is fixed (``MALLOC_MMAP_THRESHOLD_``).
+- stream-fixed: the same in a process whose glibc mmap threshold is fixed (``MALLOC_MMAP_THRESHOLD_``);
+- dp-batch, dp-stream (``--plan dp``): batch and streaming rounds of ``NnUNetDPServerSideFixedClipping``.
 
 Peak extra memory is VmHWM during ``start()`` (reset with ``/proc/self/clear_refs``) minus the RSS before it
 (the network and the record sent this round are already there), in units of the model's unique bytes. Each
@@ -20,7 +21,7 @@ Round-end latency runs from the last reply's arrival (``send_and_receive`` retur
 ``checkpoint_latest.pth`` written (``post_round_fn``; stock: the end of ``evaluate_fn``'s write).
 
 Run: ``python bench/streaming.py`` (about 10 minutes, up to ~7 GB in one process at a time);
-``--plan quick`` for a small look.
+``--plan quick`` for a small look; ``--plan dp`` (about a minute) for server-side fixed-clipping DP.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr_nnunet import AliasMap, NnUNetFedAvg, NnUNetModelFolder
 from flwr_nnunet.core.codec import encode_tensor
 from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
+from flwr_nnunet.strategy.privacy import NnUNetDPServerSideFixedClipping
 
 BASE = "3d_fullres PlainConvUNet"
 NETWORKS = {"full": (BASE, 1), "quarter": (BASE, 4), "warm-up": (BASE, 64)}
@@ -57,11 +59,17 @@ PLANS = {
     "quarter": [(v, n) for n in (8, 32, 128) for v in ("stock", "batch", "stream")] + [("stream-fixed", 128)],
 }
 QUICK = {"quarter": [("stock", 8), ("batch", 8), ("stream", 8), ("stream", 32), ("stream-fixed", 32)]}
+DP = {"quarter": [(v, n) for n in (8, 32, 128) for v in ("dp-batch", "dp-stream")]}
+STREAMING = ("stream", "stream-fixed", "dp-stream")
+DP_OPTIONS = {"noise_multiplier": 0.1, "clipping_norm": 1.0}
+"""Server-side fixed clipping of the dp rows (the replies' updates, 0.001 * node * the model, are clipped)."""
 VARIANT_LABELS = {
     "stock": "Flower FedAvg.start, stock replies",
     "batch": "NnUNetFedAvg.start, batch",
     "stream": "NnUNetFedAvg.start, streaming",
     "stream-fixed": "NnUNetFedAvg.start, streaming, MALLOC_MMAP_THRESHOLD_=131072",
+    "dp-batch": "NnUNetDPServerSideFixedClipping.start, batch",
+    "dp-stream": "NnUNetDPServerSideFixedClipping.start, streaming",
 }
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """glibc's mmap threshold held at its 128 KiB default: freed replies go back to the system at once (without it
@@ -227,7 +235,9 @@ def one_round(variant: str, network_name: str, clients: int) -> dict:
 
             strategy = NnUNetFedAvg(network, model_folder=folder, post_round_fn=post_round, **common)
             strategy.model.record()  # the record sent this round: there before the round starts
-            options = {"streaming": variant.startswith("stream"), "poll_interval": 0.0}
+            if variant.startswith("dp-"):
+                strategy = NnUNetDPServerSideFixedClipping(strategy, num_sampled_clients=clients, **DP_OPTIONS)
+            options = {"streaming": variant in STREAMING, "poll_interval": 0.0}
         before = rss_bytes()
         reset_peak_rss()
         started = time.perf_counter()
@@ -254,7 +264,7 @@ def measure(variant: str, network: str, clients: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", choices=["full", "quick"], default="full")
+    parser.add_argument("--plan", choices=["full", "quick", "dp"], default="full")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--worker", choices=list(VARIANT_LABELS), help=argparse.SUPPRESS)
     parser.add_argument("--network", choices=list(NETWORKS), help=argparse.SUPPRESS)
@@ -263,7 +273,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.network, args.clients, args.threads)))
         return
-    plan = PLANS if args.plan == "full" else QUICK
+    plan = {"full": PLANS, "quick": QUICK, "dp": DP}[args.plan]
     mb = 1e6
     print(f"One training round through start(), {args.threads} torch thread(s); peak extra memory of the process")
     print(f"(load average before the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())})\n")
