@@ -488,6 +488,23 @@ def test_streamed_dp_scales_a_reply_over_the_clip_once_per_alias_group():
     assert len({v.untyped_storage().data_ptr() for v in network.state_dict().values()}) == len(amap.groups)
 
 
+def test_a_reply_that_cannot_be_clipped_is_rejected_and_the_model_kept(flwr_log):
+    network = tiny_network("batch")  # BatchNorm: int64 num_batches_tracked, which numpy cannot scale in place
+    dp = NnUNetDPServerSideFixedClipping(
+        NnUNetFedAvg(network, min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0),
+        noise_multiplier=0.0,
+        clipping_norm=0.01,
+        num_sampled_clients=1,
+    )
+    before = OrderedDict((k, v.clone()) for k, v in network.state_dict().items())
+    sent = received(next(iter(dp.configure_train(1, None, ConfigRecord(), LoopbackGrid([21], lambda n, m: None)))))
+    stream = dp.train_stream(1)
+    assert not stream.offer(reply(21, perturbed(sent, 5), 8))
+    assert stream.finish() == (None, None)
+    assert all(torch.equal(v, before[k]) for k, v in network.state_dict().items())
+    assert any("rejected reply from node 21" in m and "FixedClippingStream" in m for m in messages(flwr_log))
+
+
 # --------------------------------------------------------- Flower simulation
 
 sim_client = ClientApp()

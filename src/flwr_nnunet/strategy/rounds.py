@@ -64,7 +64,8 @@ def run_rounds(
 
     - ``streaming``: fold each training reply into a running sum as it arrives
       (:func:`~flwr_nnunet.strategy.streaming.stream_train_round`) when the
-      strategy streams (its class sets ``streams = True``); other strategies keep
+      strategy streams (:func:`~flwr_nnunet.strategy.streaming.streams`: its class sets ``streams = True``; a DP
+      wrapper, when what it wraps streams too); other strategies keep
       the batch path, with one log line.
     - ``quorum``: None, or a fraction in (0, 1] of the sampled nodes; once that
       many replies are accepted the round waits at most ``grace`` seconds more.
