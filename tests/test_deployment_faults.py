@@ -65,11 +65,13 @@ def test_the_superlink_killed_and_restarted_with_its_database_resumes_every_roun
     deployment.start_superlink()  # same port, same database
     for service in services:
         node = service.node_id()
-        wait_for(lambda node=node: deployment.node_status().get(node) == "online", 120, f"{service.name} back online")
+        wait_for(
+            lambda node=node: deployment.node_status().get(node) == "online", 120, f"{service.name} back online", 2.0
+        )
     assert all(service.process.poll() is None for service in services), "a SuperNode exited"
     resumed = deployment.submit({**config, "resume": True})
     assert resumed != run_id
-    assert deployment.wait_until_finished(resumed) == "finished:completed"
+    assert deployment.wait_until_finished(resumed, folder.checkpoint_path("final")) == "finished:completed"
 
     assert killed_at == ROUNDS - 1, f"killed after the server's round {killed_at}, not after round {ROUNDS - 1}"
     log = deployment.server_log(resumed)

@@ -103,7 +103,7 @@ def test_tls_auth_run_loses_a_node_mid_round_completes_predicts_and_refuses_stra
     assert "Failed to activate SuperNode" in intruder.text(), intruder.tail()
     assert "CERTIFICATE_VERIFY_FAILED" in no_ca.text(), no_ca.tail()
 
-    assert deployment.wait_until_finished(run_id) == "finished:completed"
+    assert deployment.wait_until_finished(run_id, folder.checkpoint_path("final")) == "finished:completed"
     assert not (tmp_path / "intruder-results").exists() and not (tmp_path / "no-ca-results").exists()
     log = deployment.server_log(run_id)
     assert f"the SuperLink answered for node {lost}" in log, log[-3000:]
