@@ -30,6 +30,7 @@ def _project_exception_classes() -> dict[str, type]:
 
 EXCEPTION_CLASSES = _project_exception_classes()
 
+
 def test_the_walk_finds_the_known_exception_classes():
     names = {cls.__name__ for cls in EXCEPTION_CLASSES.values()}
     known = {"KeyMismatchError", "AliasConflictError", "PartialOverlapError", "PayloadError", "CheckpointError"}

@@ -12,6 +12,7 @@ A new layer is one row of :data:`CONTRACTS`.
 from __future__ import annotations
 
 import ast
+import itertools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ CONTRACTS = (
     Contract(
         "nnunet",
         (_P + "nnunet",),
-        tuple(_P + layer for layer in ("strategy", "site", "apps", "repair", "demo")) + ("flwr.serverapp", "flwr.clientapp"),
+        tuple(_P + layer for layer in ("strategy", "site", "apps", "repair", "demo"))
+        + ("flwr.serverapp", "flwr.clientapp"),
     ),
     Contract("strategy", (_P + "strategy",), tuple(_P + layer for layer in ("site", "apps", "demo", "repair"))),
     Contract("site", (_P + "site",), tuple(_P + layer for layer in ("strategy", "apps", "demo", "repair"))),
@@ -298,7 +300,7 @@ def test_no_import_cycles_among_the_package_modules():
     cycles = _cycles(graph)
     described = []
     for cycle in cycles:
-        steps = [f"{graph[a][b]}" for a, b in zip(cycle, cycle[1:])]
+        steps = [f"{graph[a][b]}" for a, b in itertools.pairwise(cycle)]
         described.append(" -> ".join(cycle) + "\n    " + "\n    ".join(steps))
     if cycles:
         pytest.fail("import cycles:\n  " + "\n  ".join(described), pytrace=False)

@@ -68,9 +68,11 @@ def test_enough_nodes_goes_on_with_the_minimum_and_refuses_fewer(tmp_path):
         messages = fedavg.configure_train(1, None, ConfigRecord(), LoopbackGrid([1, 2], site))
     assert fedavg.min_available_nodes == 3
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
-    with pytest.raises(NodesUnavailableError, match=r"1 node\(s\) connected, fewer than the round's minimum of 2"):
-        with enough_nodes(fedavg, LoopbackGrid([1], site), 0.0, server_round=4, train=False):
-            pass
+    with (
+        pytest.raises(NodesUnavailableError, match=r"1 node\(s\) connected, fewer than the round's minimum of 2"),
+        enough_nodes(fedavg, LoopbackGrid([1], site), 0.0, server_round=4, train=False),
+    ):
+        pass
 
 
 def test_a_run_without_enough_nodes_stops_cleanly_with_its_checkpoints(tmp_path, caplog):

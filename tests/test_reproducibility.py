@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("reproducibility") / "data", num_sites=2)

@@ -58,8 +58,12 @@ def test_readme_run_config_table_is_rendered_from_the_schema():
 
 @pytest.mark.parametrize(
     ("key", "value", "kind"),
-    [("local-epochs", "x", "int"), ("round-timeout", "soon", "float"), ("make-demo", "yes", "bool"),
-     ("seed", True, "int")],
+    [
+        ("local-epochs", "x", "int"),
+        ("round-timeout", "soon", "float"),
+        ("make-demo", "yes", "bool"),
+        ("seed", True, "int"),
+    ],
 )
 def test_a_wrong_typed_value_names_the_key_and_the_type(key, value, kind):
     with pytest.raises(ValueError, match=f"run-config '{key}' must be {kind}") as error:

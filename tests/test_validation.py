@@ -260,8 +260,8 @@ def test_max_reply_weight_clips_each_reply(flwr_log):
     """Item 2: weights above the cap count as the cap (logged), in the in-place mean and in Flower's code."""
     capped = _strategy(True, min_train_nodes=1, max_reply_weight=10.0)
     plain = _strategy(True, min_train_nodes=1)
-    replies = lambda s: [*_good(s, (1,), 1e308), *_good(s, (2,), 5)]  # noqa: E731
-    expected = lambda s: [*_good(s, (1,), 10), *_good(s, (2,), 5)]  # noqa: E731
+    replies = lambda s: [*_good(s, (1,), 1e308), *_good(s, (2,), 5)]
+    expected = lambda s: [*_good(s, (1,), 10), *_good(s, (2,), 5)]
 
     capped.aggregate_train(1, replies(capped))
     plain.aggregate_train(1, expected(plain))

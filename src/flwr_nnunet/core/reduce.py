@@ -32,8 +32,8 @@ import torch
 from flwr_nnunet.errors import KeyMismatchError
 
 __all__ = [
-    "Tensors",
     "Reducer",
+    "Tensors",
     "assign_",
     "check_updates",
     "median_",
