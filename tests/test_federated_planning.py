@@ -449,7 +449,8 @@ def test_a_site_without_raw_data_is_named_with_the_fix(planning_phase, tmp_path)
     ],
 )
 def test_planning_settings_that_do_not_fit_stop_the_server_before_any_data_with_the_fix(tmp_path, overrides, fix):
-    from flwr_nnunet.apps.server import ServerConfigError, plan_before_training
+    from flwr_nnunet.apps.config_errors import ServerConfigError
+    from flwr_nnunet.apps.server import plan_before_training
 
     with pytest.raises(ServerConfigError, match=re.escape(fix)):
         plan_before_training(None, _settings(tmp_path, **overrides), check_only=True)
@@ -457,7 +458,8 @@ def test_planning_settings_that_do_not_fit_stop_the_server_before_any_data_with_
 
 
 def test_a_stopped_planning_phase_is_one_server_config_error(planning_phase, tmp_path):
-    from flwr_nnunet.apps.server import ServerConfigError, plan_before_training
+    from flwr_nnunet.apps.config_errors import ServerConfigError
+    from flwr_nnunet.apps.server import plan_before_training
 
     with pytest.raises(ServerConfigError, match=r"needs every site: 0 node\(s\) connected"):
         plan_before_training(QueryGrid({}), _settings(tmp_path))
@@ -517,7 +519,7 @@ def test_one_simulation_plans_preprocesses_and_trains_from_raw_data_at_each_site
 @pytest.mark.slow
 def test_a_site_with_another_label_set_stops_the_simulation_before_training(tmp_path, flwr_log):
     """One line in the simulation's log names the sites and the field; nothing is planned, preprocessed or trained."""
-    from flwr_nnunet.apps.server import ServerConfigError
+    from flwr_nnunet.apps.config_errors import ServerConfigError
 
     root = _raw_only_federation(tmp_path / "data", labels_of_site_2={"background": 0, "organ": 1, "tumour": 2})
     with pytest.raises(ServerConfigError):

@@ -9,7 +9,8 @@ import logging
 import pytest
 from flwr.app import Context, RecordDict
 
-from flwr_nnunet.apps.server import ServerConfigError, build_strategy, read_settings, run_server
+from flwr_nnunet.apps.config_errors import ServerConfigError
+from flwr_nnunet.apps.server import build_strategy, read_settings, run_server
 from flwr_nnunet.demo.data import make_demo_dataset
 
 

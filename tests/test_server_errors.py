@@ -12,7 +12,7 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.supercore import log
 
-from flwr_nnunet.apps.server import ServerConfigError, install_one_line_errors
+from flwr_nnunet.apps.config_errors import ServerConfigError, install_one_line_errors
 
 _SPEC = importlib.util.spec_from_file_location("server_app", Path(__file__).resolve().parents[1] / "server_app.py")
 server_app = importlib.util.module_from_spec(_SPEC)

@@ -12,30 +12,25 @@ with ``flwr_history.json`` and ``flwr_progress.png`` (:mod:`flwr_nnunet.apps.his
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
-from logging import ERROR, INFO
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app.exception import AppExitException
 from flwr.supercore import log
-from flwr.supercore.exit import ExitCode
 
+from flwr_nnunet.apps.config_errors import ServerConfigError, install_one_line_errors
 from flwr_nnunet.apps.history import RunHistory
 from flwr_nnunet.apps.run_config import RunSettings
-from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.strategy.checkpoints import ResumeError
 
 __all__ = [
-    "ServerConfigError",
     "build_strategy",
     "check_demo_settings",
     "check_strategy_settings",
     "finished_round",
-    "install_one_line_errors",
     "plan_before_training",
     "planning_options",
     "prepare_data",
@@ -45,76 +40,6 @@ __all__ = [
 
 DEMO_DATASET = "Dataset987_FedDemo"
 _DEMO_CONFIGURATION = {False: "2d", True: "3d_fullres"}
-
-
-class ServerConfigError(FlwrNnUNetError, AppExitException, ValueError):
-    """A run config the server cannot run with (the user's to fix, not a bug): one line, the problem and the fix.
-
-    Raised out of the ServerApp it fails the run (status ``finished:failed``; a
-    ``flwr-serverapp`` process exits non-zero). :func:`run_server` logs it as that
-    one line, and :func:`install_one_line_errors` keeps Flower from logging it
-    again with its traceback.
-    """
-
-    exit_code = ExitCode.SERVERAPP_EXCEPTION
-    reported = False
-    """Set once the one line is in Flower's log."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-def _config_error(exc_info: Any) -> ServerConfigError | None:
-    """The :class:`ServerConfigError` a log record's exception is, or was raised from (None if none)."""
-    error = exc_info[1] if isinstance(exc_info, tuple) else None
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, ServerConfigError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-class _OneLineConfigErrors(logging.Filter):
-    """Flower logs an exception out of the ServerApp with its traceback, then an exit-code footer.
-
-    For a :class:`ServerConfigError` this keeps one line: ``flwr-nnunet: <problem>; <fix>`` (none when
-    :meth:`report` already logged it). Every other record (and every other exception, with its traceback)
-    passes unchanged.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reported = False
-
-    def report(self, error: ServerConfigError) -> None:
-        """Log ``error`` as its one line now (a simulation run from Python logs nothing of the ServerApp's error)."""
-        log(ERROR, "flwr-nnunet: %s", error)
-        error.reported = self.reported = True
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = _config_error(record.exc_info)
-        if error is not None:
-            self.reported = True
-            if error.reported:
-                return False
-            record.msg, record.args = "flwr-nnunet: %s", (str(error),)
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
-            error.reported = True
-            return True
-        return not (self.reported and str(record.msg).startswith("Exit Code:"))
-
-
-def install_one_line_errors(logger: logging.Logger | None = None) -> _OneLineConfigErrors:
-    """Make Flower's logger (``flwr``) report a :class:`ServerConfigError` as one line; idempotent."""
-    logger = logger or logging.getLogger("flwr")
-    for existing in logger.filters:
-        if isinstance(existing, _OneLineConfigErrors):
-            return existing
-    installed = _OneLineConfigErrors()
-    logger.addFilter(installed)
-    return installed
 
 
 def _read_json(path: Path, fix: str) -> dict:
