@@ -3,8 +3,6 @@ and train the local-only baselines the federated model is compared with."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -37,8 +35,7 @@ def dice_scores(
 
     labels_path, predictions_path = Path(labels), Path(predictions)
     first = str(labels_path / f"{cases[0]}{file_ending}")
-    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints which reader it picked
-        reader = determine_reader_writer_from_file_ending(file_ending, first, allow_nonmatching_filename=True)()
+    reader = determine_reader_writer_from_file_ending(file_ending, first, verbose=False)()
     counts = {label: np.zeros(3) for name, label in LABELS.items() if label}
     for case in cases:
         truth, _ = reader.read_seg(str(labels_path / f"{case}{file_ending}"))
