@@ -39,7 +39,8 @@ from flwr_nnunet.strategy.privacy import (
 )
 from flwr_nnunet.strategy.robust import NnUNetFedMedian, NnUNetFedTrimmedAvg
 from flwr_nnunet.strategy.server_optimizers import NnUNetFedAdam, NnUNetFedAvgM
-from flwr_nnunet.strategy.streaming import TrainStream, quorum_count, streams
+from flwr_nnunet.strategy.stream_round import quorum_count
+from flwr_nnunet.strategy.streaming import TrainStream, streams
 
 NODES = [11, 12, 13, 14, 15]
 WEIGHTS = {11: 3, 12: 1, 13: 7, 14: 2, 15: 5}

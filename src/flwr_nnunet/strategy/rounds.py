@@ -4,7 +4,7 @@
 :class:`~flwr_nnunet.strategy.global_model.GlobalModel` it trains and the
 run's :class:`~flwr_nnunet.strategy.checkpoints.RunCheckpoints`. With
 ``streaming=True`` the training half of each round of a strategy that streams
-runs through :func:`~flwr_nnunet.strategy.streaming.stream_train_round`
+runs through :func:`~flwr_nnunet.strategy.stream_round.stream_train_round`
 (replies folded as they arrive) instead of ``send_and_receive`` then
 ``aggregate_train``.
 """
@@ -25,7 +25,8 @@ from flwr.supercore import log
 from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
 from flwr_nnunet.strategy.nodes import configure_round
-from flwr_nnunet.strategy.streaming import LateReplies, stream_train_round, streams
+from flwr_nnunet.strategy.stream_round import LateReplies, stream_train_round
+from flwr_nnunet.strategy.streaming import streams
 
 __all__ = ["run_rounds"]
 
@@ -63,7 +64,7 @@ def run_rounds(
     Streaming options (training rounds; evaluation always uses ``send_and_receive``):
 
     - ``streaming``: fold each training reply into a running sum as it arrives
-      (:func:`~flwr_nnunet.strategy.streaming.stream_train_round`) when the
+      (:func:`~flwr_nnunet.strategy.stream_round.stream_train_round`) when the
       strategy streams (:func:`~flwr_nnunet.strategy.streaming.streams`: its class sets ``streams = True``; a DP
       wrapper, when what it wraps streams too); other strategies keep
       the batch path, with one log line.
