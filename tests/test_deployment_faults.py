@@ -47,11 +47,13 @@ def test_the_superlink_killed_and_restarted_with_its_database_resumes_every_roun
     """The coordinator dies right after both sites trained round 2 (the server's checkpoint is round 1's):
     restarted with its database, the SuperNodes reconnect by themselves; `flwr run ... resume=true` sends round 2
     again, the sites roll back to their state after round 1, and every site ends at epoch 2 = rounds x local
-    epochs with every round once in flwr_history.json (no evaluation rounds: fewer processes)."""
+    epochs with every round once in flwr_history.json (no evaluation rounds: fewer processes). The rounds stream
+    (run-config streaming=true: push_messages / pull_messages through Flower's gRPC grid; the secure test keeps the
+    batch path)."""
     started = time.monotonic()
     demo = make_demo_dataset(tmp_path / "data", num_sites=len(SITES))
     services = deployment.start_supernodes(demo.sites)
-    config = run_config(demo, num_server_rounds=ROUNDS, fraction_evaluate=0.0)
+    config = run_config(demo, num_server_rounds=ROUNDS, fraction_evaluate=0.0, streaming=True)
     run_id = deployment.submit(config)
     wait_for(
         lambda: all(site_round(deployment, demo, i) == ROUNDS for i in range(len(SITES))),
@@ -76,6 +78,7 @@ def test_the_superlink_killed_and_restarted_with_its_database_resumes_every_roun
     assert killed_at == ROUNDS - 1, f"killed after the server's round {killed_at}, not after round {ROUNDS - 1}"
     log = deployment.server_log(resumed)
     assert f"resume: loaded round {ROUNDS - 1}" in log, log[-3000:]
+    assert f"round {ROUNDS}: {len(SITES)} of {len(SITES)} replies accepted (streamed)" in log, log[-3000:]
     history = json.loads((folder.path / HISTORY_FILE).read_text())
     assert sorted(history["rounds"], key=int) == [str(r) for r in range(1, ROUNDS + 1)]
     assert folder.load_checkpoint(folder.checkpoint_path("final"))["flwr_nnunet"]["server_round"] == ROUNDS
