@@ -477,27 +477,10 @@ def _raw_only_federation(root, labels_of_site_2=LABELS):
 
 
 def _simulate(root, **extra):
+    from federation_support import run_config
     from test_apps_simulation import run_app_simulation
 
-    override = {
-        "data-root": str(root),
-        "make-demo": False,
-        "dataset": DATASET,
-        "configuration": "2d",
-        "planning": "federated",
-        "plans-max-features": 16,
-        "plans-width-divisor": 4,
-        "num-server-rounds": 1,
-        "iterations-per-epoch": 2,
-        "val-iterations-per-epoch": 1,
-        "min-available-nodes": 3,
-        "min-train-nodes": 3,
-        "min-evaluate-nodes": 3,
-        "node-wait": 120.0,
-        "device": "cpu",
-        **extra,
-    }
-    run_app_simulation(override, num_supernodes=3)
+    run_app_simulation(run_config(root, DATASET, "2d", 3, **{"node-wait": 120.0}, **extra), num_supernodes=3)
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ class FixedClippingStream(TrainStream):
     reply is folded and released, so memory is one clipped copy per reply in flight. When the round closes, after
     the mean (and the wrapped strategy's server step), Gaussian noise of Flower's standard deviation is added
     once, drawn as Flower draws it (``numpy.random``, group by group in the record's order): the same noise as
-    the batch path for the same random state. Flower's reply-count check and privacy accounting apply.
+    the batch path for the same random state. Flower's reply-count check applies.
 
     Parameters
     ----------
@@ -181,31 +181,15 @@ class FixedClippingStream(TrainStream):
         return [k for k, t in tensors.items() if non_finite_reason(k, t)]
 
     def finish(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Close the round as :meth:`TrainStream.finish`, after Flower's checks of the replies (their count;
-        with an accountant, equal weights), and account for the release."""
-        wrapper = self.wrapper
-        kept = [a.message for a in self.folded]
-        try:
-            event = wrapper._pop_pending_event(self.server_round)  # pylint: disable=protected-access
-            if not validate_replies(kept, wrapper.num_sampled_clients, strict=wrapper.accountant is not None):
-                self.abort()
-                return None, None
-            wrapper._validate_uniform_weights(kept)  # pylint: disable=protected-access
-        except ValueError as error:
+        """Close the round as :meth:`TrainStream.finish`, after Flower's check of the reply count.
+
+        No privacy accounting: Flower's fixed-clipping wrappers refuse an accountant for a strategy with its own
+        ``aggregate_train``, which every :class:`NnUNetFedAvg` has.
+        """
+        if not validate_replies([a.message for a in self.folded], self.wrapper.num_sampled_clients):
             self.abort()
-            log(
-                WARNING,
-                "%s: round %d: %s refused the round (%s): global model unchanged",
-                STAGE,
-                self.server_round,
-                type(wrapper).__name__,
-                bounded(error),
-            )
             return None, None
-        arrays, metrics = super().finish()
-        if arrays is not None:
-            wrapper._compose_release(event)  # pylint: disable=protected-access
-        return arrays, metrics
+        return super().finish()
 
 
 class StreamedFixedClipping(AliasAwareDP):
