@@ -3,10 +3,12 @@
 Three rounds of Flower ``query`` messages (the sites' side:
 :mod:`flwr_nnunet.apps.site_planning`):
 
-1. ``survey``: each site's dataset.json fields, reader/writer, case count and
-   foreground min/max. Sites that disagree on channel names, labels (or
-   regions), file ending or reader stop the run here, before any training,
-   with a message naming the sites and fields.
+1. ``survey``: each site's dataset.json fields, reader/writer, case count,
+   foreground min/max and voxels per label. Sites that disagree on channel
+   names, labels (or regions), file ending or reader stop the run here, before
+   any training, with a message naming the sites and fields; a site whose label
+   volumes contradict every other site's (two labels' volume ratio reversed, a
+   label missing) is named in a warning, and the run goes on.
 2. ``statistics``: with the bins over the federation's foreground range and
    nnU-Net's per-case sample count, each site's aggregate statistics; the
    server merges them exactly (:func:`~flwr_nnunet.nnunet.fingerprint.merge_site_statistics`)
@@ -33,7 +35,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +252,8 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
     ``settings`` is the run's :class:`~flwr_nnunet.apps.run_config.RunSettings` (``planner``, ``plans``,
     ``configuration``, ``dataset``); ``options`` default to :meth:`PlanningOptions.from_settings`.
     The sites' statistics are merged in the order of their names, so the plans do not depend on node ids.
+    A site whose label volumes contradict the others' is logged as a warning
+    (:func:`~flwr_nnunet.nnunet.label_convention.label_convention_warnings`); planning goes on.
 
     Raises
     ------
@@ -263,6 +267,7 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
         check_consistency,
         samples_per_case,
     )
+    from flwr_nnunet.nnunet.label_convention import label_convention_warnings
     from flwr_nnunet.nnunet.planning import install_plans, planner_preset
 
     check_planning_settings(settings)
@@ -275,6 +280,8 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
         check_consistency(surveys)
     except FederationMismatchError as error:
         raise PlanningPhaseError(f"federated planning stopped before training: {error}") from None
+    for line in label_convention_warnings(surveys):
+        log(WARNING, "flwr-nnunet: federated planning: %s", line)
     bins = agreed_bins(surveys)
     total_cases = sum(int(s["num_cases"]) for s in surveys.values())
     samples = options.samples_per_case or samples_per_case(total_cases, NNUNET_FOREGROUND_SAMPLES)

@@ -7,7 +7,8 @@ answer as JSON text under ``planning``:
 
 ``survey``
     :func:`~flwr_nnunet.nnunet.fingerprint.site_survey`: dataset.json fields,
-    reader/writer, number of cases, foreground min/max per channel.
+    reader/writer, number of cases, foreground min/max per channel, voxels
+    per label value over the training cases (``label_voxels``).
 ``statistics``
     :func:`~flwr_nnunet.nnunet.fingerprint.site_statistics` with the bins and
     per-case sample count the server sends: per-case shapes, spacings and

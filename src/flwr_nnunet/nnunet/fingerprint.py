@@ -4,10 +4,12 @@ Federated planning asks every site twice:
 
 1. :func:`site_survey`: what the site's ``dataset.json`` says (channel names,
    labels or regions, file ending), its number of training cases, the image
-   reader/writer nnU-Net picks for its files, and per channel the foreground
-   min and max. :func:`check_consistency` stops a federation whose sites
-   disagree; :func:`agreed_bins` and :func:`samples_per_case` follow from the
-   surveys.
+   reader/writer nnU-Net picks for its files, per channel the foreground
+   min and max, and its voxels per label value. :func:`check_consistency`
+   stops a federation whose sites disagree; :func:`agreed_bins` and
+   :func:`samples_per_case` follow from the surveys, and
+   :func:`~flwr_nnunet.nnunet.label_convention.label_convention_warnings`
+   names a site whose label volumes contradict the others'.
 2. :func:`site_statistics`: with the agreed bins and sample count, nnU-Net's
    own per-case analysis (``DatasetFingerprintExtractor.analyze_case``: reader,
    cropping to the nonzero region, seeded foreground sampling) reduced to
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -62,7 +65,7 @@ NNUNET_FOREGROUND_SAMPLES = 10e7
 AGREED_FIELDS = ("channel_names", "labels", "regions_class_order", "file_ending", "reader_writer")
 """Survey fields every site must report identically (a mismatch stops planning)."""
 
-SURVEY_FIELDS = (*AGREED_FIELDS, "num_cases", "foreground_range")
+SURVEY_FIELDS = (*AGREED_FIELDS, "num_cases", "foreground_range", "label_voxels")
 """Everything :func:`site_survey` returns."""
 
 STATISTICS_FIELDS = ("num_cases", "shapes_after_crop", "spacings", "relative_sizes_after_crop", "intensities")
@@ -123,14 +126,24 @@ def _reader_writer(dataset_json: dict, cases: dict) -> type:
     return determine_reader_writer_from_dataset_json(dataset_json, next(iter(cases.values()))["images"][0])
 
 
-def _cropped(case: Mapping, reader_writer: type) -> tuple[np.ndarray, np.ndarray]:
+def _cropped(case: Mapping, reader_writer: type) -> tuple[np.ndarray, np.ndarray, Counter]:
+    """A case's images and foreground mask cropped as nnU-Net crops them, and its voxels per segmentation value."""
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 
     rw = reader_writer()
     images, _ = rw.read_images(case["images"])
     segmentation, _ = rw.read_seg(case["label"])
+    voxels = Counter()
+    # counted before crop_to_nonzero, which writes -1 (outside the nonzero region) into the segmentation in place
+    for value, count in zip(*np.unique(segmentation, return_counts=True)):
+        voxels[int(value)] += int(count)
     data, seg, _ = crop_to_nonzero(images, segmentation)
-    return data, seg[0] > 0
+    return data, seg[0] > 0, voxels
+
+
+def _label_values(labels: Mapping) -> set[int]:
+    """The values ``dataset.json``'s ``labels`` name (for regions, the values each region is made of)."""
+    return {int(v) for value in labels.values() for v in (value if isinstance(value, (list, tuple)) else [value])}
 
 
 def _jsonable(value):
@@ -142,7 +155,10 @@ def site_survey(raw_dataset_folder: str | os.PathLike) -> dict:
 
     ``foreground_range`` is ``[min, max]`` per channel over every foreground
     voxel after nnU-Net's cropping (``None`` for a channel without foreground),
-    a superset of what :func:`site_statistics` samples.
+    a superset of what :func:`site_statistics` samples. ``label_voxels`` maps
+    every label value (as a string) that ``dataset.json``'s ``labels`` name
+    or a training segmentation holds to its number of voxels over all
+    training cases (0 where the site has none).
 
     Raises
     ------
@@ -153,8 +169,10 @@ def site_survey(raw_dataset_folder: str | os.PathLike) -> dict:
     reader_writer = _reader_writer(dataset_json, cases)
     num_channels = len(dataset_json["channel_names"])
     low, high = [np.inf] * num_channels, [-np.inf] * num_channels
+    voxels = Counter(dict.fromkeys(_label_values(dataset_json["labels"]), 0))
     for case in cases.values():
-        data, foreground = _cropped(case, reader_writer)
+        data, foreground, case_voxels = _cropped(case, reader_writer)
+        voxels.update(case_voxels)
         for channel in range(num_channels):
             values = data[channel][foreground]
             if values.size:
@@ -168,6 +186,7 @@ def site_survey(raw_dataset_folder: str | os.PathLike) -> dict:
         "reader_writer": reader_writer.__name__,
         "num_cases": len(cases),
         "foreground_range": [[lo, hi] if np.isfinite(lo) else None for lo, hi in zip(low, high)],
+        "label_voxels": {str(value): int(voxels[value]) for value in sorted(voxels)},
     }
 
 
