@@ -11,7 +11,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.nnunet.metrics import dice_from_counts, region_counts, voxel_counts
+from flwr_nnunet.nnunet.metrics import dice_from_counts, label_confusion, region_counts
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 
 __all__ = ["predictor", "validation_dice"]
@@ -19,9 +19,10 @@ __all__ = ["predictor", "validation_dice"]
 
 @torch.no_grad()
 def validation_dice(
-    spec: SiteSpec, trainer: Any, network: nn.Module, validation: Sequence[str]
+    spec: SiteSpec, trainer: Any, network: nn.Module, validation: Sequence[str], model: str = "global model"
 ) -> dict[str, float | int | list[float]]:
-    """Dice of ``network`` (the trainer's, unwrapped) on the ``validation`` cases of the site's fold.
+    """Dice of ``network`` (the trainer's, unwrapped; ``model`` names it in the log) on the ``validation`` cases
+    of the site's fold.
 
     A region-based dataset (``regions_class_order`` in ``dataset.json``) is
     scored per region as nnU-Net's validation does: region ``i`` is predicted
@@ -33,7 +34,10 @@ def validation_dice(
     dict
         ``num-examples`` (validation cases), ``dice`` (the mean over foreground labels, or regions, of the Dice
         from voxel counts summed over the cases) and ``dice-per-class`` (one Dice per foreground label, or per
-        region, in the label manager's order: ``foreground_labels`` or ``foreground_regions``).
+        region, in the label manager's order: ``foreground_labels`` or ``foreground_regions``); for labels (not
+        regions) also ``label-confusion``, :func:`~flwr_nnunet.nnunet.metrics.label_confusion` summed over the
+        cases and flattened row by row (reference label, then predicted label; background included): voxel
+        counts only, from which the server sees whether the site's labels follow the federation's convention.
 
     Raises
     ------
@@ -45,6 +49,8 @@ def validation_dice(
     labels = trainer.label_manager
     foreground = list(labels.foreground_regions if labels.has_regions else labels.foreground_labels)
     counts = np.zeros((len(foreground), 3))
+    classes = labels.num_segmentation_heads
+    confusion = np.zeros((classes, classes))
     sliding = predictor(trainer, network)
     dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, validation)
     trainer.set_deep_supervision_enabled(False)
@@ -56,14 +62,19 @@ def validation_dice(
             if labels.has_regions:
                 counts += region_counts(truth, labels.apply_inference_nonlin(logits).cpu().numpy(), foreground)
             else:
-                predicted = logits.argmax(0).cpu().numpy()
-                counts += [voxel_counts(truth, predicted, label) for label in foreground]
+                confusion += label_confusion(truth, logits.argmax(0).cpu().numpy(), classes)
     finally:
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
+    if not labels.has_regions:
+        hits = np.diag(confusion)
+        counts = np.stack([hits, confusion.sum(axis=0) - hits, confusion.sum(axis=1) - hits], axis=1)[foreground]
     per_class = [dice_from_counts(*count) for count in counts]
     dice = float(np.mean(per_class))
-    log(INFO, "%s: global model Dice %.4f on %d validation case(s)", spec.name, dice, len(validation))
-    return {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}
+    log(INFO, "%s: %s Dice %.4f on %d validation case(s)", spec.name, model, dice, len(validation))
+    metrics = {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}
+    if not labels.has_regions:
+        metrics["label-confusion"] = confusion.reshape(-1).tolist()
+    return metrics
 
 
 def predictor(trainer: Any, network: nn.Module) -> Any:

@@ -36,12 +36,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import WARNING
 from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Result, Strategy
+from flwr.supercore import log
 from torch import nn
 
 from flwr_nnunet.core.reduce import Tensors, weighted_mean_
@@ -53,6 +55,7 @@ from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
 from flwr_nnunet.strategy.replies import AcceptedReply, canonical_message, non_finite_reason
 from flwr_nnunet.strategy.rounds import run_rounds
+from flwr_nnunet.strategy.site_diagnostics import SiteDiagnostics
 from flwr_nnunet.strategy.validator import ReplyValidator
 
 __all__ = ["NnUNetFedAvg", "NnUNetFedProx"]
@@ -91,6 +94,13 @@ class NnUNetFedAvg(FedAvg):
     max_reply_weight : float, optional
         Weight rule: a reply's :meth:`reply_weight` must be finite and > 0 in float64; larger ones than this
         cap are clipped to it (logged); a round whose float64 sum is not finite is refused.
+    diagnostics : SiteDiagnostics, optional
+        Reads every round's accepted replies and flags a site whose data disagree with the rest (one log line
+        naming it and the evidence); default ``SiteDiagnostics()``.
+    flagged_weight : float (default: 1.0)
+        What a flagged site's replies count for from the round after the flag: 1 as any site's, a value in
+        (0, 1) multiplies its :meth:`reply_weight`, 0 excludes it from training rounds (it is still evaluated).
+        Logged each round.
     **kwargs
         Every argument of :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
@@ -127,9 +137,17 @@ class NnUNetFedAvg(FedAvg):
         accumulate_dtype: torch.dtype = torch.float32,
         post_round_fn: Callable[[int, NnUNetFedAvg], None] | None = None,
         max_reply_weight: float | None = None,
+        diagnostics: SiteDiagnostics | None = None,
+        flagged_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        if not 0.0 <= flagged_weight <= 1.0:
+            raise ValueError(
+                f"flagged_weight must be in [0, 1] (1 keeps, 0 excludes a flagged site), got {flagged_weight}"
+            )
         super().__init__(**kwargs)
+        self.diagnostics = SiteDiagnostics() if diagnostics is None else diagnostics
+        self.flagged_weight = float(flagged_weight)
         if plans is None and model_folder is not None:
             plans = model_folder.plans
         if plans is not None and model_folder is not None and plans_sha256(plans) != plans_sha256(model_folder.plans):
@@ -189,9 +207,31 @@ class NnUNetFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Configure a training round: the network's canonical tensors plus the wire config (messages kept)."""
+        """Configure a training round: the network's canonical tensors plus the wire config (messages kept);
+        with ``flagged_weight`` 0 flagged sites are not asked to train (logged)."""
         messages = super().configure_train(server_round, self.sync_global(arrays), self.wire_config(config), grid)
-        return self.validator.expect(messages)
+        return self.validator.expect(self.without_excluded(server_round, messages))
+
+    def without_excluded(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """``messages`` without those to flagged sites when ``flagged_weight`` is 0 (one log line per site)."""
+        messages = list(messages)
+        if self.flagged_weight > 0:
+            return messages
+        kept = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if self.diagnostics.is_flagged(node):
+                log(
+                    WARNING,
+                    "configure_train: round %d: site %s (node %d) is flagged: excluded from training "
+                    "(run-config flagged-weight=0)",
+                    server_round,
+                    self.diagnostics.name(node),
+                    node,
+                )
+            else:
+                kept.append(message)
+        return kept
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
@@ -203,21 +243,39 @@ class NnUNetFedAvg(FedAvg):
     # ---------------------------------------------------------------- replies
 
     def reply_weight(self, reply: AcceptedReply) -> float:
-        """The aggregation weight of an accepted reply (override point; default: ``num-examples``)."""
-        return reply.num_examples
+        """The aggregation weight of an accepted reply (override point; default: ``num-examples``, times
+        ``flagged_weight`` for a flagged site, logged)."""
+        if self.flagged_weight == 1.0 or not self.diagnostics.is_flagged(reply.node_id):
+            return reply.num_examples
+        log(
+            WARNING,
+            "aggregate_train: site %s (node %d) is flagged: its weight %g is multiplied by %g (run-config "
+            "flagged-weight)",
+            self.diagnostics.name(reply.node_id),
+            reply.node_id,
+            reply.num_examples,
+            self.flagged_weight,
+        )
+        return reply.num_examples * self.flagged_weight
 
     def accept_replies(
         self, server_round: int, replies: Iterable[Message], *, is_train: bool, check_finite: bool = True
     ) -> list[AcceptedReply]:
         """The valid replies by node id, weighed by :meth:`reply_weight` for training, or none when fewer than
-        ``min_train_nodes`` / ``min_evaluate_nodes`` are (see :meth:`ReplyValidator.accept`)."""
-        return self.validator.accept(
+        ``min_train_nodes`` / ``min_evaluate_nodes`` are (see :meth:`ReplyValidator.accept`); the
+        :attr:`diagnostics` read them before the model changes."""
+        accepted = self.validator.accept(
             server_round,
             replies,
             weight=self.reply_weight if is_train else None,
             minimum=self.min_train_nodes if is_train else self.min_evaluate_nodes,
             check_finite=check_finite,
         )
+        if is_train:
+            self.diagnostics.note_train(server_round, accepted, self.model.tensors)
+        else:
+            self.diagnostics.note_evaluate(server_round, accepted)
+        return accepted
 
     def valid_messages(self, server_round: int, replies: Iterable[Message], *, is_train: bool) -> list[Message]:
         """The accepted replies as messages (canonical, weight capped, for training): what Flower's code takes."""
