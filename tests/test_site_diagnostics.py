@@ -15,7 +15,12 @@ from strategy_support import LoopbackGrid, canonical, evaluate_reply, perturbed,
 from flwr_nnunet import NnUNetFedAvg
 from flwr_nnunet.nnunet.metrics import best_label_matching, label_confusion
 from flwr_nnunet.strategy.replies import AcceptedReply
-from flwr_nnunet.strategy.site_diagnostics import SiteDiagnostics, cosines_to_others, update_gram
+from flwr_nnunet.strategy.site_diagnostics import (
+    SiteDiagnostics,
+    cosines_to_others,
+    is_segmentation_head,
+    update_gram,
+)
 
 HONEST = [[9000, 40, 10], [60, 700, 30], [20, 40, 180]]
 """Reference rows x predicted columns (background, organ, lesion): a model that fits the labels as they are."""
@@ -186,23 +191,44 @@ def test_flagged_weight_between_0_and_1_down_weights_the_flagged_site():
         NnUNetFedAvg(tiny_network(), flagged_weight=1.5)
 
 
-def test_an_update_against_the_others_in_the_segmentation_heads_is_evidence():
+def test_update_cosines_are_measured_for_the_history_but_flag_nobody():
     network = tiny_network()
     start = canonical(network)
-    heads = [k for k in start if ".seg_layers." in f".{k}"]
-    assert heads
-    push = {k: torch.ones_like(v) for k, v in start.items()}
+    heads = [k for k in start if is_segmentation_head(k)]
+    assert heads and len(heads) < len(start)
     updates = []
     for node in range(1, 5):
-        sign = -1.0 if node == 4 else 1.0
-        updates.append({k: v + (sign if k in heads else 1.0) * push[k] * 0.01 * node for k, v in start.items()})
-    diagnostics = SiteDiagnostics(patience=2)
-    for server_round in (1, 2):
-        accepted = [
-            AcceptedReply(reply(n, u, 10, config={"site-name": f"site-{n}"}), u, {}, 10.0)
-            for n, u in zip(range(1, 5), updates)
-        ]
-        diagnostics.note_train(server_round, accepted, start)
-    assert list(diagnostics.flags) == [4]
-    measured = diagnostics.report(2)["sites"]
+        sign = -1.0 if node == 4 else 1.0  # site 4 pulls the heads the other way
+        updates.append({k: v + (sign if k in heads else 1.0) * 0.01 * node for k, v in start.items()})
+    diagnostics = SiteDiagnostics(patience=1)
+    accepted = [
+        AcceptedReply(reply(n, u, 10, config={"site-name": f"site-{n}"}), u, {}, 10.0)
+        for n, u in zip(range(1, 5), updates)
+    ]
+    diagnostics.note_train(1, accepted, start)
+    measured = diagnostics.report(1)["sites"]
     assert measured["site-4"]["head-cosine"] < 0 < measured["site-4"]["update-cosine"]
+    assert all(measured[f"site-{n}"]["head-cosine"] > 0 for n in (1, 2, 3))
+    assert not diagnostics.flags
+
+
+def test_the_label_volume_check_flags_a_site_before_round_1(flwr_log):
+    diagnostics = SiteDiagnostics()
+    diagnostics.flag_before_training(7, "site-3", "site-3: labels 'organ' (1) and 'lesion' (2) look swapped")
+    assert diagnostics.is_flagged(7) and diagnostics.name(7) == "site-3"
+    lines = [r.getMessage() for r in flwr_log if "disagrees with the federation" in r.getMessage()]
+    assert lines == [
+        "flwr-nnunet: site site-3 (node 7) disagrees with the federation before training: "
+        "site-3: labels 'organ' (1) and 'lesion' (2) look swapped"
+    ]
+
+
+def test_excluded_sites_do_not_count_towards_min_train_nodes():
+    strategy, start = strategy_with_flags(0.0)
+    strategy.min_train_nodes = 4
+    grid = LoopbackGrid([1, 2, 3, 4], lambda node, message: RecordDict())
+    sent = strategy.configure_train(3, None, ConfigRecord(), grid)
+    assert strategy.excluded == {4} and strategy.min_train_replies == 3
+    replies = [reply(m.metadata.dst_node_id, perturbed(start, seed=1), 10) for m in sent]
+    arrays, _ = strategy.aggregate_train(3, replies)
+    assert arrays is not None  # three replies meet min_train_nodes=4 less the one site excluded

@@ -58,6 +58,7 @@ class RunHistory:
         self.configuration = configuration
         self.strategy = strategy
         self.rounds: dict[int, dict[str, Any]] = {}
+        self.fine_tune: dict[str, Any] = {}
         self._pending: dict[str, dict[str, Any]] = {}
 
     @property
@@ -73,9 +74,13 @@ class RunHistory:
     def load(self) -> None:
         """Read an earlier run's history (for a resumed run)."""
         if self.json_file.is_file():
-            self.rounds = {int(r): v for r, v in json.loads(self.json_file.read_text())["rounds"].items()}
+            about = json.loads(self.json_file.read_text())
+            self.rounds = {int(r): v for r, v in about["rounds"].items()}
+            self.fine_tune = about.get("fine-tune", {})
 
-    def _note(self, stage: str, records: Sequence[Any], weight_key: str) -> Any:
+    @staticmethod
+    def _entry(records: Sequence[Any], weight_key: str) -> tuple[Any, dict[str, Any]]:
+        """Flower's weighted mean of the records and ``{"aggregated", "sites"}`` for the history."""
         from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
         sites = {}
@@ -84,7 +89,10 @@ class RunHistory:
             name = str(about.get("site-name", f"reply-{index}")) if about is not None else f"reply-{index}"
             sites[name] = {k: v for metrics in record.metric_records.values() for k, v in metrics.items()}
         aggregated = aggregate_metricrecords(list(records), weight_key)
-        self._pending[stage] = {"aggregated": dict(aggregated), "sites": sites}
+        return aggregated, {"aggregated": dict(aggregated), "sites": sites}
+
+    def _note(self, stage: str, records: Sequence[Any], weight_key: str) -> Any:
+        aggregated, self._pending[stage] = self._entry(records, weight_key)
         return aggregated
 
     def train_metrics(self, records: Sequence[Any], weight_key: str) -> Any:
@@ -95,8 +103,17 @@ class RunHistory:
         """``evaluate_metrics_aggr_fn``: note each site's evaluation metrics, return the weighted mean."""
         return self._note("evaluate", records, weight_key)
 
-    def end_round(self, server_round: int, *_: Any) -> None:
-        """``post_round_fn``: file the round's metrics, write the JSON and the plot."""
+    def note_fine_tune(self, records: Sequence[Any], weight_key: str) -> None:
+        """File the sites' fine-tuning metrics (``fine-tune`` in the JSON) and write the history."""
+        if records:
+            _, self.fine_tune = self._entry(records, weight_key)
+            self.write()
+
+    def end_round(self, server_round: int, *, diagnostics: Mapping[str, Any] | None = None) -> None:
+        """File the round's metrics (and ``diagnostics``: what the strategy's site diagnostics measured), write
+        the JSON and the plot."""
+        if diagnostics is not None:
+            self._pending["diagnostics"] = dict(diagnostics)
         self.rounds[server_round] = self._pending
         self._pending = {}
         self.write()
@@ -110,6 +127,8 @@ class RunHistory:
         """Write ``flwr_history.json`` (with ``class-names``: what each ``dice-per-class`` entry scores) and the plot."""
         self.folder.mkdir(parents=True, exist_ok=True)
         about = {"class-names": self.class_names(), "rounds": {str(r): self.rounds[r] for r in sorted(self.rounds)}}
+        if self.fine_tune:
+            about["fine-tune"] = self.fine_tune
         text = json.dumps(about, indent=1)
         atomic_write(self.json_file, lambda file: file.write(text.encode()))
         self.plot()
@@ -170,10 +189,11 @@ class RunHistory:
         from matplotlib.ticker import MaxNLocator
 
         dice = self.series("evaluate", "dice")
+        personal = self.series("evaluate", "personal-dice")
         pseudo = self.series("train", "pseudo-dice")
         loss = self.series("train", "train-loss")
         cases = self.validation_cases()
-        names = ["aggregated", *sorted({*dice, *pseudo, *loss} - {"aggregated"})]
+        names = ["aggregated", *sorted({*dice, *personal, *pseudo, *loss} - {"aggregated"})]
         colors = {name: f"C{index % 10}" for index, name in enumerate(names)}
         width = {name: 3.0 if name == "aggregated" else 1.5 for name in names}
         figure, (dice_axis, loss_axis) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
@@ -181,6 +201,10 @@ class RunHistory:
             count = f" ({cases[name]} validation case{'s' if cases[name] != 1 else ''})" if name in cases else ""
             label = f"{name} Dice{count}"
             dice_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=label)
+        for name, (rounds, values) in personal.items():
+            dice_axis.plot(
+                rounds, values, "^-.", color=colors[name], lw=width[name], label=f"{name} personal model Dice"
+            )
         for name, (rounds, values) in pseudo.items():
             dice_axis.plot(rounds, values, ":", color=colors[name], lw=width[name], label=f"{name} pseudo-Dice")
         for index, (name, (rounds, values)) in enumerate(self.aggregated_per_class().items()):
@@ -190,7 +214,7 @@ class RunHistory:
             loss_axis.plot(rounds, values, "o-", color=colors[name], lw=width[name], label=name)
         dice_axis.set_ylabel(
             "Dice of the global model on each site's validation\n"
-            "cases (solid; per label or region: dashed);\ntraining pseudo-Dice (dotted)"
+            "cases (solid; per label or region: dashed; personal\nmodels: dash-dot);\ntraining pseudo-Dice (dotted)"
         )
         loss_axis.set_ylabel(
             "training loss: nnU-Net's Dice + CE\n= cross-entropy - soft Dice (below 0 once\nDice > CE; lower is better)"

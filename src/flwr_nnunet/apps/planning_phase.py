@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,9 @@ class PlanningResult:
     folder: Path
     sites: dict[int, str]
     """Node id -> site name."""
+    label_warnings: dict[int, str] = field(default_factory=dict)
+    """Node id -> the label-convention warning naming that site
+    (:func:`~flwr_nnunet.nnunet.label_convention.label_convention_warnings`)."""
 
 
 def check_planning_settings(settings: Any) -> None:
@@ -280,7 +283,8 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
         check_consistency(surveys)
     except FederationMismatchError as error:
         raise PlanningPhaseError(f"federated planning stopped before training: {error}") from None
-    for line in label_convention_warnings(surveys):
+    label_warnings = label_convention_warnings(surveys)
+    for line in label_warnings.values():
         log(WARNING, "flwr-nnunet: federated planning: %s", line)
     bins = agreed_bins(surveys)
     total_cases = sum(int(s["num_cases"]) for s in surveys.values())
@@ -301,7 +305,8 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
     folder = settings.server_dataset_folder
     install_plans(plans, dataset_json, folder, fingerprint)
     _send_plans(ask, plans, dataset_json, fingerprint, settings.configuration)
-    return PlanningResult(plans, dataset_json, fingerprint, Path(folder), names)
+    warned = {node: label_warnings[name] for node, name in names.items() if name in label_warnings}
+    return PlanningResult(plans, dataset_json, fingerprint, Path(folder), names, warned)
 
 
 def _grid_ask(grid: Any, settings: Any) -> Ask:

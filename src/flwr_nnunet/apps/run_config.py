@@ -190,7 +190,7 @@ RUN_CONFIG: tuple[Setting, ...] = (
         False,
         "make the demo with small 3D volumes (then set configuration='3d_fullres'; see configs/demo-3d.toml)",
     ),
-    Setting("demo-sites", int, 3, "number of demo sites (2 or 3)"),
+    Setting("demo-sites", int, 3, "number of demo sites (2 or 3; up to 4 in 2D)"),
     Setting("resume", bool, False, "continue a killed run from the model folder's last checkpoint"),
     Setting("seed", int, 0, "seeds the global model's initialisation and every site's round"),
     Setting(
@@ -216,6 +216,30 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "(1.0: all of them, or round-timeout)",
     ),
     Setting("grace", float, 0.0, "with streaming: seconds a round stays open for late replies once the quorum is in"),
+    Setting(
+        "flagged-weight",
+        float,
+        1.0,
+        "what a site flagged as disagreeing with the federation (its labels fit the global model only re-matched, "
+        "or its update points against the others', 2 rounds in a row; always logged) counts for from then on: 1 as "
+        "any site, 0 < w < 1 its weight times w, 0 excluded from training (still evaluated)",
+    ),
+    Setting(
+        "personalization",
+        str,
+        "",
+        "'': one global model; mr-mtl: every site trains its own personal model, pulled towards the global one "
+        "(mean of the personal models) by personal-mu, evaluated beside it and written at the site as "
+        "fold_<fold>/checkpoint_personal.pth",
+    ),
+    Setting("personal-mu", float, 0.1, "mr-mtl: weight mu of mu/2 ||w_personal - w_global||^2 (0: local training)"),
+    Setting(
+        "fine-tune-epochs",
+        int,
+        0,
+        "after the last round, each site fine-tunes the global model for this many epochs and keeps it as its "
+        "personal model (checkpoint_personal.pth) only where its validation Dice is higher (0: no fine-tuning)",
+    ),
 )
 """Every run-config key, in pyproject.toml's order."""
 
@@ -321,6 +345,10 @@ class RunSettings:
     streaming: bool
     quorum: float
     grace: float
+    flagged_weight: float
+    personalization: str
+    personal_mu: float
+    fine_tune_epochs: int
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -358,4 +386,6 @@ class RunSettings:
         }
         if self.proximal_mu > 0:
             config["proximal-mu"] = self.proximal_mu
+        if self.personalization == "mr-mtl":
+            config["mr-mtl-mu"] = self.personal_mu
         return config

@@ -27,8 +27,10 @@ from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.strategy.checkpoints import ResumeError
 
 __all__ = [
+    "PERSONALIZATIONS",
     "build_strategy",
     "check_demo_settings",
+    "check_personal_settings",
     "check_strategy_settings",
     "finished_round",
     "plan_before_training",
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 DEMO_DATASET = "Dataset987_FedDemo"
+PERSONALIZATIONS = ("", "mr-mtl")
+"""Run-config ``personalization`` values: one global model, or MR-MTL personal models."""
 _DEMO_CONFIGURATION = {False: "2d", True: "3d_fullres"}
 
 
@@ -185,12 +189,13 @@ def _resumes_with_plans(settings: RunSettings) -> bool:
     return settings.resume and (settings.server_dataset_folder / f"{settings.plans}.json").is_file()
 
 
-def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool = False) -> None:
+def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool = False) -> Any:
     """With ``planning = "federated"``: the planning phase (:mod:`flwr_nnunet.apps.planning_phase`) before round 1.
 
     With ``resume`` and plans in the server's dataset folder nothing is planned again: those plans (the ones
     the checkpoints were trained with, checked by the resume) go to every site, which preprocesses with them
-    where it has not. ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site.
+    where it has not. ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site. Returns the
+    :class:`~flwr_nnunet.apps.planning_phase.PlanningResult` of a planning phase, else None.
 
     Raises
     ------
@@ -208,12 +213,12 @@ def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool =
     try:
         check_planning_settings(settings)
         if settings.planning != "federated" or check_only:
-            return
+            return None
         if _resumes_with_plans(settings):
             log(INFO, "flwr-nnunet: resume: the run's plans in %s, not planned again", settings.server_dataset_folder)
             resend_plans(grid, settings)
-        else:
-            run_planning_phase(grid, settings, planning_options(settings))
+            return None
+        return run_planning_phase(grid, settings, planning_options(settings))
     except PlanningPhaseError as error:
         raise ServerConfigError(str(error)) from None
 
@@ -236,6 +241,35 @@ def check_strategy_settings(settings: RunSettings) -> None:
         raise ServerConfigError(
             f"unknown dp {settings.dp!r}: set run-config dp to one of {', '.join(sorted(DP_WRAPPERS))}, or ''"
         )
+    check_personal_settings(settings)
+
+
+def check_personal_settings(settings: RunSettings) -> None:
+    """``flagged-weight``, ``personalization``, ``personal-mu`` and ``fine-tune-epochs`` must fit together.
+
+    Raises
+    ------
+    ServerConfigError
+        Naming the key and the values it takes, before any data are made or network built.
+    """
+    if not 0.0 <= settings.flagged_weight <= 1.0:
+        raise ServerConfigError(
+            f"run-config flagged-weight must be in [0, 1] (1: keep a flagged site, 0: exclude it), got "
+            f"{settings.flagged_weight}"
+        )
+    if settings.personalization not in PERSONALIZATIONS:
+        raise ServerConfigError(
+            f"unknown personalization {settings.personalization!r}: set run-config personalization to '' or 'mr-mtl'"
+        )
+    if settings.personal_mu < 0:
+        raise ServerConfigError(f"run-config personal-mu must be >= 0, got {settings.personal_mu}")
+    if settings.fine_tune_epochs < 0:
+        raise ServerConfigError(f"run-config fine-tune-epochs must be >= 0, got {settings.fine_tune_epochs}")
+    if settings.personalization and settings.fine_tune_epochs:
+        raise ServerConfigError(
+            "personalization='mr-mtl' already gives every site its personal model: set fine-tune-epochs=0, or "
+            "personalization='' to fine-tune the global model after the run"
+        )
 
 
 def _strategy(settings, network, plans, model_folder, run_config, options):
@@ -254,6 +288,7 @@ def _strategy(settings, network, plans, model_folder, run_config, options):
         min_train_nodes=settings.min_train_nodes,
         min_evaluate_nodes=settings.min_evaluate_nodes,
         min_available_nodes=settings.min_available_nodes,
+        flagged_weight=settings.flagged_weight,
         **options,
     )
 
@@ -313,10 +348,12 @@ def _run(grid: Any, context: Any) -> Any:
     plan_before_training(grid, settings, check_only=True)
     prepare_data(settings)
     planned_before = _resumes_with_plans(settings)
-    if not planned_before:
-        plan_before_training(grid, settings)
+    planned = None if planned_before else plan_before_training(grid, settings)
     strategy = build_strategy(settings, context.run_config)
     core = _core(strategy)
+    for node, line in (planned.label_warnings if planned is not None else {}).items():
+        name = planned.sites[node]
+        core.diagnostics.flag_before_training(node, name, line.removeprefix(f"{name}: "))
     history = RunHistory(
         core.model_folder.path,
         dataset=settings.dataset,
@@ -325,7 +362,9 @@ def _run(grid: Any, context: Any) -> Any:
     )
     core.train_metrics_aggr_fn = history.train_metrics
     core.evaluate_metrics_aggr_fn = history.evaluate_metrics
-    core.post_round_fn = history.end_round
+    core.post_round_fn = lambda server_round, _: history.end_round(
+        server_round, diagnostics=core.diagnostics.report(server_round)
+    )
     if settings.resume:
         finished = finished_round(core.model_folder, settings.num_rounds)
         if finished is not None:
@@ -368,4 +407,8 @@ def _run(grid: Any, context: Any) -> Any:
         evaluate_config=ConfigRecord(settings.train_config()),
     )
     history.write()
+    if settings.fine_tune_epochs and core.checkpoints.completed_rounds >= settings.num_rounds:
+        from flwr_nnunet.apps.fine_tuning import fine_tune_sites
+
+        fine_tune_sites(grid, core, settings, history)
     return result

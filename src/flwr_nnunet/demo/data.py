@@ -250,7 +250,7 @@ def make_demo_dataset(
         same parameters, that demo is returned as is (nothing is rewritten; with
         ``planned`` it is planned if it is not yet).
     num_sites
-        2 or 3 sites (styles from :data:`SITE_STYLES`, in 3D :data:`SITE_STYLES_3D`).
+        2 to 4 sites in 2D (styles from :data:`SITE_STYLES`), 2 or 3 in 3D (:data:`SITE_STYLES_3D`).
     dims
         2 (PNG images, configuration ``2d``) or 3 (NIfTI volumes, ``3d_fullres``).
     dataset_id, name
@@ -276,10 +276,10 @@ def make_demo_dataset(
     ValueError
         On unsupported parameters, or if ``root`` holds other data there and ``overwrite`` is False.
     """
-    if not 2 <= num_sites <= len(SITE_STYLES):
-        raise ValueError(f"num_sites must be between 2 and {len(SITE_STYLES)}, got {num_sites}")
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
+    if not 2 <= num_sites <= len(site_styles(dims)):
+        raise ValueError(f"num_sites must be between 2 and {len(site_styles(dims))} in {dims}D, got {num_sites}")
     if not 1 <= dataset_id <= 999:
         raise ValueError(f"dataset_id must be between 1 and 999, got {dataset_id}")
     root = Path(root).absolute()

@@ -48,8 +48,9 @@ SITE_STYLES: tuple[SiteStyle, ...] = (
     SiteStyle(scale=1.0, offset=20.0, noise=10.0, contrast=60.0, radius=(0.16, 0.26), num_training=8, num_test=4),
     SiteStyle(scale=1.8, offset=30.0, noise=16.0, contrast=45.0, radius=(0.11, 0.18), num_training=6, num_test=4),
     SiteStyle(scale=0.6, offset=90.0, noise=12.0, contrast=35.0, radius=(0.20, 0.32), num_training=5, num_test=4),
+    SiteStyle(scale=1.3, offset=50.0, noise=12.0, contrast=50.0, radius=(0.14, 0.24), num_training=8, num_test=4),
 )
-"""The default 2D sites (the demo uses the first ``num_sites`` of them)."""
+"""The default 2D sites (the demo uses the first ``num_sites`` of them; the fourth serves 4-site experiments)."""
 
 SITE_STYLES_3D: tuple[SiteStyle, ...] = (
     SiteStyle(

@@ -107,7 +107,7 @@ def _swap(logs: Mapping[str, float], site: str) -> float | None:
     return None
 
 
-def label_convention_warnings(surveys: Mapping[str, Mapping]) -> list[str]:
+def label_convention_warnings(surveys: Mapping[str, Mapping]) -> dict[str, str]:
     """One line per site whose voxel counts per label contradict every other site's, naming the labels and evidence.
 
     The rule, over the surveys that carry ``label_voxels`` (others are left out):
@@ -138,9 +138,9 @@ def label_convention_warnings(surveys: Mapping[str, Mapping]) -> list[str]:
 
     Returns
     -------
-    list of str
-        In the surveys' order, ``"<site>: <findings>; check this site's labelsTr against dataset.json's
-        labels"``; empty when no site stands out, and for input the rule cannot judge (fewer than three
+    dict
+        ``{site: "<site>: <findings>; check this site's labelsTr against dataset.json's labels"}`` in the
+        surveys' order; empty when no site stands out, and for input the rule cannot judge (fewer than three
         sites with counts, zero or malformed counts, missing keys). Never raises on such input.
     """
     counts = {site: c for site, survey in surveys.items() if (c := _label_voxels(survey)) is not None}
@@ -162,4 +162,4 @@ def label_convention_warnings(surveys: Mapping[str, Mapping]) -> list[str]:
         )
         rest = [f"{_name(p.a, names)} / {_name(p.b, names)}" for p in pairs if p is not strongest]
         findings[site].append(finding + (f" (also reversed here: {', '.join(rest)})" if rest else ""))
-    return [f"{site}: {'; '.join(found)}; {_FIX}" for site, found in findings.items() if found]
+    return {site: f"{site}: {'; '.join(found)}; {_FIX}" for site, found in findings.items() if found}

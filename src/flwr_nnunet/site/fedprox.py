@@ -1,4 +1,4 @@
-"""FedProx at a site: the proximal term added to nnU-Net's training loss."""
+"""FedProx and MR-MTL at a site: the proximal term added to nnU-Net's training loss."""
 
 from __future__ import annotations
 
@@ -17,12 +17,31 @@ def proximal_term(parameters: Mapping[str, nn.Parameter], anchors: Mapping[str, 
 
 
 class ProximalLoss:
-    """The trainer's loss plus ``mu / 2 * ||w - w_global||^2`` over the trainable parameters."""
+    """The trainer's loss plus ``mu / 2 * ||w - anchor||^2`` over the trainable parameters.
 
-    def __init__(self, loss: Any, parameters: Mapping[str, nn.Parameter], mu: float):
+    ``anchors`` (parameter name -> tensor) default to the parameters' values now (FedProx: the global model
+    just loaded); MR-MTL passes the global model while the network holds the site's personal model.
+    Parameters without an anchor (groups kept local) are not pulled.
+    """
+
+    def __init__(
+        self,
+        loss: Any,
+        parameters: Mapping[str, nn.Parameter],
+        mu: float,
+        anchors: Mapping[str, torch.Tensor] | None = None,
+    ):
         self.loss = loss
         self.parameters = dict(parameters)
-        self.anchors = {key: p.detach().clone() for key, p in self.parameters.items() if p.requires_grad}
+        trainable = {key: p for key, p in self.parameters.items() if p.requires_grad}
+        if anchors is None:
+            self.anchors = {key: p.detach().clone() for key, p in trainable.items()}
+        else:
+            self.anchors = {
+                key: anchors[key].detach().to(p.device, p.dtype, copy=True)
+                for key, p in trainable.items()
+                if key in anchors
+            }
         self.mu = mu
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ from flwr.supercore import log
 from torch import nn
 
 from flwr_nnunet.core.aliasing import AliasMap
-from flwr_nnunet.core.reduce import assign_
+from flwr_nnunet.core.reduce import assign_, check_updates
 from flwr_nnunet.errors import KeyMismatchError
 from flwr_nnunet.nnunet.checkpoint_io import remove_orphan_temp_files
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.planning import nnunet_environment
 from flwr_nnunet.site.evaluation import validation_dice
 from flwr_nnunet.site.fedprox import ProximalLoss
+from flwr_nnunet.site.personal import FineTuneSchedule, save_personal_model
 from flwr_nnunet.site.runtime import (
     build_trainer,
     cpu_worker_defaults,
@@ -63,7 +65,17 @@ from flwr_nnunet.site.trainer_state import (
     unwrapped,
 )
 
-__all__ = ["Site"]
+__all__ = ["Site", "personal_metrics"]
+
+
+def copies(tensors: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Detached copies of ``tensors``."""
+    return OrderedDict((key, tensor.detach().clone()) for key, tensor in tensors.items())
+
+
+def personal_metrics(metrics: Mapping[str, object]) -> dict[str, object]:
+    """A personal model's ``dice`` and ``dice-per-class`` as ``personal-dice`` and ``personal-dice-per-class``."""
+    return {"personal-dice": metrics["dice"], "personal-dice-per-class": metrics["dice-per-class"]}
 
 
 class Site:
@@ -200,19 +212,35 @@ class Site:
         SiteError
             If the alias map, keys or shapes differ from this site's network.
         """
+        assign_(self.check_global(received, local_keys, alias_map_json), received)
+
+    def check_global(
+        self,
+        received: Mapping[str, torch.Tensor],
+        local_keys: Collection[str] = (),
+        alias_map_json: str | None = None,
+    ) -> OrderedDict[str, torch.Tensor]:
+        """The live network's canonical tensors that ``received`` fits (its keys, shapes), after the checks of
+        :meth:`load_global_`; nothing is written.
+
+        Raises
+        ------
+        SiteError
+            If the alias map, keys or shapes differ from this site's network.
+        """
         if alias_map_json is not None:
             self.check_alias_map(alias_map_json)
-        canonical = self.canonical()
         local = set(local_keys)
-        shared = OrderedDict((key, tensor) for key, tensor in canonical.items() if key not in local)
+        shared = OrderedDict((key, tensor) for key, tensor in self.canonical().items() if key not in local)
         try:
             KeyMismatchError.check(received, shared, what="the server's model", against="this site's network", fix="")
-            assign_(shared, received)
+            check_updates(shared, [received])
         except (KeyError, ValueError) as error:
             raise SiteError(
                 f"{self.spec.name}: the server's model does not fit this site's network ({error}); "
                 "the server and the sites must use the same plans, configuration and trainer"
             ) from None
+        return shared
 
     def check_alias_map(self, alias_map_json: str | bytes) -> None:
         """Refuse a server whose alias map (groups and key order) differs from this site's network's.
@@ -245,8 +273,10 @@ class Site:
         alias_map_json: str | None = None,
         *,
         fresh: bool,
+        load: bool = True,
     ) -> None:
-        """Check the instruction and the site, have a trainer (a new one when ``fresh``), load the server's tensors.
+        """Check the instruction and the site, have a trainer (a new one when ``fresh``), load the server's tensors
+        (with ``load``; else only check that they fit).
 
         Nothing of the live trainer changes unless every check passes: a non-finite
         model is refused first, and keys, shapes and the alias map are checked before
@@ -264,7 +294,10 @@ class Site:
             self.trainer = None
         try:
             self.start(options, plans)
-            self.load_global_(received, local_keys, alias_map_json)
+            if load:
+                self.load_global_(received, local_keys, alias_map_json)
+            else:
+                self.check_global(received, local_keys, alias_map_json)
         except BaseException:
             if fresh:
                 self.trainer, self._data_loaders_ready, self._alias_map, self._state_token = previous
@@ -322,6 +355,9 @@ class Site:
         alias_map_json
             The server's ``alias-map``; the round is refused if it differs from this site's network's.
 
+        With ``options.mr_mtl_mu`` set (MR-MTL), the network is the site's personal model: from round 2 on the
+        global tensors are checked but not loaded, and they anchor the proximal term instead.
+
         Returns
         -------
         (canonical tensors, metrics)
@@ -331,15 +367,19 @@ class Site:
         """
         self._drop_stale_trainer()
         fresh = options.server_round == 1
-        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh)
+        load = fresh or options.mr_mtl_mu is None  # MR-MTL keeps the personal model from round 2 on
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh, load=load)
         if self.agree_on_round(options.server_round):  # the instruction is valid: now the state may go back
-            self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh)
+            self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh, load=load)
         self._prepare_training(options)
         if options.seed is not None:
             seed_everything(options.seed, options.server_round, self.spec.name)
         trainer = self.trainer
-        if options.proximal_mu > 0:
-            trainer.loss = ProximalLoss(trainer.loss, dict(self.network.named_parameters()), options.proximal_mu)
+        parameters = dict(self.network.named_parameters())
+        if options.mr_mtl_mu:
+            trainer.loss = ProximalLoss(trainer.loss, parameters, options.mr_mtl_mu, anchors=received)
+        elif options.proximal_mu > 0:
+            trainer.loss = ProximalLoss(trainer.loss, parameters, options.proximal_mu)
         try:
             with progress_plot_once(trainer):
                 for _ in range(options.local_epochs):
@@ -420,7 +460,93 @@ class Site:
         """Dice of the global model on the site's validation cases (whole cases, sliding window, preprocessed space).
 
         Parameters are those of :meth:`train`. Returns
-        :func:`~flwr_nnunet.site.evaluation.validation_dice`'s ``num-examples``, ``dice`` and ``dice-per-class``.
+        :func:`~flwr_nnunet.site.evaluation.validation_dice`'s ``num-examples``, ``dice``, ``dice-per-class`` and
+        ``label-confusion``. With MR-MTL (``options.mr_mtl_mu`` set) the site's personal model is evaluated too
+        (``personal-dice``, ``personal-dice-per-class``), written as the site's personal model
+        (:func:`~flwr_nnunet.site.personal.save_personal_model`) and kept live: the global model is loaded only
+        for its own evaluation. With ``options.fine_tune_epochs``, see :meth:`fine_tune`.
+        """
+        if options.fine_tune_epochs:
+            return self.fine_tune(received, options, plans_sha, local_keys, alias_map_json)
+        if options.mr_mtl_mu is None:
+            self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False)
+            return validation_dice(self.spec, self.trainer, self.network, self.split()[1])
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False, load=False)
+        validation = self.split()[1]
+        personal = validation_dice(self.spec, self.trainer, self.network, validation, "personal model")
+        kept = copies(self.canonical())
+        self.load_global_(received, local_keys)
+        try:
+            metrics = validation_dice(self.spec, self.trainer, self.network, validation)
+        finally:
+            assign_(self.canonical(), kept)
+        about = {"kind": "mr-mtl", "server_round": options.server_round, "validation_dice": personal["dice"]}
+        save_personal_model(self.spec, self.trainer, {**about, "global_validation_dice": metrics["dice"]})
+        return {**metrics, **personal_metrics(personal)}
+
+    def fine_tune(
+        self,
+        received: Mapping[str, torch.Tensor],
+        options: TrainOptions,
+        plans_sha: str | None = None,
+        local_keys: Collection[str] = (),
+        alias_map_json: str | None = None,
+    ) -> dict[str, float | int | list[float]]:
+        """After the run: fine-tune the global model for ``options.fine_tune_epochs`` epochs on this site's training
+        cases, and keep it as the site's personal model only if its validation Dice is higher than the global
+        model's; otherwise the global model is the personal model. Either is written with
+        :func:`~flwr_nnunet.site.personal.save_personal_model`; nothing is sent but metrics.
+
+        Fine-tuning starts from a fresh SGD optimizer (nnU-Net's) whose learning rate decays from the trainer's
+        ``initial_lr`` over the fine-tuning epochs (:class:`~flwr_nnunet.site.personal.FineTuneSchedule`).
+        The round state on disk is not changed: the trainer is dropped afterwards.
+
+        Returns
+        -------
+        dict
+            The global model's :meth:`evaluate` metrics, plus ``personal-dice`` and ``personal-dice-per-class`` of
+            the model kept and ``fine-tune-kept`` (1: the fine-tuned model, 0: the global model).
         """
         self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False)
-        return validation_dice(self.spec, self.trainer, self.network, self.split()[1])
+        validation = self.split()[1]
+        try:
+            metrics = validation_dice(self.spec, self.trainer, self.network, validation)
+            self._fine_tune_epochs(options)
+            tuned = validation_dice(self.spec, self.trainer, self.network, validation, "fine-tuned model")
+            kept = tuned["dice"] > metrics["dice"]
+            if not kept:
+                self.load_global_(received, local_keys)
+            about = {
+                "kind": "fine-tuned" if kept else "global",
+                "server_round": options.server_round,
+                "validation_dice": tuned["dice"] if kept else metrics["dice"],
+                "global_validation_dice": metrics["dice"],
+                "fine_tuned_validation_dice": tuned["dice"],
+                "fine_tune_epochs": options.fine_tune_epochs,
+            }
+            save_personal_model(self.spec, self.trainer, about)
+        finally:
+            self.trainer = None  # the round state on disk stays the site's state
+        log(
+            INFO,
+            "%s: personal model: %s (validation Dice fine-tuned %.4f, global %.4f)",
+            self.spec.name,
+            "the fine-tuned model" if kept else "the global model, kept",
+            tuned["dice"],
+            metrics["dice"],
+        )
+        return {**metrics, **personal_metrics(tuned if kept else metrics), "fine-tune-kept": int(kept)}
+
+    def _fine_tune_epochs(self, options: TrainOptions) -> None:
+        """``options.fine_tune_epochs`` epochs of the live trainer with a fresh optimizer and its own schedule."""
+        trainer = self.trainer
+        self._prepare_training(replace(options, local_epochs=options.fine_tune_epochs))
+        trainer.optimizer, _ = trainer.configure_optimizers()
+        trainer.lr_scheduler = FineTuneSchedule(
+            trainer.optimizer, trainer.initial_lr, trainer.current_epoch, options.fine_tune_epochs
+        )
+        if options.seed is not None:
+            seed_everything(options.seed, options.server_round + 1, self.spec.name)
+        with torch.enable_grad(), progress_plot_once(trainer):
+            for _ in range(options.fine_tune_epochs):
+                self._run_epoch()

@@ -247,6 +247,13 @@ class TrainOptions:
         ``None`` keeps the trainer's own (250 and 50 for ``nnUNetTrainer``).
     proximal_mu
         FedProx coefficient (``proximal-mu``): the local loss gains ``mu / 2 * ||w - w_global||^2``.
+    mr_mtl_mu
+        MR-MTL (``mr-mtl-mu``; ``None``: off): from round 2 on, the site trains its own personal model, which it
+        keeps across rounds instead of loading the global one, with ``mu / 2 * ||w - w_global||^2`` added to its
+        loss, and replies with it (the server averages the personal models). ``0`` is plain local training.
+    fine_tune_epochs
+        Evaluation messages only (``fine-tune-epochs``; 0: none): after the run, fine-tune the global model for
+        this many epochs and keep the result as the personal model if its validation Dice is higher.
     seed
         Seeds Python, numpy and torch at the start of the round (``seed``; mixed with the round and the
         site name), so a rebuilt site repeats the live one's round exactly; ``None`` leaves them alone.
@@ -259,8 +266,9 @@ class TrainOptions:
     ``server-round`` is required (an integer >= 1; a message without it is not taken as
     round 1), ``local-epochs`` must be an integer from 1 to ``max_local_epochs``
     (:data:`DEFAULT_MAX_LOCAL_EPOCHS` unless the node config sets ``max-local-epochs``),
-    ``num-epochs`` an integer >= 1, the iteration counts and ``seed`` integers and
-    ``proximal-mu`` a finite number >= 0.
+    ``num-epochs`` an integer >= 1, the iteration counts and ``seed`` integers,
+    ``proximal-mu`` and ``mr-mtl-mu`` finite numbers >= 0 and ``fine-tune-epochs`` an integer
+    from 0 to ``max_local_epochs``.
     """
 
     local_epochs: int = 1
@@ -268,6 +276,8 @@ class TrainOptions:
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
     proximal_mu: float = 0.0
+    mr_mtl_mu: float | None = None
+    fine_tune_epochs: int = 0
     seed: int | None = None
     server_round: int = 1
 
@@ -302,15 +312,27 @@ class TrainOptions:
                 "run-config 'local-epochs', or raise the bound with the SuperNode's --node-config "
                 '"max-local-epochs=N"'
             )
-        proximal_mu = _config_float(config, "proximal-mu", 0.0)
-        if proximal_mu < 0:
-            raise InstructionError(f"config 'proximal-mu' must be >= 0, got {proximal_mu}")
+        proximal_mu, mr_mtl_mu = _config_float(config, "proximal-mu", 0.0), None
+        if "mr-mtl-mu" in config:
+            mr_mtl_mu = _config_float(config, "mr-mtl-mu", 0.0)
+        for key, value in (("proximal-mu", proximal_mu), ("mr-mtl-mu", mr_mtl_mu or 0.0)):
+            if value < 0:
+                raise InstructionError(f"config {key!r} must be >= 0, got {value}")
+        fine_tune_epochs = _at_least("fine-tune-epochs", _config_int(config, "fine-tune-epochs", 0), 0)
+        if fine_tune_epochs > max_local_epochs:
+            raise InstructionError(
+                f"config 'fine-tune-epochs' = {fine_tune_epochs} exceeds this site's bound of {max_local_epochs}; "
+                "lower run-config 'fine-tune-epochs', or raise the bound with the SuperNode's --node-config "
+                '"max-local-epochs=N"'
+            )
         return cls(
             local_epochs=local_epochs,
             num_epochs=_at_least("num-epochs", _config_int(config, "num-epochs", local_epochs * server_round), 1),
             iterations_per_epoch=optional_int("iterations-per-epoch"),
             val_iterations_per_epoch=optional_int("val-iterations-per-epoch"),
             proximal_mu=proximal_mu,
+            mr_mtl_mu=mr_mtl_mu,
+            fine_tune_epochs=fine_tune_epochs,
             seed=_config_int(config, "seed", None),
             server_round=server_round,
         )

@@ -99,8 +99,8 @@ class NnUNetFedAvg(FedAvg):
         naming it and the evidence); default ``SiteDiagnostics()``.
     flagged_weight : float (default: 1.0)
         What a flagged site's replies count for from the round after the flag: 1 as any site's, a value in
-        (0, 1) multiplies its :meth:`reply_weight`, 0 excludes it from training rounds (it is still evaluated).
-        Logged each round.
+        (0, 1) multiplies its :meth:`reply_weight`, 0 excludes it from training rounds (it is still evaluated,
+        and ``min_train_nodes`` counts only the sites asked). Logged each round.
     **kwargs
         Every argument of :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
@@ -148,6 +148,8 @@ class NnUNetFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.diagnostics = SiteDiagnostics() if diagnostics is None else diagnostics
         self.flagged_weight = float(flagged_weight)
+        self.excluded: frozenset[int] = frozenset()
+        """The flagged nodes left out of the current training round (``flagged_weight`` 0)."""
         if plans is None and model_folder is not None:
             plans = model_folder.plans
         if plans is not None and model_folder is not None and plans_sha256(plans) != plans_sha256(model_folder.plans):
@@ -215,6 +217,7 @@ class NnUNetFedAvg(FedAvg):
     def without_excluded(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         """``messages`` without those to flagged sites when ``flagged_weight`` is 0 (one log line per site)."""
         messages = list(messages)
+        self.excluded = frozenset()
         if self.flagged_weight > 0:
             return messages
         kept = []
@@ -231,7 +234,13 @@ class NnUNetFedAvg(FedAvg):
                 )
             else:
                 kept.append(message)
+        self.excluded = frozenset(m.metadata.dst_node_id for m in messages) - {m.metadata.dst_node_id for m in kept}
         return kept
+
+    @property
+    def min_train_replies(self) -> int:
+        """The accepted training replies a round needs: ``min_train_nodes``, less the sites excluded this round."""
+        return max(1, self.min_train_nodes - len(self.excluded))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
@@ -268,7 +277,7 @@ class NnUNetFedAvg(FedAvg):
             server_round,
             replies,
             weight=self.reply_weight if is_train else None,
-            minimum=self.min_train_nodes if is_train else self.min_evaluate_nodes,
+            minimum=self.min_train_replies if is_train else self.min_evaluate_nodes,
             check_finite=check_finite,
         )
         if is_train:
@@ -334,7 +343,7 @@ class NnUNetFedAvg(FedAvg):
             accepted,
             lambda updates, weights: self.reduce_all_(server_round, self.model.tensors, updates, weights),
             lambda: self.model.roll_back_(snapshot),
-            self.min_train_nodes,
+            self.min_train_replies,
         )
         if not accepted:
             return None, None

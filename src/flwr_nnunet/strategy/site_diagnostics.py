@@ -1,6 +1,7 @@
 """Which site hurts the federation: evidence per round from what the replies carry, and the flag it leads to.
 
-Two kinds of evidence, each read from one round's accepted replies (nothing is asked of the sites beyond them):
+What the evidence is read from: each round's accepted replies and the planning phase's survey (nothing more is
+asked of the sites).
 
 ``labels``
     An evaluation reply's ``label-confusion`` holds the global model's predictions against the site's own
@@ -11,21 +12,26 @@ Two kinds of evidence, each read from one round's accepted replies (nothing is a
     ``label_margin`` in mean Dice at that site, holds its labels another way (labels 1 and 2 swapped, say).
     Comparing sites with each other, not with the model, keeps this true while the model is still confused
     by the site: honest sites, whatever their images, fit one model alike.
-``update``
-    In a batch round of three or more training replies, each site's update of the segmentation heads
-    (``seg_layers``: where the labels' meaning lives; its tensors minus the global model's) is compared with
-    the mean of the other sites' update directions: evidence when the cosine is below ``cosine_threshold`` (the
-    site pulls the heads against the others). The cosine over the whole network is measured beside it for the history.
-    Streaming rounds fold replies one at a time and give only the ``labels`` evidence.
+``update`` (measured, not used for the flag)
+    In a batch round of three or more training replies, each site's update (its tensors minus the global
+    model's) is compared with the mean of the other sites' update directions, over the whole network and over
+    the segmentation heads (``seg_layers``) alone; both cosines go to the history. They are no evidence: on an
+    honest federation they fall below zero once the sites near their own optima (the 3 clean demo sites,
+    rounds 6 to 10: head cosines -0.13 to -0.96), as they do at a site with other labels.
+``label volumes`` (before training)
+    The planning phase's label-convention check (:mod:`flwr_nnunet.nnunet.label_convention`) names a site whose
+    label volumes reverse the order every other site agrees on; the run flags it before round 1
+    (:meth:`SiteDiagnostics.flag_before_training`).
 
-A site is flagged once one kind of evidence holds in ``patience`` consecutive rounds in which the site
-replied; the flag is logged once, as one line naming the site, its node and the evidence, and it stays for
-the run. A flag changes nothing by itself: the strategy's ``flagged_weight`` (run-config ``flagged-weight``)
+A site is flagged once the ``labels`` evidence holds in ``patience`` consecutive rounds in which there was a
+convention, or at once by the label-volume check; the flag is logged once, as one line naming the site, its node
+and the evidence, and it stays for the run. A flag changes nothing by itself: the strategy's ``flagged_weight`` (run-config ``flagged-weight``)
 decides whether flagged sites are down-weighted or excluded. A resumed run starts the evidence afresh.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,7 +80,7 @@ def label_matchings(confusions: Mapping[int, Sequence[float]]) -> dict[int, Labe
     matchings = {}
     for node, confusion in confusions.items():
         counts = np.asarray(confusion, dtype=np.float64)
-        size = int(round(np.sqrt(counts.size)))
+        size = math.isqrt(counts.size)
         if size >= 2 and size * size == counts.size:
             try:
                 matchings[node] = best_label_matching(counts.reshape(size, size))
@@ -152,16 +158,13 @@ class SiteDiagnostics:
         Consecutive rounds (in which the site replied) one kind of evidence must hold before the site is flagged.
     label_margin
         How much the best re-matching of a site's labels must raise its mean validation Dice to count.
-    cosine_threshold
-        A site's update counts against it when its cosine with the others' mean update is below this.
     """
 
-    def __init__(self, *, patience: int = 2, label_margin: float = 0.25, cosine_threshold: float = 0.0) -> None:
+    def __init__(self, *, patience: int = 2, label_margin: float = 0.1) -> None:
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")
         self.patience = patience
         self.label_margin = label_margin
-        self.cosine_threshold = cosine_threshold
         self.names: dict[int, str] = {}
         self.flags: dict[int, list[Evidence]] = {}
         self.measured: dict[int, dict[str, dict[str, Any]]] = {}
@@ -184,19 +187,21 @@ class SiteDiagnostics:
     def _measure(self, server_round: int, node: int, kind: str, values: Any) -> None:
         self.measured.setdefault(server_round, {}).setdefault(self.name(node), {})[kind] = values
 
-    def _weigh(self, node: int, evidence: Evidence | None, kind: str) -> None:
-        """Extend or end the node's streak of ``kind``; flag the node (one log line) when it reaches patience."""
+    def _weigh(self, node: int, evidence: Evidence | None, kind: str, patience: int | None = None) -> None:
+        """Extend or end the node's streak of ``kind``; flag the node (one log line) when it reaches ``patience``
+        (default :attr:`patience`)."""
         streak = self._streaks.setdefault((node, kind), [])
         if evidence is None:
             streak.clear()
             return
         streak.append(evidence)
-        if len(streak) >= self.patience and node not in self.flags:
+        if len(streak) >= (patience or self.patience) and node not in self.flags:
             self.flags[node] = list(streak)
-            rounds = f"{streak[0].server_round}-{streak[-1].server_round}"
+            first, last = streak[0].server_round, streak[-1].server_round
+            rounds = "before training" if last == 0 else f"in rounds {first}-{last}"
             log(
                 WARNING,
-                "flwr-nnunet: site %s (node %d) disagrees with the federation in rounds %s: %s",
+                "flwr-nnunet: site %s (node %d) disagrees with the federation %s: %s",
                 self.name(node),
                 node,
                 rounds,
@@ -226,8 +231,8 @@ class SiteDiagnostics:
             self._weigh(node, None if line is None else Evidence("labels", server_round, line), "labels")
 
     def note_train(self, server_round: int, accepted: Sequence[Any], reference: Mapping[str, torch.Tensor]) -> None:
-        """The ``update`` evidence of one batch training round: each reply's tensors against ``reference`` (the
-        global model before this round's aggregation). Needs three replies or more."""
+        """Measure the ``update`` cosines of one batch training round for the history: each reply's tensors
+        against ``reference`` (the global model before this round's aggregation). Needs three replies or more."""
         for reply in accepted:
             self._remember_name(reply)
         if len(accepted) < 3:
@@ -238,16 +243,11 @@ class SiteDiagnostics:
         for index, reply in enumerate(accepted):
             self._measure(server_round, reply.node_id, "update-cosine", whole[index])
             self._measure(server_round, reply.node_id, "head-cosine", heads[index])
-            evidence = None
-            if heads[index] < self.cosine_threshold:
-                others = heads[:index] + heads[index + 1 :]
-                evidence = Evidence(
-                    "update",
-                    server_round,
-                    f"its update of the segmentation heads points against the other sites' mean update (cosine "
-                    f"{heads[index]:.3f}; the others {min(others):.3f} to {max(others):.3f})",
-                )
-            self._weigh(reply.node_id, evidence, "update")
+
+    def flag_before_training(self, node: int, name: str, text: str) -> None:
+        """Flag ``node`` (site ``name``) before round 1 on the planning phase's label-volume evidence ``text``."""
+        self.names.setdefault(node, name)
+        self._weigh(node, Evidence("label volumes", 0, text), "label volumes", patience=1)
 
     def report(self, server_round: int) -> dict[str, Any]:
         """What the round measured per site and the sites flagged so far (for the run's history)."""

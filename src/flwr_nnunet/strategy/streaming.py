@@ -50,7 +50,7 @@ class StreamingStrategy(Protocol):
 
     model: GlobalModel
     validator: ReplyValidator
-    min_train_nodes: int
+    min_train_replies: int
     weighted_by_key: str
     train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
 
@@ -251,7 +251,7 @@ class TrainStream:
         model = strategy.model
         folded = self.folded
         log(INFO, "%s: round %d: %d of %d replies accepted (streamed)", STAGE, server_round, len(folded), self.received)
-        if not folded or not enough_replies(STAGE, server_round, len(folded), strategy.min_train_nodes):
+        if not folded or not enough_replies(STAGE, server_round, len(folded), strategy.min_train_replies):
             self.abort()
             return None, None
         total = self.accumulator.total_weight
