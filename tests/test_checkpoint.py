@@ -81,7 +81,7 @@ def test_start_writes_an_nnunet_model_folder_the_predictor_uses(tmp_path):
     assert AliasMap.from_state_dict(final["network_weights"]) == amap  # aliases share storage again
     assert all(torch.equal(final["network_weights"][k], v) for k, v in strategy.model.network.state_dict().items())
     assert final[STATE_KEY]["server_round"] == 2 and final[STATE_KEY]["strategy_state"] == {}
-    assert set(load(folder.checkpoint_path("latest"))[STATE_KEY]["strategy_state"]) == {"m", "v"}
+    assert set(load(folder.checkpoint_path("latest"))[STATE_KEY]["strategy_state"]) == {"m", "v", "site-diagnostics"}
     best = load(folder.checkpoint_path("best"))
     assert (best[STATE_KEY]["server_round"], best[STATE_KEY]["best_dice"]) == (2, 0.5)
     assert list(result.arrays.keys()) == list(amap.canonical_keys)

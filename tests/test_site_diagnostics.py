@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from strategy_support import LoopbackGrid, canonical, evaluate_reply, perturbed, reply, set_task_identity, tiny_network
 
 from flwr_nnunet import NnUNetFedAvg
+from flwr_nnunet.nnunet.checkpoint_io import load_checkpoint
 from flwr_nnunet.nnunet.metrics import best_label_matching, label_confusion
+from flwr_nnunet.strategy.registry import strategy_from_name
 from flwr_nnunet.strategy.replies import AcceptedReply
 from flwr_nnunet.strategy.site_diagnostics import (
     SiteDiagnostics,
@@ -112,7 +114,7 @@ def test_a_site_with_swapped_labels_is_flagged_once_after_patience_rounds_and_na
     lines = [r.getMessage() for r in flwr_log if "disagrees with the federation" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("flwr-nnunet: site site-4 (node 4)")
     assert "rounds 1-2" in lines[0] and "its label 1 fits the model's label 2" in lines[0]
-    assert diagnostics.report(3)["flagged"] == ["site-4"]
+    assert diagnostics.report(3)["flagged"] == {"site-4": 2}
     assert diagnostics.report(3)["sites"]["site-4"]["labels"]["permutation"] == [2, 1]
 
 
@@ -218,8 +220,10 @@ def test_the_label_volume_check_flags_a_site_before_round_1(flwr_log):
     assert diagnostics.is_flagged(7) and diagnostics.name(7) == "site-3"
     lines = [r.getMessage() for r in flwr_log if "disagrees with the federation" in r.getMessage()]
     assert lines == [
-        "flwr-nnunet: site site-3 (node 7) disagrees with the federation before training: "
-        "site-3: labels 'organ' (1) and 'lesion' (2) look swapped"
+        (
+            "flwr-nnunet: site site-3 (node 7) disagrees with the federation before training: "
+            "site-3: labels 'organ' (1) and 'lesion' (2) look swapped"
+        )
     ]
 
 
@@ -232,3 +236,19 @@ def test_excluded_sites_do_not_count_towards_min_train_nodes():
     replies = [reply(m.metadata.dst_node_id, perturbed(start, seed=1), 10) for m in sent]
     arrays, _ = strategy.aggregate_train(3, replies)
     assert arrays is not None  # three replies meet min_train_nodes=4 less the one site excluded
+
+
+def test_flags_survive_a_resume_through_the_checkpoint_state(tmp_path):
+    strategy, _ = strategy_with_flags(0.0)
+    adam = strategy_from_name("fedadam", network=tiny_network(), flagged_weight=0.0)
+    adam.diagnostics.flags = dict(strategy.diagnostics.flags)
+    adam.diagnostics.names = dict(strategy.diagnostics.names)
+    for saved, fresh in (
+        (strategy, NnUNetFedAvg(tiny_network())),
+        (adam, strategy_from_name("fedadam", network=tiny_network())),
+    ):
+        torch.save(saved.strategy_state(), tmp_path / "state.pth")
+        fresh.load_strategy_state(load_checkpoint(tmp_path / "state.pth"))  # what a resumed run reads, safely
+        assert fresh.diagnostics.is_flagged(4) and not fresh.diagnostics.is_flagged(1)
+        assert fresh.diagnostics.name(4) == "site-4"
+        assert fresh.diagnostics.flags[4] == saved.diagnostics.flags[4]

@@ -369,6 +369,15 @@ class NnUNetFedAvg(FedAvg):
         if self.post_round_fn is not None:
             self.post_round_fn(server_round, self)
 
+    def strategy_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the weights (override point; subclasses add theirs): the
+        :attr:`diagnostics`' flags."""
+        return {"site-diagnostics": self.diagnostics.state()}
+
+    def load_strategy_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`strategy_state` returned."""
+        self.diagnostics.load_state(state.get("site-diagnostics") or {})
+
     def resume(self, run_config: Mapping[str, Any] | None = None) -> int:
         """Load the model folder's newest intact checkpoint; return the last completed round (0: none).
 

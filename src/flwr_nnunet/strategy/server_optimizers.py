@@ -99,11 +99,12 @@ class _ServerOptimizer(NnUNetFedAvg):
         return buffers[key]
 
     def strategy_state(self) -> dict[str, Any]:
-        """The per-group buffers (moments, momentum)."""
-        return {name: dict(buffers) for name, buffers in self.buffers.items()}
+        """The per-group buffers (moments, momentum), besides :meth:`NnUNetFedAvg.strategy_state`'s."""
+        return {**super().strategy_state(), **{name: dict(buffers) for name, buffers in self.buffers.items()}}
 
     def load_strategy_state(self, state: Mapping[str, Any]) -> None:
-        """Restore the per-group buffers onto the network's devices and dtypes."""
+        """Restore the per-group buffers onto the network's devices and dtypes (and the base state)."""
+        super().load_strategy_state(state)
         for name in self.buffer_names:
             saved = state.get(name, {})
             unknown = set(saved) - set(self.model.tensors)

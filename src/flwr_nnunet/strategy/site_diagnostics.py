@@ -26,7 +26,8 @@ asked of the sites).
 A site is flagged once the ``labels`` evidence holds in ``patience`` consecutive rounds in which there was a
 convention, or at once by the label-volume check; the flag is logged once, as one line naming the site, its node
 and the evidence, and it stays for the run. A flag changes nothing by itself: the strategy's ``flagged_weight`` (run-config ``flagged-weight``)
-decides whether flagged sites are down-weighted or excluded. A resumed run starts the evidence afresh.
+decides whether flagged sites are down-weighted or excluded. The flags go into every checkpoint's strategy state,
+so a resumed run keeps them; evidence short of a flag starts afresh.
 """
 
 from __future__ import annotations
@@ -249,9 +250,30 @@ class SiteDiagnostics:
         self.names.setdefault(node, name)
         self._weigh(node, Evidence("label volumes", 0, text), "label volumes", patience=1)
 
+    def state(self) -> dict[str, Any]:
+        """The flags and the sites' names, for a checkpoint (plain values)."""
+        return {
+            "names": {str(node): name for node, name in self.names.items()},
+            "flags": {
+                str(node): [[e.kind, e.server_round, e.text] for e in evidence] for node, evidence in self.flags.items()
+            },
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` returned (a resumed run keeps its flags; entries it cannot read are skipped)."""
+        for node, name in dict(state.get("names", {})).items():
+            if str(node).lstrip("-").isdigit() and isinstance(name, str):
+                self.names[int(node)] = name
+        for node, evidence in dict(state.get("flags", {})).items():
+            if str(node).lstrip("-").isdigit() and isinstance(evidence, list):
+                self.flags[int(node)] = [
+                    Evidence(str(kind), int(server_round), str(text)) for kind, server_round, text in evidence
+                ]
+
     def report(self, server_round: int) -> dict[str, Any]:
-        """What the round measured per site and the sites flagged so far (for the run's history)."""
+        """What the round measured per site, and each site flagged so far with the round that completed its
+        evidence (0: before training), for the run's history."""
         return {
             "sites": self.measured.get(server_round, {}),
-            "flagged": sorted(self.name(node) for node in self.flags),
+            "flagged": {self.name(node): evidence[-1].server_round for node, evidence in sorted(self.flags.items())},
         }
