@@ -3,7 +3,9 @@ metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -34,6 +36,8 @@ __all__ = [
 def build_trainer(spec: SiteSpec, plans: dict, resume: bool) -> Any:
     """A new (uninitialised) trainer of the class ``spec.trainer`` names, on the site's plans, fold and device.
 
+    Its plans printout goes to nnU-Net's training log file only (:func:`_plans_to_log_file_only`).
+
     Raises
     ------
     SiteError
@@ -53,7 +57,26 @@ def build_trainer(spec: SiteSpec, plans: dict, resume: bool) -> Any:
             dataset_json=dataset_json,
             device=spec.torch_device(),
         )
+    _plans_to_log_file_only(trainer)
     return trainer
+
+
+def _plans_to_log_file_only(trainer: Any) -> None:
+    """Keep the trainer's plans printout (``print_plans``, which ``on_train_start`` calls) off stdout.
+
+    nnU-Net's ``print_plans`` writes the configuration and the plans dictionary to the trainer's
+    ``training_log_*.txt`` and echoes both to stdout, each time a trainer starts training: in deployment every
+    training round at every site, since each message gets a fresh process. Here an instance attribute shadows
+    the method: it calls nnU-Net's own (or the trainer class's override) with stdout redirected into a buffer
+    that is dropped, so the log file keeps the plans. Whatever else nnU-Net prints, and stderr, are untouched.
+    """
+    print_plans = trainer.print_plans
+
+    def print_plans_to_log_file() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            print_plans()
+
+    trainer.print_plans = print_plans_to_log_file
 
 
 def seed_everything(seed: int, server_round: int, name: str) -> None:
