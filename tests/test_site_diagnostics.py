@@ -252,3 +252,14 @@ def test_flags_survive_a_resume_through_the_checkpoint_state(tmp_path):
         assert fresh.diagnostics.is_flagged(4) and not fresh.diagnostics.is_flagged(1)
         assert fresh.diagnostics.name(4) == "site-4"
         assert fresh.diagnostics.flags[4] == saved.diagnostics.flags[4]
+
+
+def test_a_model_that_fits_nobody_yet_decides_nothing():
+    weak = [[9000, 300, 300], [500, 150, 150], [120, 60, 60]]  # a round-1 model: half its voxels wrong everywhere
+    weak_swapped = [weak[0], weak[2], weak[1]]
+    assert best_label_matching(np.array(weak)).dice_matched < 0.5
+    diagnostics = SiteDiagnostics(patience=2)
+    for server_round in range(1, 6):
+        evaluation_round(diagnostics, server_round, {1: weak, 2: weak, 3: weak_swapped})
+    assert not diagnostics.flags
+    assert diagnostics.report(5)["sites"]["site-3"]["labels"]["gain-over-convention"] is None

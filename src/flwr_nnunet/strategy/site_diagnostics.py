@@ -7,8 +7,9 @@ asked of the sites).
     An evaluation reply's ``label-confusion`` holds the global model's predictions against the site's own
     validation labels as voxel counts, from which the one-to-one matching of the site's labels to the model's
     labels with the highest mean Dice follows (:func:`~flwr_nnunet.nnunet.metrics.best_label_matching`). The
-    federation's convention is the matching that more than half of the round's sites fit best (none: no
-    evidence that round). A site whose best matching is another one, and beats the federation's by at least
+    federation's convention is the matching that more than half of the round's sites fit best, once the model
+    fits them with a median mean Dice of 0.5 (before that, in round 1 say, the model may confuse labels at
+    honest sites: no evidence that round, for or against anyone). A site whose best matching is another one, and beats the federation's by at least
     ``label_margin`` in mean Dice at that site, holds its labels another way (labels 1 and 2 swapped, say).
     Comparing sites with each other, not with the model, keeps this true while the model is still confused
     by the site: honest sites, whatever their images, fit one model alike.
@@ -90,13 +91,17 @@ def label_matchings(confusions: Mapping[int, Sequence[float]]) -> dict[int, Labe
     return matchings
 
 
-def convention(matchings: Mapping[int, LabelMatching]) -> tuple[int, ...] | None:
-    """The matching more than half of the sites fit best, or None."""
+def convention(matchings: Mapping[int, LabelMatching], min_dice: float = 0.5) -> tuple[int, ...] | None:
+    """The matching more than half of the sites fit best, when the model fits those sites with a median mean Dice
+    of at least ``min_dice`` under it (a model that has learnt too little to tell); else None."""
     votes = Counter(m.permutation for m in matchings.values())
     if not votes:
         return None
     permutation, count = votes.most_common(1)[0]
-    return permutation if 2 * count > len(matchings) else None
+    if 2 * count <= len(matchings):
+        return None
+    fits = [m.dice_matched for m in matchings.values() if m.permutation == permutation]
+    return permutation if float(np.median(fits)) >= min_dice else None
 
 
 def label_evidence(matching: LabelMatching, federation: Sequence[int], others: int, margin: float) -> str | None:
@@ -217,14 +222,17 @@ class SiteDiagnostics:
             if isinstance(reply.metrics.get("label-confusion"), list):
                 confusions[reply.node_id] = reply.metrics["label-confusion"]
         matchings = label_matchings(confusions)
+        federation = convention(matchings)
         for node, matching in matchings.items():
             measured = {
                 "as-labelled": matching.dice_as_labelled,
                 "matched": matching.dice_matched,
                 "permutation": list(matching.permutation),
+                "gain-over-convention": None
+                if federation is None
+                else matching.dice_matched - matching.mean_dice(federation),
             }
             self._measure(server_round, node, "labels", measured)
-        federation = convention(matchings)
         if federation is None:
             return  # no convention this round: neither for nor against any site
         for node, matching in matchings.items():
