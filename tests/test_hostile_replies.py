@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.app.message.message import make_message
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from strategy_support import (
@@ -337,6 +337,7 @@ KINDS: dict[str, Kind] = {
     "train loss 10**400": Kind(with_metrics(train_loss=10**400), "'train-loss'"),
     "pseudo-dice 1e300": Kind(with_metrics(pseudo_dice=1e300), "outside [0, 1]"),
     "negative pseudo-dice": Kind(with_metrics(pseudo_dice_per_class=[0.5, -0.1]), "outside [0, 1]"),
+    "list pseudo-dice": Kind(with_metrics(pseudo_dice=[0.5, 0.7]), "'pseudo-dice' must be a number, not a list"),
     # finite but huge values: only the strategies whose step cannot hold them refuse the round
     "3e38 values": Kind(huge_values, " Inf values", outcome="refused", only=("fedadam", "qfedavg")),
     "3e38 values, finite mean": Kind(huge_values, "", outcome="survives", only=("fedavg", "krum", "dp")),
@@ -432,3 +433,34 @@ def test_a_round_of_hostile_replies_only_leaves_the_model_bit_identical(flwr_log
         if "rejected reply from node " in line
     }
     assert len(rejected) == len(replies)
+
+
+QFEDAVG_EVALUATION = (
+    "known bug: q-FedAvg adds 'train-loss' to validator.required_metrics, which _check_common applies to "
+    "evaluation replies too, so every honest evaluation reply (none carries a training loss) is rejected"
+)
+EVALUATING = [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=QFEDAVG_EVALUATION) if name == "qfedavg" else ())
+    for name in sorted(STRATEGIES)
+]
+
+
+@pytest.mark.parametrize("name", EVALUATING)
+def test_an_evaluation_reply_with_a_list_dice_is_rejected(flwr_log, name):
+    """``dice`` is one number (the lists are ``dice-per-class``): such a reply is not aggregated as a list."""
+    strategy = STRATEGIES[name]()
+    before = state(strategy)
+    honest_replies = [
+        reply(node, None, 4, metrics={"dice": dice}, message_type=MessageType.EVALUATE)
+        for node, dice in zip(HONEST, (0.2, 0.4, 0.6), strict=True)
+    ]
+    hostile_reply = reply(100, None, 4, metrics={"dice": [0.9, 0.9]}, message_type=MessageType.EVALUATE)
+
+    metrics = strategy.aggregate_evaluate(1, [honest_replies[0], hostile_reply, *honest_replies[1:]])
+
+    assert metrics["dice"] == pytest.approx(0.4)
+    assert_same(state(strategy), before)
+    lines = [r.getMessage() for r in flwr_log]
+    assert any(
+        "rejected reply from node 100: " in line and "'dice' must be a number, not a list" in line for line in lines
+    )

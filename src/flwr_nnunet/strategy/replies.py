@@ -23,6 +23,7 @@ from flwr_nnunet.core.aliasing import strip_wrapper_prefixes
 __all__ = [
     "MAX_REASON_CHARS",
     "METRIC_RANGES",
+    "SCALAR_METRICS",
     "AcceptedReply",
     "Rejection",
     "bounded",
@@ -45,6 +46,11 @@ METRIC_RANGES: Mapping[str, tuple[float, float]] = {
 }
 """The closed range of each metric the sites send that has one (every value of a list metric); every other
 numeric metric (losses included) must only be finite."""
+SCALAR_METRICS: frozenset[str] = frozenset(
+    {"dice", "pseudo-dice", "personal-dice", "train-loss", "val-loss", "epoch", "learning-rate", "fine-tune-kept"}
+)
+"""The metrics the sites send as one number: a list under one of these names is refused. The lists are the
+``-per-class`` metrics and ``label-confusion``; the weight (``num-examples``) is checked by :func:`check_weight`."""
 
 
 def bounded(text: object, limit: int = MAX_REASON_CHARS) -> str:
@@ -132,7 +138,10 @@ def total_weight_problem(weights: Sequence[float]) -> str | None:
 
 
 def metric_problem(key: str, value: object, valid_range: tuple[float, float] | None = None) -> str | None:
-    """Why metric ``key`` (a number or a list of numbers) is not finite or not in ``valid_range``, or None."""
+    """Why metric ``key`` (a number or a list of numbers) is a list where :data:`SCALAR_METRICS` wants one number,
+    is not finite, or is not in ``valid_range``; or None."""
+    if isinstance(value, list) and key in SCALAR_METRICS:
+        return f"metric {key!r} must be a number, not a list (per-class values go in the '-per-class' metrics)"
     for item in value if isinstance(value, list) else [value]:
         try:
             number = float(item)

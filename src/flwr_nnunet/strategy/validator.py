@@ -68,7 +68,8 @@ class ReplyValidator:
     - An error reply is rejected with its reason; one the SuperLink generated for a lost node (its sender is
       the SuperLink) is logged under the node the instruction went to (see :meth:`expect`).
     - Exactly one ``MetricRecord``; its weight ``weighted_by_key`` finite and > 0 in float64; every numeric
-      metric finite, and within :data:`METRIC_RANGES` (``metric_ranges``) where it has a range.
+      metric finite, one number where :data:`~flwr_nnunet.strategy.replies.SCALAR_METRICS` names it, and within
+      :data:`METRIC_RANGES` (``metric_ranges``) where it has a range.
     - The plans digest, then keys, shapes, dtypes and finiteness of the arrays (training replies).
     - Training: the weight (``reply_weight()``) finite and > 0, clipped to ``max_reply_weight`` when given; the
       accepted weights must sum to a finite float64, or the round is refused.
