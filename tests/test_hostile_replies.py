@@ -435,14 +435,7 @@ def test_a_round_of_hostile_replies_only_leaves_the_model_bit_identical(flwr_log
     assert len(rejected) == len(replies)
 
 
-QFEDAVG_EVALUATION = (
-    "known bug: q-FedAvg adds 'train-loss' to validator.required_metrics, which _check_common applies to "
-    "evaluation replies too, so every honest evaluation reply (none carries a training loss) is rejected"
-)
-EVALUATING = [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=QFEDAVG_EVALUATION) if name == "qfedavg" else ())
-    for name in sorted(STRATEGIES)
-]
+EVALUATING = sorted(STRATEGIES)
 
 
 @pytest.mark.parametrize("name", EVALUATING)

@@ -43,6 +43,8 @@ METRIC_RANGES: Mapping[str, tuple[float, float]] = {
     "dice-per-class": (0.0, 1.0),
     "pseudo-dice": (0.0, 1.0),
     "pseudo-dice-per-class": (0.0, 1.0),
+    "personal-dice": (0.0, 1.0),
+    "personal-dice-per-class": (0.0, 1.0),
 }
 """The closed range of each metric the sites send that has one (every value of a list metric); every other
 numeric metric (losses included) must only be finite."""

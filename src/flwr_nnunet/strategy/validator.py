@@ -94,7 +94,7 @@ class ReplyValidator:
         Canonical keys a reply may carry besides ``reference`` (groups that stay
         local at each site); they are dropped.
     required_metrics
-        Metrics every reply must carry as a finite number (e.g. the training
+        Metrics every training reply must carry as a finite number (e.g. the training
         loss q-FedAvg weighs replies with); extend it on the instance as needed.
     max_reply_weight
         None, or the largest weight one training reply may have: larger ones are clipped to it (logged).
@@ -245,6 +245,10 @@ class ReplyValidator:
         if isinstance(rejected, Rejection):
             return rejected
         metrics, weight = rejected
+        for key in self.required_metrics:
+            value = metrics.get(key)
+            if not isinstance(value, (int, float)) or metric_problem(key, value):
+                return Rejection(node, f"metric {key!r} must be a finite number, got {bounded(repr(value), 80)}")
         record = message.content.array_records.get(self.arrayrecord_key)
         if not isinstance(record, ArrayRecord):
             return Rejection(node, f"no ArrayRecord under {self.arrayrecord_key!r}")
@@ -280,10 +284,6 @@ class ReplyValidator:
         reason = check_weight(metrics.get(self.weighted_by_key), self.weighted_by_key)
         if reason:
             return Rejection(node, reason)
-        for key in self.required_metrics:
-            value = metrics.get(key)
-            if not isinstance(value, (int, float)) or metric_problem(key, value):
-                return Rejection(node, f"metric {key!r} must be a finite number, got {bounded(repr(value), 80)}")
         for key, value in metrics.items():
             reason = metric_problem(key, value, self.metric_ranges.get(key))
             if reason:
