@@ -64,7 +64,7 @@ def run(demo, name: str, workdir: Path, **overrides) -> dict:
     )
     started = time.monotonic()
     with open(workdir / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        done = run_federation(config, len(demo.sites))
+        done = run_federation(config, len(demo.sites), flagged=None)
     return {**done, "results": results, "seconds": time.monotonic() - started}
 
 
@@ -148,67 +148,65 @@ def plan_outlier(args) -> None:
 def plan_honest(args) -> None:
     from flwr_nnunet.demo.data import make_demo_dataset
 
-    demo = make_demo_dataset(args.workdir / "demo", num_sites=3, planned=False, overwrite=True)
+    demo = make_demo_dataset(
+        args.workdir / f"demo-{args.dims}d", num_sites=3, dims=args.dims, planned=False, overwrite=True
+    )
+    budget = {} if args.dims == 2 else {"iterations-per-epoch": 30, "val-iterations-per-epoch": 2}
     print(f"{'seed':<6}{'flagged':<20}{'largest gain over convention':>30}{'smallest head cosine':>22}")
     for seed in args.seeds:
-        done = run(demo, f"honest-{seed}", args.workdir, **{"num-server-rounds": args.rounds, "seed": seed})
+        done = run(
+            demo,
+            f"honest-{args.dims}d-{seed}",
+            args.workdir,
+            **budget,
+            **{"num-server-rounds": args.rounds, "seed": seed},
+        )
         gain, cosine = extremes(done["history"])
         print(f"{seed:<6}{json.dumps(flags(done['history'])):<20}{gain:>30.3f}{cosine:>22.3f}", flush=True)
 
 
+def personal_models(demo, work: Path, label: str) -> dict[str, dict[str, float]]:
+    """Held-out Dice of each site's personal model (``checkpoint_personal.pth`` in its own results folder)."""
+    scores = {}
+    for site in demo.sites:
+        output = work / "pred" / f"{label}-{site.name}"
+        options = {"fold": "0", "checkpoint": "checkpoint_personal.pth"}
+        scores.update(held_out(demo, site.nnunet_results, output, [site], **options))
+    return scores
+
+
+def local_only_models(demo, work: Path, args) -> dict[str, dict[str, float]]:
+    """Held-out Dice of each site's model trained alone for as many epochs (the demo's baseline)."""
+    from flwr_nnunet.demo.heldout import train_local_only
+
+    scores = {}
+    for site in demo.sites:
+        local = work / "local" / site.name
+        if local.exists():
+            shutil.rmtree(local)
+        budget = {"iterations_per_epoch": BUDGET["iterations-per-epoch"]}
+        budget["val_iterations_per_epoch"] = BUDGET["val-iterations-per-epoch"]
+        with open(work / f"local-{site.name}.log", "w") as log, contextlib.redirect_stdout(log):
+            train_local_only(demo, site, local, epochs=args.rounds, seed=args.seeds[0], **budget)
+        scores.update(held_out(demo, local, work / "pred" / f"local-{site.name}", [site], fold="0"))
+    return scores
+
+
 def plan_personal(args) -> None:
     from flwr_nnunet.demo.data import make_demo_dataset
-    from flwr_nnunet.demo.heldout import train_local_only
 
     work = args.workdir
     demo = make_demo_dataset(work / "demo", num_sites=3, planned=False, overwrite=True)
     budget = {"num-server-rounds": args.rounds, "seed": args.seeds[0]}
     tuned = run(demo, "fine-tune", work, **budget, **{"fine-tune-epochs": args.fine_tune_epochs})
     scores = {"global": held_out(demo, tuned["results"], work / "pred" / "global")}
-    scores["fine-tuned"] = {}
-    for site in demo.sites:
-        scores["fine-tuned"].update(
-            held_out(
-                demo,
-                site.nnunet_results,
-                work / "pred" / f"personal-{site.name}",
-                [site],
-                fold="0",
-                checkpoint="checkpoint_personal.pth",
-            )
-        )
+    scores["fine-tuned"] = personal_models(demo, work, "fine-tuned")
     fine_tune = json.loads((tuned["model"] / "flwr_history.json").read_text()).get("fine-tune", {})
     kept = {name: metrics.get("fine-tune-kept") for name, metrics in fine_tune.get("sites", {}).items()}
     mtl = run(demo, "mr-mtl", work, **budget, **{"personalization": "mr-mtl", "personal-mu": args.personal_mu})
     scores["mr-mtl global"] = held_out(demo, mtl["results"], work / "pred" / "mtl-global")
-    scores["mr-mtl personal"] = {}
-    for site in demo.sites:
-        scores["mr-mtl personal"].update(
-            held_out(
-                demo,
-                site.nnunet_results,
-                work / "pred" / f"mtl-{site.name}",
-                [site],
-                fold="0",
-                checkpoint="checkpoint_personal.pth",
-            )
-        )
-    scores["local-only"] = {}
-    for site in demo.sites:
-        local = work / "local" / site.name
-        if local.exists():
-            shutil.rmtree(local)
-        with open(work / f"local-{site.name}.log", "w") as log, contextlib.redirect_stdout(log):
-            train_local_only(
-                demo,
-                site,
-                local,
-                epochs=args.rounds,
-                iterations_per_epoch=BUDGET["iterations-per-epoch"],
-                val_iterations_per_epoch=BUDGET["val-iterations-per-epoch"],
-                seed=args.seeds[0],
-            )
-        scores["local-only"].update(held_out(demo, local, work / "pred" / f"local-{site.name}", [site], fold="0"))
+    scores["mr-mtl personal"] = personal_models(demo, work, "mr-mtl")
+    scores["local-only"] = local_only_models(demo, work, args)
     print(
         f"\nHeld-out mean Dice per site ({args.rounds} rounds; fine-tuning {args.fine_tune_epochs} epochs; "
         f"MR-MTL mu {args.personal_mu}); fine-tuned model kept: {kept}"
@@ -225,6 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--fine-tune-epochs", type=int, default=4)
     parser.add_argument("--personal-mu", type=float, default=0.1)
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2, help="honest: the 2D or the 3D demo")
     parser.add_argument("--workdir", type=Path, default=Path("site_quality"))
     args = parser.parse_args(argv)
     args.workdir = args.workdir.absolute()

@@ -124,11 +124,15 @@ def run_config(root: Path, dataset: str, configuration: str, num_sites: int, **o
     return get_fused_config_from_dir(REPO, override)
 
 
-def run_federation(config: Mapping, num_sites: int, total_samples: int = TOTAL_SAMPLES) -> dict:
+def run_federation(
+    config: Mapping, num_sites: int, total_samples: int = TOTAL_SAMPLES, *, flagged: Sequence[str] | None = ()
+) -> dict:
     """The ServerApp's whole run (federated planning, then the rounds) with ``total_samples`` foreground samples.
 
     Returns ``{"plans", "dataset_json"}`` (the server's, as planned), ``"grid"`` (its contexts and replies),
-    ``"history"`` (flwr_history.json's rounds) and ``"model"`` (the global model folder).
+    ``"history"`` (flwr_history.json's rounds) and ``"model"`` (the global model folder). Asserts that the sites
+    the run flagged as disagreeing with the federation are exactly ``flagged`` (none: no false alarm; None: no
+    check).
     """
     from flwr.app import Context, RecordDict
     from test_federated_planning import query_grid
@@ -149,10 +153,13 @@ def run_federation(config: Mapping, num_sites: int, total_samples: int = TOTAL_S
     settings = RunSettings.from_run_config(config)
     folder = settings.server_dataset_folder
     model = settings.results_dir / settings.dataset / f"{settings.trainer}__{settings.plans}__{settings.configuration}"
+    history = json.loads((model / HISTORY_FILE).read_text())["rounds"]
+    last = history[max(history, key=int)] if history else {}
+    assert flagged is None or sorted(last.get("diagnostics", {}).get("flagged", {})) == sorted(flagged)
     return {
         "plans": json.loads((folder / f"{settings.plans}.json").read_text()),
         "dataset_json": json.loads((folder / "dataset.json").read_text()),
         "grid": grid,
-        "history": json.loads((model / HISTORY_FILE).read_text())["rounds"],
+        "history": history,
         "model": model,
     }

@@ -38,7 +38,7 @@ def test_the_run_names_the_site_excludes_it_and_every_site_fine_tunes_a_personal
         4,
         **{"num-server-rounds": 2, "flagged-weight": 0.0, "fine-tune-epochs": 1, "min-train-nodes": 4},
     )
-    done = run_federation(config, 4)
+    done = run_federation(config, 4, flagged=["site-3"])
     (line,) = flagged_lines(flwr_log)
     assert line.startswith("flwr-nnunet: site site-3 (node 103) disagrees with the federation before training:")
     assert "labels 'organ' (1) and 'lesion' (2) look swapped" in line
@@ -63,10 +63,8 @@ def test_the_run_names_the_site_excludes_it_and_every_site_fine_tunes_a_personal
 
 def test_mr_mtl_runs_through_the_server_and_the_history_shows_both_models(federation):
     demo = federation
-    config = run_config(
-        demo.root, demo.dataset_name, "2d", 4, **{"num-server-rounds": 2, "personalization": "mr-mtl"}
-    )
-    done = run_federation(config, 4)
+    config = run_config(demo.root, demo.dataset_name, "2d", 4, **{"num-server-rounds": 2, "personalization": "mr-mtl"})
+    done = run_federation(config, 4, flagged=["site-3"])  # named by the planning phase, kept (flagged-weight 1)
     for name, metrics in done["history"]["2"]["evaluate"]["sites"].items():
         assert 0.0 <= metrics["personal-dice"] <= 1.0 and 0.0 <= metrics["dice"] <= 1.0, name
     site = demo.sites[1]

@@ -103,7 +103,7 @@ def fine_tune_with(monkeypatch, site, received, plans, bonus):
         return metrics
 
     monkeypatch.setattr(site_module, "validation_dice", scored)
-    return site.fine_tune(received, options(1, fine_tune_epochs=1), plans)
+    return site.evaluate(received, options(1, fine_tune_epochs=1), plans)
 
 
 @pytest.mark.slow

@@ -464,15 +464,16 @@ class Site:
         ``label-confusion``. With MR-MTL (``options.mr_mtl_mu`` set) the site's personal model is evaluated too
         (``personal-dice``, ``personal-dice-per-class``), written as the site's personal model
         (:func:`~flwr_nnunet.site.personal.save_personal_model`) and kept live: the global model is loaded only
-        for its own evaluation. With ``options.fine_tune_epochs``, see :meth:`fine_tune`.
+        for its own evaluation. With ``options.fine_tune_epochs`` the site fine-tunes the global model into its
+        personal model after the run (see :meth:`_fine_tune`).
         """
-        if options.fine_tune_epochs:
-            return self.fine_tune(received, options, plans_sha, local_keys, alias_map_json)
-        if options.mr_mtl_mu is None:
-            self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False)
-            return validation_dice(self.spec, self.trainer, self.network, self.split()[1])
-        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False, load=False)
+        mr_mtl = options.mr_mtl_mu is not None and not options.fine_tune_epochs
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False, load=not mr_mtl)
         validation = self.split()[1]
+        if options.fine_tune_epochs:
+            return self._fine_tune(received, options, local_keys, validation)
+        if not mr_mtl:
+            return validation_dice(self.spec, self.trainer, self.network, validation)
         personal = validation_dice(self.spec, self.trainer, self.network, validation, "personal model")
         kept = copies(self.canonical())
         self.load_global_(received, local_keys)
@@ -484,17 +485,12 @@ class Site:
         save_personal_model(self.spec, self.trainer, {**about, "global_validation_dice": metrics["dice"]})
         return {**metrics, **personal_metrics(personal)}
 
-    def fine_tune(
-        self,
-        received: Mapping[str, torch.Tensor],
-        options: TrainOptions,
-        plans_sha: str | None = None,
-        local_keys: Collection[str] = (),
-        alias_map_json: str | None = None,
+    def _fine_tune(
+        self, received: Mapping[str, torch.Tensor], options: TrainOptions, local_keys: Collection[str], validation: list
     ) -> dict[str, float | int | list[float]]:
-        """After the run: fine-tune the global model for ``options.fine_tune_epochs`` epochs on this site's training
-        cases, and keep it as the site's personal model only if its validation Dice is higher than the global
-        model's; otherwise the global model is the personal model. Either is written with
+        """After the run (the global model loaded): fine-tune it for ``options.fine_tune_epochs`` epochs on this
+        site's training cases, and keep it as the site's personal model only if its validation Dice is higher than
+        the global model's; otherwise the global model is the personal model. Either is written with
         :func:`~flwr_nnunet.site.personal.save_personal_model`; nothing is sent but metrics.
 
         Fine-tuning starts from a fresh SGD optimizer (nnU-Net's) whose learning rate decays from the trainer's
@@ -507,8 +503,6 @@ class Site:
             The global model's :meth:`evaluate` metrics, plus ``personal-dice`` and ``personal-dice-per-class`` of
             the model kept and ``fine-tune-kept`` (1: the fine-tuned model, 0: the global model).
         """
-        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False)
-        validation = self.split()[1]
         try:
             metrics = validation_dice(self.spec, self.trainer, self.network, validation)
             self._fine_tune_epochs(options)

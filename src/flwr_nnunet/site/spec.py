@@ -304,27 +304,24 @@ class TrainOptions:
             value = _config_int(config, key, None)
             return None if value is None or value <= 0 else value
 
+        def epochs(key: str, default: int, minimum: int) -> int:
+            value = _at_least(key, _config_int(config, key, default), minimum)
+            if value > max_local_epochs:
+                raise InstructionError(
+                    f"config {key!r} = {value} exceeds this site's bound of {max_local_epochs}; lower run-config "
+                    f'{key!r}, or raise the bound with the SuperNode\'s --node-config "max-local-epochs=N"'
+                )
+            return value
+
         server_round = _at_least("server-round", _config_int(config, "server-round"), 1)
-        local_epochs = _at_least("local-epochs", _config_int(config, "local-epochs", 1), 1)
-        if local_epochs > max_local_epochs:
-            raise InstructionError(
-                f"config 'local-epochs' = {local_epochs} exceeds this site's bound of {max_local_epochs}; lower "
-                "run-config 'local-epochs', or raise the bound with the SuperNode's --node-config "
-                '"max-local-epochs=N"'
-            )
+        local_epochs = epochs("local-epochs", 1, 1)
         proximal_mu, mr_mtl_mu = _config_float(config, "proximal-mu", 0.0), None
         if "mr-mtl-mu" in config:
             mr_mtl_mu = _config_float(config, "mr-mtl-mu", 0.0)
         for key, value in (("proximal-mu", proximal_mu), ("mr-mtl-mu", mr_mtl_mu or 0.0)):
             if value < 0:
                 raise InstructionError(f"config {key!r} must be >= 0, got {value}")
-        fine_tune_epochs = _at_least("fine-tune-epochs", _config_int(config, "fine-tune-epochs", 0), 0)
-        if fine_tune_epochs > max_local_epochs:
-            raise InstructionError(
-                f"config 'fine-tune-epochs' = {fine_tune_epochs} exceeds this site's bound of {max_local_epochs}; "
-                "lower run-config 'fine-tune-epochs', or raise the bound with the SuperNode's --node-config "
-                '"max-local-epochs=N"'
-            )
+        fine_tune_epochs = epochs("fine-tune-epochs", 0, 0)
         return cls(
             local_epochs=local_epochs,
             num_epochs=_at_least("num-epochs", _config_int(config, "num-epochs", local_epochs * server_round), 1),
