@@ -94,3 +94,26 @@ def test_dice_per_class_is_named_and_plotted_per_label_or_region(tmp_path):
         assert {"aggregated Dice of whole", "aggregated Dice of core", "aggregated Dice of enhancing"} <= set(labels)
     finally:
         plt.close(figure)
+
+
+def test_personal_models_are_drawn_beside_the_global_one_and_fine_tuning_is_filed(tmp_path):
+    history = RunHistory(tmp_path, dataset="Dataset987_FedDemo", configuration="2d", strategy="fedavg")
+    for server_round in (1, 2):
+        history.evaluate_metrics(
+            [_reply(s, **{"num-examples": 2, "dice": 0.5, "personal-dice": 0.6}) for s in ("site-0", "site-1")],
+            "num-examples",
+        )
+        history.end_round(server_round, diagnostics={"sites": {}, "flagged": {"site-1": 0}})
+    history.note_fine_tune([_reply("site-0", **{"num-examples": 2, "dice": 0.5, "fine-tune-kept": 1})], "num-examples")
+    figure = history.figure()
+    try:
+        labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    finally:
+        plt.close(figure)
+    assert {"site-0 personal model Dice", "site-1 personal model Dice", "aggregated personal model Dice"} <= set(labels)
+    written = json.loads(history.json_file.read_text())
+    assert written["rounds"]["2"]["diagnostics"]["flagged"] == {"site-1": 0}
+    assert written["fine-tune"]["sites"]["site-0"]["fine-tune-kept"] == 1
+    reloaded = RunHistory(tmp_path)
+    reloaded.load()
+    assert reloaded.fine_tune == written["fine-tune"] and set(reloaded.rounds) == {1, 2}
