@@ -27,7 +27,7 @@ DEMO_PLANS = {
     (3, 3): "1aa040167483bf863bcc20fb9daf0d94adcd5735d99c8314c8c055540021670c",
 }
 """sha256 of the sorted-key JSON of the demo's plans (dims, sites) as the demo planned them before the run planned
-them (commit 04e2a92): the plans of the README's Dice tables."""
+them (commit 04e2a92): the plans of the Dice tables (README, documentation/getting-started.md)."""
 
 
 def image(path):

@@ -1,4 +1,7 @@
-"""The 3D demo's parameters: what was measured to learn both labels (README, "The 3D demo"), and 2D unchanged."""
+"""The 3D demo's parameters: what was measured to learn both labels, and 2D unchanged.
+
+(documentation/getting-started.md, "The 3D demo".)
+"""
 
 from __future__ import annotations
 

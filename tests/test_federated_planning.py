@@ -469,7 +469,7 @@ def test_a_stopped_planning_phase_is_one_server_config_error(planning_phase, tmp
 
 
 def _raw_only_federation(root, labels_of_site_2=LABELS):
-    """``<root>/site-K/nnUNet_raw/<dataset>/`` and nothing else (the README's layout for your own data)."""
+    """``<root>/site-K/nnUNet_raw/<dataset>/`` and nothing else (documentation/your-own-datasets.md)."""
     for k, size in enumerate((40, 48, 56)):
         labels = LABELS if k < 2 else labels_of_site_2
         write_site(root / f"site-{k}" / "nnUNet_raw" / DATASET, k, size, 3, labels=labels)

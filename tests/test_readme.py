@@ -1,4 +1,4 @@
-"""The README's core example runs as written on a real nnU-Net network."""
+"""The README's and documentation/'s commands and core example run as written."""
 
 from __future__ import annotations
 
@@ -18,10 +18,33 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "documentation"
+PAGES = (
+    README,
+    *(
+        DOCS / f"{name}.md"
+        for name in (
+            "getting-started",
+            "your-own-datasets",
+            "hospitals-that-differ",
+            "deployment",
+            "run-config",
+            "strategies",
+            "checkpoints",
+            "benchmarks",
+            "architecture",
+        )
+    ),
+)
+"""The pages whose commands run, in this order (the README's, then the guides')."""
 
 
-def python_block_after(heading: str) -> str:
-    text = README.read_text()
+def pages_text() -> str:
+    return "\n".join(page.read_text() for page in PAGES)
+
+
+def python_block_after(heading: str, page: Path = DOCS / "architecture.md") -> str:
+    text = page.read_text()
     section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
@@ -87,7 +110,7 @@ def _strip_comment(line: str) -> str:
 
 def bash_blocks(text: str | None = None) -> list[list[str]]:
     """The README's ```bash blocks, each as its commands (continuations joined, comments and blanks dropped)."""
-    text = README.read_text() if text is None else text
+    text = pages_text() if text is None else text
     blocks = []
     for body in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
         commands, pending = [], ""
@@ -160,7 +183,7 @@ def test_every_readme_bash_command_is_run_here_or_documented_only(tmp_path):
 
 
 def test_a_readme_command_no_rule_covers_is_reported(tmp_path):
-    text = README.read_text()
+    text = pages_text()
     assert "checkpoint_final.pth -device cpu\n" in text
     broken = text.replace("checkpoint_final.pth -device cpu\n", "checkpoint_final.pth\n")  # nnU-Net's cuda default
     uncovered = plan(tmp_path, broken)[1]

@@ -1,4 +1,4 @@
-"""One run-config schema: pyproject.toml, RunSettings, the client's defaults and the README all follow it."""
+"""One run-config schema: pyproject.toml, RunSettings, the client's defaults and the documented table follow it."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def test_site_spec_defaults_are_the_schema_defaults(tmp_path):
     assert spec.nnunet_preprocessed == tmp_path / "site-1" / "nnUNet_preprocessed"
 
 
-def test_readme_run_config_table_is_rendered_from_the_schema():
-    readme = (REPO / "README.md").read_text()
-    assert readme.count(BEGIN) == 1 and readme.count(END) == 1
-    section = readme[readme.index(BEGIN) : readme.index(END)]
+def test_the_documented_run_config_table_is_rendered_from_the_schema():
+    page = (REPO / "documentation" / "run-config.md").read_text()
+    assert page.count(BEGIN) == 1 and page.count(END) == 1
+    section = page[page.index(BEGIN) : page.index(END)]
     table = section.split("\n", 1)[1]
     assert table == markdown_table()
     assert table.count("\n") == len(RUN_CONFIG) + 2

@@ -124,7 +124,7 @@ def test_local_groups_stay_at_each_site_alias_consistently():
         assert torch.equal(after[key], before[key] if key in local else full[key]), key
 
 
-# --- README example: a custom strategy in under 30 lines (keep in sync with the README) -------------
+# --- documented example: a custom strategy in under 30 lines (keep in sync with documentation/strategies.md) ---
 from flwr_nnunet import median_
 
 
@@ -151,7 +151,7 @@ def make_strategy(network, plans):
     )
 
 
-# --- end of README example ---------------------------------------------------------------------------
+# --- end of documented example ------------------------------------------------------------------------------
 
 
 def test_readme_custom_strategy(capsys):

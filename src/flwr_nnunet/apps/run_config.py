@@ -1,8 +1,8 @@
 """The run config's one schema: every ``[tool.flwr.app.config]`` key, its type, default and meaning.
 
-pyproject.toml, :class:`RunSettings`, the client's defaults and the README's
-table all follow :data:`RUN_CONFIG` (the tests check pyproject.toml and the
-README against it; :func:`markdown_table` renders the README's table).
+pyproject.toml, :class:`RunSettings`, the client's defaults and the table of
+documentation/run-config.md all follow :data:`RUN_CONFIG` (the tests check
+pyproject.toml and that page against it; :func:`markdown_table` renders the table).
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def run_config_value(run_config: Mapping[str, Any], key: str) -> Value:
 
 
 def markdown_table() -> str:
-    """The README's run-config table: ``| key | default | meaning |``, one row per key."""
+    """The run-config table of documentation/run-config.md: ``| key | default | meaning |``, one row per key."""
     rows = [f"| `{s.key}` | `{_toml(s.default)}` | {s.meaning} |" for s in RUN_CONFIG]
     return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows]) + "\n"
 
