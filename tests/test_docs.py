@@ -1,4 +1,4 @@
-"""The README's and documentation/'s commands and core example run as written."""
+"""Every page's commands (README.md and documentation/*.md) and the documented examples run as written."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from doc_pages import DOCS, PAGES, REPO, name
 from strategy_support import tiny_network
 
 from flwr_nnunet import AliasMap, to_array_record
@@ -17,33 +18,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-DOCS = README.parent / "documentation"
-PAGES = (
-    README,
-    *(
-        DOCS / f"{name}.md"
-        for name in (
-            "getting-started",
-            "your-own-datasets",
-            "hospitals-that-differ",
-            "deployment",
-            "run-config",
-            "strategies",
-            "checkpoints",
-            "benchmarks",
-            "architecture",
-        )
-    ),
-)
-"""The pages whose commands run, in this order (the README's, then the guides')."""
-
-
-def pages_text() -> str:
-    return "\n".join(page.read_text() for page in PAGES)
-
 
 def python_block_after(heading: str, page: Path = DOCS / "architecture.md") -> str:
+    """The first ```python block after ``heading`` on ``page``."""
     text = page.read_text()
     section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
@@ -57,7 +34,7 @@ def test_core_example_aggregates_in_place_and_keeps_aliases_shared():
     received = [to_array_record({k: c[k] for k in canonical_keys}) for c in clients]
     namespace = {"network": network, "received": received, "weights": [1, 3]}
 
-    exec(python_block_after("## The core"), namespace)  # noqa: S102 - the README's own code
+    exec(python_block_after("## The core"), namespace)  # noqa: S102 - the documentation's own code
 
     after = network.state_dict()
     key = next(k for k in after if after[k].is_floating_point())
@@ -66,8 +43,16 @@ def test_core_example_aggregates_in_place_and_keeps_aliases_shared():
     assert all(full[k] is full[group[0]] for group in amap.groups.values() for k in group)
 
 
+def test_the_custom_strategy_example_is_the_one_tests_test_strategy_runs():
+    """documentation/strategies.md's example, less its import line, is tests/test_strategy.py's code verbatim."""
+    example = python_block_after("## Custom strategies and the hooks", DOCS / "strategies.md")
+    imports, body = example.split("\n", 1)
+    assert imports == "from flwr_nnunet import NnUNetFedAvg, median_"
+    assert body.strip() and body in (REPO / "tests" / "test_strategy.py").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Every command in the README's ```bash blocks is either run here (tiny budgets) or on the documented-only list.
+# Every command in every page's ```bash blocks is either run here (tiny budgets) or on the documented-only list.
 
 RUN_BUDGET = {"num-server-rounds": 1, "iterations-per-epoch": 1, "val-iterations-per-epoch": 1}
 DEMO_BUDGET = "--rounds 1 --iterations 1 --val-iterations 1 --sites 2"
@@ -84,7 +69,7 @@ DOCUMENTED_ONLY: tuple[tuple[str, str], ...] = (
     ("flwr run . hospitals ", "deployment guide: the deployment tests run `flwr run <repo> <connection> --run-config`"),
     ("nnUNetv2_predict -i imagesTs ", "deployment guide: tests/test_deployment_secure.py predicts the run's model"),
 )
-"""Commands (prefixes) the README shows but this test does not run, and why."""
+"""Commands (prefixes) the pages show but this test does not run, and why."""
 
 RUN_AS_IS = (
     re.compile(r"export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PATH=\S+$"),
@@ -108,9 +93,8 @@ def _strip_comment(line: str) -> str:
     return line.rstrip()
 
 
-def bash_blocks(text: str | None = None) -> list[list[str]]:
-    """The README's ```bash blocks, each as its commands (continuations joined, comments and blanks dropped)."""
-    text = pages_text() if text is None else text
+def bash_blocks(text: str) -> list[list[str]]:
+    """A page's ```bash blocks, each as its commands (continuations joined, comments and blanks dropped)."""
     blocks = []
     for body in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
         commands, pending = [], ""
@@ -144,55 +128,68 @@ def _with_budget(command: str, tmp_path: Path) -> str | None:
         if toml is None:
             pairs = " ".join(f"{k}={v}" for k, v in RUN_BUDGET.items())
             return f'{command} --run-config "{pairs}"'
-        config = {**tomllib.loads((README.parent / toml.group(1)).read_text()), **RUN_BUDGET}
+        config = {**tomllib.loads((REPO / toml.group(1)).read_text()), **RUN_BUDGET}
         budgeted = tmp_path / f"budget-{Path(toml.group(1)).name}"
         budgeted.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
         return command.replace(toml.group(0), f"--run-config {budgeted}")
     return None
 
 
-def plan(tmp_path: Path, text: str | None = None) -> tuple[list[list[str]], list[str]]:
-    """Per ```bash block the commands to run (with budgets), and the README commands no rule covers."""
+def page_texts() -> dict[str, str]:
+    """Every page's text by its name, in reading order (:data:`doc_pages.PAGES`)."""
+    return {name(page): page.read_text() for page in PAGES}
+
+
+def plan(tmp_path: Path, texts: dict[str, str] | None = None) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Per ```bash block of every page, in page order: (page, the commands to run with budgets); and the
+    commands no rule covers (``page: command``)."""
     runs, uncovered = [], []
-    for block in bash_blocks(text):
-        script = []
-        for command in block:
-            parts = command.split(" && ")
-            for part in parts:
-                if _documented(part):
-                    continue
-                runnable = _with_budget(part, tmp_path)
-                if runnable is None:
-                    uncovered.append(part)
-                else:
-                    script.append(runnable)
-        runs.append(script)
+    for page, text in (page_texts() if texts is None else texts).items():
+        for block in bash_blocks(text):
+            script = []
+            for command in block:
+                for part in command.split(" && "):
+                    if _documented(part):
+                        continue
+                    runnable = _with_budget(part, tmp_path)
+                    if runnable is None:
+                        uncovered.append(f"{page}: {part}")
+                    else:
+                        script.append(runnable)
+            runs.append((page, script))
     return runs, uncovered
 
 
-def test_every_readme_bash_command_is_run_here_or_documented_only(tmp_path):
+def test_every_bash_command_of_the_pages_is_run_here_or_documented_only(tmp_path):
     runs, uncovered = plan(tmp_path)
     assert not uncovered, (
-        "README commands that tests/test_readme.py neither runs nor lists as documented-only "
-        f"(add a rule, or fix the README): {uncovered}"
+        "commands of the documentation that tests/test_docs.py neither runs nor lists as documented-only "
+        f"(add a rule, or fix the page): {uncovered}"
     )
-    flat = [command for script in runs for command in script]
+    flat = [command for _, script in runs for command in script]
     assert any("run_demo.py" in c for c in flat)
     assert sum(c.startswith("flwr run . --stream") for c in flat) >= 4
     assert any("nnUNetv2_predict" in c for c in flat)
+    pages = {page for page, _ in runs}
+    assert {"README.md", "documentation/getting-started.md", "documentation/deployment.md"} <= pages
 
 
-def test_a_readme_command_no_rule_covers_is_reported(tmp_path):
-    text = pages_text()
-    assert "checkpoint_final.pth -device cpu\n" in text
-    broken = text.replace("checkpoint_final.pth -device cpu\n", "checkpoint_final.pth\n")  # nnU-Net's cuda default
-    uncovered = plan(tmp_path, broken)[1]
-    assert len(uncovered) == 1 and uncovered[0].startswith("nnUNet_results=") and "-device" not in uncovered[0]
+def test_a_command_no_rule_covers_is_reported_with_its_page(tmp_path):
+    texts = page_texts()
+    page = "documentation/getting-started.md"
+    assert "checkpoint_final.pth -device cpu\n" in texts[page]
+    broken = texts[page].replace("checkpoint_final.pth -device cpu\n", "checkpoint_final.pth\n")  # nnU-Net's cuda
+    uncovered = plan(tmp_path, {**texts, page: broken})[1]
+    assert len(uncovered) == 1 and uncovered[0].startswith(f"{page}: nnUNet_results=") and "-device" not in uncovered[0]
+
+
+def test_every_guide_is_linked_from_the_readme():
+    assert sorted(PAGES[1:]) == sorted(DOCS.glob("*.md"))
 
 
 @pytest.mark.slow
-def test_readme_bash_blocks_run_verbatim_on_a_cpu(tmp_path):
-    """Each runnable block as one bash script, in README order, in a temp FLWR_HOME on this test's own ports."""
+def test_the_pages_bash_blocks_run_verbatim_on_a_cpu(tmp_path):
+    """Each runnable block as one bash script, pages in reading order, in a temp FLWR_HOME on this test's own ports."""
     from flwr_local import LocalFlower
 
     runs, uncovered = plan(tmp_path)
@@ -200,9 +197,11 @@ def test_readme_bash_blocks_run_verbatim_on_a_cpu(tmp_path):
     home = tmp_path / "flwr-home"
     with LocalFlower(home, {"CUDA_VISIBLE_DEVICES": ""}) as flower:
         expected = 0
-        for script in filter(None, runs):
+        for page, script in runs:
+            if not script:
+                continue
             done = flower.run("set -euo pipefail\n" + "\n".join(script), timeout=900)
-            assert done.returncode == 0, f"README block failed:\n{script}\n{done.stdout[-4000:]}"
+            assert done.returncode == 0, f"a block of {page} failed:\n{script}\n{done.stdout[-4000:]}"
             expected += sum(c.startswith("flwr run . --stream") for c in script)
         statuses = [run["status"] for run in flower.runs()]
     assert statuses == ["finished:completed"] * expected, statuses
