@@ -65,10 +65,11 @@ def test_the_run_s_planning_phase_gives_the_demo_the_plans_it_had(raw_demo, demo
 
     from flwr_nnunet.apps.planning_phase import run_planning_phase
     from flwr_nnunet.apps.server import planning_options, read_settings
+    from flwr_nnunet.demo.run_data import DEMO_RUN_DATA
 
     config = {"data-root": str(raw_demo.root), "node-wait": 0.0, "min-available-nodes": 3}
     settings = read_settings(config)
-    result = run_planning_phase(query_grid(config, 3), settings, planning_options(settings))
+    result = run_planning_phase(query_grid(config, 3), settings, planning_options(settings, DEMO_RUN_DATA))
     assert result.folder == raw_demo.server.preprocessed_dataset_folder
     assert plans_digest(raw_demo.plans_file) == DEMO_PLANS[(2, 3)] == plans_digest(demo.plans_file)
     for site in raw_demo.sites:

@@ -56,12 +56,13 @@ def test_the_3d_demo_planned_in_the_run_has_the_plans_it_had(tmp_path):
 
     from flwr_nnunet.apps.planning_phase import run_planning_phase
     from flwr_nnunet.apps.server import planning_options, prepare_data, read_settings
+    from flwr_nnunet.demo.run_data import DEMO_RUN_DATA
 
     config = {**tomllib.loads(CONFIG.read_text()), "data-root": str(tmp_path / "data"), "node-wait": 0.0}
     settings = read_settings(config)
-    prepare_data(settings)
+    prepare_data(settings, DEMO_RUN_DATA)
     assert not settings.server_dataset_folder.exists()  # nothing planned before the run
-    run_planning_phase(query_grid(config, 3), settings, planning_options(settings))
+    run_planning_phase(query_grid(config, 3), settings, planning_options(settings, DEMO_RUN_DATA))
     plans = settings.server_dataset_folder / "nnUNetPlans.json"
     assert plans_digest(plans) == DEMO_PLANS[(3, 3)]
     assert list(json.loads(plans.read_text())["configurations"]) == ["3d_fullres"]

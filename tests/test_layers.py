@@ -52,6 +52,7 @@ CONTRACTS = (
     ),
     Contract("strategy", (_P + "strategy",), tuple(_P + layer for layer in ("site", "apps", "demo", "repair"))),
     Contract("site", (_P + "site",), tuple(_P + layer for layer in ("strategy", "apps", "demo", "repair"))),
+    Contract("apps", (_P + "apps",), tuple(_P + layer for layer in ("demo", "repair", "cli"))),
     Contract("server side", ("server_app", _P + "apps"), (_P + "apps.client",), excluded=(_P + "apps.client",)),
     Contract("client side", ("client_app", _P + "apps.client"), (_P + "apps.server",)),
 )

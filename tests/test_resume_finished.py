@@ -12,6 +12,7 @@ from flwr.app import Context, RecordDict
 from flwr_nnunet.apps.config_errors import ServerConfigError
 from flwr_nnunet.apps.server import build_strategy, read_settings, run_server
 from flwr_nnunet.demo.data import make_demo_dataset
+from flwr_nnunet.demo.run_data import DEMO_RUN_DATA
 
 
 class _Lines(logging.Handler):
@@ -56,7 +57,7 @@ def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path):
                 state=RecordDict(),
                 run_config={**config, "num-server-rounds": rounds, "resume": True},
             )
-            result = run_server(None, context)  # no grid: nothing may be sent
+            result = run_server(None, context, DEMO_RUN_DATA)  # no grid: nothing may be sent
             assert len(result.arrays) > 0
     finally:
         logging.getLogger("flwr").removeHandler(handler)
@@ -86,5 +87,5 @@ def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path):
         run_config={**config, "num-server-rounds": 3, "resume": True},
     )
     with pytest.raises(ServerConfigError, match="resume=true: cannot resume .* trained with other plans"):
-        run_server(None, context)
+        run_server(None, context, DEMO_RUN_DATA)
     assert _snapshot(folder) == before

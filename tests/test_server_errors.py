@@ -164,3 +164,13 @@ def test_a_data_root_with_other_data_is_one_line_and_left_alone(tmp_path):
     error = _server_app_error(**{"data-root": str(tmp_path)})
     assert str(error).startswith("make-demo=true: ") and "not a demo" in str(error)
     assert (tmp_path / "site-0" / "mine.txt").read_text() == "not a demo"
+
+
+def test_make_demo_without_data_plugged_in_is_one_line_and_makes_nothing(tmp_path):
+    """run_server called without the demo server_app.py plugs in: make-demo=true names the fix, makes nothing."""
+    from flwr_nnunet.apps.server import run_server
+
+    with pytest.raises(ServerConfigError, match="plugs in no data to make") as raised:
+        run_server(None, _context(**{"data-root": str(tmp_path / "demo")}))
+    assert "\n" not in str(raised.value) and "make-demo=false" in str(raised.value)
+    assert not (tmp_path / "demo").exists()

@@ -1,8 +1,9 @@
-"""The server side of a run: demo data, planning, global nnU-Net network, strategy, rounds.
+"""The server side of a run: the data plugged in, planning, global nnU-Net network, strategy, rounds.
 
 ``server_app.py`` calls :func:`run_server`. It reads the run config
 (``[tool.flwr.app.config]``, schema in :mod:`flwr_nnunet.apps.run_config`),
-makes the synthetic demo's raw data when asked, plans with the sites before
+lets the :class:`RunData` the ServerApp plugs in make or check its data with
+``make-demo = true`` (the synthetic demo's), plans with the sites before
 round 1 (``planning = "federated"``, :mod:`flwr_nnunet.apps.planning_phase`),
 builds the global network from the shared plans exactly as the sites' trainer
 class builds it, runs the strategy, and leaves behind the nnU-Net model folder
@@ -15,7 +16,7 @@ import json
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from flwr.supercore import log
@@ -26,10 +27,13 @@ from flwr_nnunet.apps.run_config import RunSettings
 from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.strategy.checkpoints import ResumeError
 
+if TYPE_CHECKING:
+    from flwr_nnunet.apps.planning_phase import PlanningOptions
+
 __all__ = [
     "PERSONALIZATIONS",
+    "RunData",
     "build_strategy",
-    "check_demo_settings",
     "check_personal_settings",
     "check_strategy_settings",
     "finished_round",
@@ -40,10 +44,19 @@ __all__ = [
     "run_server",
 ]
 
-DEMO_DATASET = "Dataset987_FedDemo"
 PERSONALIZATIONS = ("", "mr-mtl")
 """Run-config ``personalization`` values: one global model, or MR-MTL personal models."""
-_DEMO_CONFIGURATION = {False: "2d", True: "3d_fullres"}
+
+
+class RunData(Protocol):
+    """The data a ServerApp plugs into the run for ``make-demo = true`` (``server_app.py``: the synthetic demo's)."""
+
+    def prepare(self, settings: RunSettings) -> None:
+        """Before planning: check the run config against the data, make them under ``data-root`` or check them
+        there; a problem is a :class:`ServerConfigError` naming the fix."""
+
+    def planning_options(self, settings: RunSettings) -> PlanningOptions:
+        """The planning phase's options for these data."""
 
 
 def _read_json(path: Path, fix: str) -> dict:
@@ -60,80 +73,34 @@ def read_settings(run_config: Mapping[str, Any]) -> RunSettings:
         raise ServerConfigError(f'{error}; fix it in the run config (flwr run . -c "key=value")') from None
 
 
-def prepare_data(settings: RunSettings) -> None:
-    """With ``make-demo``: make the demo's raw data under ``data-root`` unless a demo is there; check it fits.
-
-    Only what hospitals hold is made (each site's raw dataset and split): the run's planning phase plans it.
+def prepare_data(settings: RunSettings, data: RunData | None = None) -> None:
+    """With ``make-demo``: ``data`` makes or checks its data under ``data-root`` (:meth:`RunData.prepare`).
 
     Raises
     ------
     ServerConfigError
-        If the demo under ``data-root`` is not the dataset / configuration the run config names, or
-        ``data-root`` holds other data.
+        From ``data``, or if no ``data`` was plugged in.
     """
-    if not settings.make_demo:
-        return
-    from flwr_nnunet.demo.data import load_demo_dataset, make_demo_dataset
-
-    check_demo_settings(settings)
-    try:
-        demo = load_demo_dataset(settings.data_root)
-    except FileNotFoundError:
-        log(INFO, "flwr-nnunet: making the demo's raw data under %s (first use)", settings.data_root)
-        try:
-            demo = make_demo_dataset(
-                settings.data_root, num_sites=settings.demo_sites, dims=3 if settings.demo_3d else 2, planned=False
-            )
-        except ValueError as error:
-            raise ServerConfigError(f"make-demo=true: {error}") from None
-    wanted = (settings.dataset, settings.configuration)
-    if (demo.dataset_name, demo.configuration) != wanted:
-        raise ServerConfigError(
-            f"the demo under {demo.root} is {demo.dataset_name} / {demo.configuration} but the run config asks for "
-            f"{wanted[0]} / {wanted[1]}: set run-config dataset / configuration to match, or point data-root at "
-            "another folder (the demo is made there)"
-        )
-
-
-def planning_options(settings: RunSettings) -> Any:
-    """The planning phase's :class:`~flwr_nnunet.apps.planning_phase.PlanningOptions`: the demo's with make-demo."""
     if settings.make_demo:
-        from flwr_nnunet.demo.data import DEMO_PLANNING
+        _plugged_in(data).prepare(settings)
 
-        return DEMO_PLANNING
+
+def planning_options(settings: RunSettings, data: RunData | None = None) -> PlanningOptions:
+    """The planning phase's :class:`~flwr_nnunet.apps.planning_phase.PlanningOptions`: ``data``'s with make-demo."""
+    if settings.make_demo:
+        return _plugged_in(data).planning_options(settings)
     from flwr_nnunet.apps.planning_phase import PlanningOptions
 
     return PlanningOptions.from_settings(settings)
 
 
-def check_demo_settings(settings: RunSettings) -> None:
-    """With ``make-demo``: the run config must name the demo's dataset and its configuration (2d or, 3D, 3d_fullres).
-
-    Raises
-    ------
-    ServerConfigError
-        Naming the key to change, before any data are made.
-    """
-    demo_configuration = _DEMO_CONFIGURATION[settings.demo_3d]
-    if settings.configuration != demo_configuration:
-        if settings.demo_3d:
-            fix = "set configuration='3d_fullres' (as configs/demo-3d.toml does), or demo-3d=false for the 2D demo"
-        elif settings.configuration == _DEMO_CONFIGURATION[True]:
-            fix = "set demo-3d=true for the 3D demo (flwr run . --run-config configs/demo-3d.toml)"
-        else:
-            fix = "set configuration='2d', or demo-3d=true with configuration='3d_fullres' for the 3D demo"
-        kind = "3D" if settings.demo_3d else "2D"
+def _plugged_in(data: RunData | None) -> RunData:
+    if data is None:
         raise ServerConfigError(
-            f"configuration {settings.configuration!r} does not fit the {kind} demo (make-demo=true, "
-            f"demo-3d={str(settings.demo_3d).lower()}), which is planned for {demo_configuration!r} only: {fix}"
+            "make-demo=true, but this ServerApp plugs in no data to make (run_server(grid, context, data=None)): "
+            "set make-demo=false and data-root to the sites' data, or run server_app.py's ServerApp"
         )
-    if settings.dataset != DEMO_DATASET:
-        raise ServerConfigError(
-            f"dataset {settings.dataset!r} is not the demo's ({DEMO_DATASET}), and make-demo=true makes only the "
-            f"demo: for your own dataset set make-demo=false and data-root to the folder with each site's "
-            f"site-K/nnUNet_raw/{settings.dataset} (see the README, 'Your own nnU-Net datasets'), or set "
-            f"dataset='{DEMO_DATASET}'"
-        )
+    return data
 
 
 def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
@@ -189,12 +156,15 @@ def _resumes_with_plans(settings: RunSettings) -> bool:
     return settings.resume and (settings.server_dataset_folder / f"{settings.plans}.json").is_file()
 
 
-def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool = False) -> Any:
+def plan_before_training(
+    grid: Any, settings: RunSettings, *, check_only: bool = False, data: RunData | None = None
+) -> Any:
     """With ``planning = "federated"``: the planning phase (:mod:`flwr_nnunet.apps.planning_phase`) before round 1.
 
     With ``resume`` and plans in the server's dataset folder nothing is planned again: those plans (the ones
     the checkpoints were trained with, checked by the resume) go to every site, which preprocesses with them
-    where it has not. ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site. Returns the
+    where it has not. ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site; ``data``
+    gives the planning options with ``make-demo`` (:func:`planning_options`). Returns the
     :class:`~flwr_nnunet.apps.planning_phase.PlanningResult` of a planning phase, else None.
 
     Raises
@@ -218,7 +188,7 @@ def plan_before_training(grid: Any, settings: RunSettings, *, check_only: bool =
             log(INFO, "flwr-nnunet: resume: the run's plans in %s, not planned again", settings.server_dataset_folder)
             resend_plans(grid, settings)
             return None
-        return run_planning_phase(grid, settings, planning_options(settings))
+        return run_planning_phase(grid, settings, planning_options(settings, data))
     except PlanningPhaseError as error:
         raise ServerConfigError(str(error)) from None
 
@@ -326,29 +296,30 @@ def _result(core: Any) -> Any:
     return result
 
 
-def run_server(grid: Any, context: Any) -> Any:
+def run_server(grid: Any, context: Any, data: RunData | None = None) -> Any:
     """The ServerApp's main: data, planning, global network, strategy, rounds, model folder, history and plot.
 
-    Returns Flower's ``Result`` of the strategy. A :class:`ServerConfigError` is logged as its one line
-    before it ends the run.
+    ``data`` is what ``make-demo = true`` makes (``server_app.py`` plugs in the synthetic demo's). Returns
+    Flower's ``Result`` of the strategy. A :class:`ServerConfigError` is logged as its one line before it ends
+    the run.
     """
     one_line = install_one_line_errors()
     try:
-        return _run(grid, context)
+        return _run(grid, context, data)
     except ServerConfigError as error:
         one_line.report(error)
         raise
 
 
-def _run(grid: Any, context: Any) -> Any:
+def _run(grid: Any, context: Any, data: RunData | None) -> Any:
     from flwr.app import ConfigRecord
 
     settings = read_settings(context.run_config)
     check_strategy_settings(settings)
     plan_before_training(grid, settings, check_only=True)
-    prepare_data(settings)
+    prepare_data(settings, data)
     planned_before = _resumes_with_plans(settings)
-    planned = None if planned_before else plan_before_training(grid, settings)
+    planned = None if planned_before else plan_before_training(grid, settings, data=data)
     strategy = build_strategy(settings, context.run_config)
     core = _core(strategy)
     for node, line in (planned.label_warnings if planned is not None else {}).items():
@@ -383,7 +354,7 @@ def _run(grid: Any, context: Any) -> Any:
         except ResumeError as error:
             raise ServerConfigError(f"resume=true: {error}") from None
         if planned_before:  # the checkpoint's plans digest checked: these plans to every site
-            plan_before_training(grid, settings)
+            plan_before_training(grid, settings, data=data)
     log(
         INFO,
         "flwr-nnunet: %s, %s, %d round(s) x %d local epoch(s), strategy %s; global model in %s",
