@@ -21,6 +21,9 @@ Override points for research code
 ``on_round_end(server_round)``
     Called after each round of :meth:`NnUNetFedAvg.start` (default: calls
     ``post_round_fn(server_round, strategy)`` when given).
+``diagnostics``, ``flagged_weight``
+    Which site disagrees with the federation (:class:`~flwr_nnunet.strategy.site_diagnostics.SiteDiagnostics`,
+    read from every round's accepted replies) and what a flagged site's replies then count for.
 ``local_keys=predicate``
     Personalization (FedBN-style): groups in which any key matches stay local
     at each site and are neither sent nor aggregated.
@@ -217,25 +220,18 @@ class NnUNetFedAvg(FedAvg):
     def without_excluded(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         """``messages`` without those to flagged sites when ``flagged_weight`` is 0 (one log line per site)."""
         messages = list(messages)
-        self.excluded = frozenset()
-        if self.flagged_weight > 0:
-            return messages
-        kept = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if self.diagnostics.is_flagged(node):
-                log(
-                    WARNING,
-                    "configure_train: round %d: site %s (node %d) is flagged: excluded from training "
-                    "(run-config flagged-weight=0)",
-                    server_round,
-                    self.diagnostics.name(node),
-                    node,
-                )
-            else:
-                kept.append(message)
-        self.excluded = frozenset(m.metadata.dst_node_id for m in messages) - {m.metadata.dst_node_id for m in kept}
-        return kept
+        nodes = {m.metadata.dst_node_id for m in messages}
+        self.excluded = frozenset(n for n in nodes if self.flagged_weight == 0 and self.diagnostics.is_flagged(n))
+        for node in sorted(self.excluded):
+            log(
+                WARNING,
+                "configure_train: round %d: site %s (node %d) is flagged: excluded from training "
+                "(run-config flagged-weight=0)",
+                server_round,
+                self.diagnostics.name(node),
+                node,
+            )
+        return [m for m in messages if m.metadata.dst_node_id not in self.excluded]
 
     @property
     def min_train_replies(self) -> int:

@@ -14,11 +14,11 @@ asked of the sites).
     Comparing sites with each other, not with the model, keeps this true while the model is still confused
     by the site: honest sites, whatever their images, fit one model alike.
 ``update`` (measured, not used for the flag)
-    In a batch round of three or more training replies, each site's update (its tensors minus the global
-    model's) is compared with the mean of the other sites' update directions, over the whole network and over
-    the segmentation heads (``seg_layers``) alone; both cosines go to the history. They are no evidence: on an
-    honest federation they fall below zero once the sites near their own optima (the 3 clean demo sites,
-    rounds 6 to 10: head cosines -0.13 to -0.96), as they do at a site with other labels.
+    In a batch round of three or more training replies, each site's update of the segmentation heads
+    (``seg_layers``, where the labels' meaning lives: a few kilobytes, so this costs the round nothing) is
+    compared with the mean of the other sites' update directions; the cosine goes to the history. It is no
+    evidence: on an honest federation it falls below zero once the sites near their own optima (the 3 clean
+    demo sites, rounds 6 to 10: -0.13 to -0.96), as it does at a site with other labels.
 ``label volumes`` (before training)
     The planning phase's label-convention check (:mod:`flwr_nnunet.nnunet.label_convention`) names a site whose
     label volumes reverse the order every other site agrees on; the run flags it before round 1
@@ -240,18 +240,16 @@ class SiteDiagnostics:
             self._weigh(node, None if line is None else Evidence("labels", server_round, line), "labels")
 
     def note_train(self, server_round: int, accepted: Sequence[Any], reference: Mapping[str, torch.Tensor]) -> None:
-        """Measure the ``update`` cosines of one batch training round for the history: each reply's tensors
-        against ``reference`` (the global model before this round's aggregation). Needs three replies or more."""
+        """Measure the ``update`` cosine of one batch training round for the history: each reply's segmentation
+        heads against ``reference``'s (the global model before this round's aggregation). Needs three replies or
+        more."""
         for reply in accepted:
             self._remember_name(reply)
         if len(accepted) < 3:
             return
-        tensors = [reply.tensors for reply in accepted]
-        whole = cosines_to_others(update_gram(tensors, reference))
-        heads = cosines_to_others(update_gram(tensors, reference, is_segmentation_head))
-        for index, reply in enumerate(accepted):
-            self._measure(server_round, reply.node_id, "update-cosine", whole[index])
-            self._measure(server_round, reply.node_id, "head-cosine", heads[index])
+        gram = update_gram([reply.tensors for reply in accepted], reference, is_segmentation_head)
+        for reply, cosine in zip(accepted, cosines_to_others(gram)):
+            self._measure(server_round, reply.node_id, "head-cosine", cosine)
 
     def flag_before_training(self, node: int, name: str, text: str) -> None:
         """Flag ``node`` (site ``name``) before round 1 on the planning phase's label-volume evidence ``text``."""
