@@ -65,15 +65,15 @@ from flwr_nnunet.site.trainer_state import (
     unwrapped,
 )
 
-__all__ = ["Site", "personal_metrics"]
+__all__ = ["Site"]
 
 
-def copies(tensors: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def _copies(tensors: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """Detached copies of ``tensors``."""
     return OrderedDict((key, tensor.detach().clone()) for key, tensor in tensors.items())
 
 
-def personal_metrics(metrics: Mapping[str, object]) -> dict[str, object]:
+def _personal_metrics(metrics: Mapping[str, object]) -> dict[str, object]:
     """A personal model's ``dice`` and ``dice-per-class`` as ``personal-dice`` and ``personal-dice-per-class``."""
     return {"personal-dice": metrics["dice"], "personal-dice-per-class": metrics["dice-per-class"]}
 
@@ -475,7 +475,7 @@ class Site:
         if not mr_mtl:
             return validation_dice(self.spec, self.trainer, self.network, validation)
         personal = validation_dice(self.spec, self.trainer, self.network, validation, "personal model")
-        kept = copies(self.canonical())
+        kept = _copies(self.canonical())
         self.load_global_(received, local_keys)
         try:
             metrics = validation_dice(self.spec, self.trainer, self.network, validation)
@@ -483,7 +483,7 @@ class Site:
             assign_(self.canonical(), kept)
         about = {"kind": "mr-mtl", "server_round": options.server_round, "validation_dice": personal["dice"]}
         save_personal_model(self.spec, self.trainer, {**about, "global_validation_dice": metrics["dice"]})
-        return {**metrics, **personal_metrics(personal)}
+        return {**metrics, **_personal_metrics(personal)}
 
     def _fine_tune(
         self, received: Mapping[str, torch.Tensor], options: TrainOptions, local_keys: Collection[str], validation: list
@@ -529,7 +529,7 @@ class Site:
             tuned["dice"],
             metrics["dice"],
         )
-        return {**metrics, **personal_metrics(tuned if kept else metrics), "fine-tune-kept": int(kept)}
+        return {**metrics, **_personal_metrics(tuned if kept else metrics), "fine-tune-kept": int(kept)}
 
     def _fine_tune_epochs(self, options: TrainOptions) -> None:
         """``options.fine_tune_epochs`` epochs of the live trainer with a fresh optimizer and its own schedule."""
