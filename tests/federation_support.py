@@ -125,14 +125,20 @@ def run_config(root: Path, dataset: str, configuration: str, num_sites: int, **o
 
 
 def run_federation(
-    config: Mapping, num_sites: int, total_samples: int = TOTAL_SAMPLES, *, flagged: Sequence[str] | None = ()
+    config: Mapping,
+    num_sites: int,
+    total_samples: int = TOTAL_SAMPLES,
+    *,
+    flagged: Sequence[str] | None = (),
+    node_configs: Mapping[int, Mapping] | None = None,
 ) -> dict:
     """The ServerApp's whole run (federated planning, then the rounds) with ``total_samples`` foreground samples.
 
     Returns ``{"plans", "dataset_json"}`` (the server's, as planned), ``"grid"`` (its contexts and replies),
     ``"history"`` (flwr_history.json's rounds) and ``"model"`` (the global model folder). Asserts that the sites
     the run flagged as disagreeing with the federation are exactly ``flagged`` (none: no false alarm; None: no
-    check).
+    check). ``node_configs``: site K's node-config entries besides its partition id (as a SuperNode's
+    ``--node-config``).
     """
     from flwr.app import Context, RecordDict
     from test_federated_planning import query_grid
@@ -142,6 +148,8 @@ def run_federation(
     from flwr_nnunet.apps.server import run_server
 
     grid = query_grid(config, num_sites)  # it sets the task identity a running ServerApp has
+    for site, entries in (node_configs or {}).items():
+        grid.contexts[100 + site].node_config.update(entries)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as each simulated site has (two are several times slower on 2 busy cores)
     try:

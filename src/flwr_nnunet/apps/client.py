@@ -61,6 +61,9 @@ NODE_CONFIG_KEYS = {
     "max-local-epochs": f"the most local epochs this site trains per round (default {DEFAULT_MAX_LOCAL_EPOCHS})",
     "nnunet-raw": "the site's nnUNet_raw root, read by federated planning (default: the nnUNet_raw variable)",
     "dataset": "this site's dataset folder Dataset<ID>_<Name> in its nnU-Net roots (default: run-config 'dataset')",
+    "batch-size": "a smaller batch than the plans' for this site's GPU memory (its epochs run more iterations, so "
+    "they see as many patches)",
+    "patch-size": "a smaller patch than the plans', e.g. '96,96,96' (each edge a multiple of the network's pooling)",
 }
 """Deployment: ``flower-supernode --node-config "nnunet-preprocessed='/data/pp' nnunet-results='/data/res'"``."""
 
@@ -121,7 +124,30 @@ def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], nod
         trainer=str(run_config_value(run_config, "trainer")),
         fold=_fold(node_config.get("fold", run_config_value(run_config, "fold"))),
         device=str(node_config.get("device", run_config_value(run_config, "device"))),
+        batch_size=_batch_size(node_config.get("batch-size"), name),
+        patch_size=_patch_size(node_config.get("patch-size"), name),
     )
+
+
+def _batch_size(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SiteError(f"{name}: node-config 'batch-size' must be an integer >= 1, not {value!r}")
+    return value
+
+
+def _patch_size(value: Any, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        edges = tuple(int(str(part).strip()) for part in parts)
+    except ValueError:
+        edges = ()
+    if not edges or any(edge < 1 for edge in edges):
+        raise SiteError(f"{name}: node-config 'patch-size' must be edges like '96,96,96', not {value!r}")
+    return edges
 
 
 def live_site(run_id: int, spec: SiteSpec) -> Site:

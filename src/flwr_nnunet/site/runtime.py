@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flwr_nnunet.nnunet.memory_fit import fit_to_memory
 from flwr_nnunet.nnunet.networks import trainer_class
 from flwr_nnunet.nnunet.planning import nnunet_environment
 from flwr_nnunet.site.fedprox import ProximalLoss
@@ -34,21 +35,26 @@ __all__ = [
 
 
 def build_trainer(spec: SiteSpec, plans: dict, resume: bool) -> Any:
-    """A new (uninitialised) trainer of the class ``spec.trainer`` names, on the site's plans, fold and device.
+    """A new (uninitialised) trainer of the class ``spec.trainer`` names, on the site's plans (with its own batch
+    and patch when the spec lowers them), fold and device.
 
     Its plans printout goes to nnU-Net's training log file only (:func:`_plans_to_log_file_only`).
 
     Raises
     ------
     SiteError
-        If ``spec.trainer`` names no trainer class.
+        If ``spec.trainer`` names no trainer class, or its batch or patch does not fit the plans.
     """
     try:
         cls = trainer_class(spec.trainer)
     except ValueError as error:
         raise SiteError(f"{spec.name}: {error}; set run-config 'trainer'") from None
     dataset_json = json.loads((spec.dataset_folder / "dataset.json").read_text())
-    plans = {**json.loads(json.dumps(plans)), "continue_training": resume}
+    try:
+        fitted = fit_to_memory(plans, spec.configuration, batch_size=spec.batch_size, patch_size=spec.patch_size)
+    except ValueError as error:
+        raise SiteError(f"{spec.name}: {error}; change node-config 'batch-size' / 'patch-size'") from None
+    plans = {**fitted, "continue_training": resume}
     with nnunet_environment(preprocessed=spec.nnunet_preprocessed, results=spec.nnunet_results):
         trainer = cls(
             plans=plans,

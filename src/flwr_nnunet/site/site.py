@@ -41,6 +41,7 @@ from flwr_nnunet.core.reduce import assign_, check_updates
 from flwr_nnunet.errors import KeyMismatchError
 from flwr_nnunet.nnunet.checkpoint_io import remove_orphan_temp_files
 from flwr_nnunet.nnunet.digests import plans_sha256
+from flwr_nnunet.nnunet.memory_fit import iterations_scale
 from flwr_nnunet.nnunet.planning import nnunet_environment
 from flwr_nnunet.site.evaluation import validation_dice
 from flwr_nnunet.site.fedprox import ProximalLoss
@@ -99,6 +100,7 @@ class Site:
         self._data_loaders_ready = False
         self._alias_map: AliasMap | None = None
         self._state_token: str | None = None
+        self._iterations_scale = 1
 
     # ----------------------------------------------------------------- checks
     def check(self, plans_sha: str | None = None) -> dict:
@@ -170,6 +172,8 @@ class Site:
         plans = plans if plans is not None else self.check()
         resume = options.server_round > 1 and self.spec.state_file.is_file()
         self.trainer = build_trainer(self.spec, plans, resume)
+        self._iterations_scale = iterations_scale(plans, self.spec.configuration, self.spec.batch_size)
+        self.trainer.num_iterations_per_epoch *= self._iterations_scale
         self._data_loaders_ready = False
         self._alias_map = None
         set_schedule(self.trainer, max(options.num_epochs, 1))
@@ -317,8 +321,8 @@ class Site:
     # --------------------------------------------------------------- training
     def _prepare_training(self, options: TrainOptions) -> None:
         trainer = self.trainer
-        if options.iterations_per_epoch is not None:
-            trainer.num_iterations_per_epoch = options.iterations_per_epoch
+        if options.iterations_per_epoch is not None:  # a smaller batch runs more: its epoch sees as many patches
+            trainer.num_iterations_per_epoch = options.iterations_per_epoch * self._iterations_scale
         if options.val_iterations_per_epoch is not None:
             trainer.num_val_iterations_per_epoch = options.val_iterations_per_epoch
         needed = trainer.current_epoch + options.local_epochs

@@ -178,6 +178,10 @@ class SiteSpec:
         evaluated (``"all"``: every case for both).
     device
         ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    batch_size, patch_size
+        A smaller batch, and patch, than the plans' for this site's GPU memory (node config ``batch-size``,
+        ``patch-size``; None: as planned): :func:`~flwr_nnunet.nnunet.memory_fit.fit_to_memory`. The network,
+        and so the aggregation, stays the federation's.
     """
 
     name: str
@@ -189,6 +193,8 @@ class SiteSpec:
     trainer: str = "nnUNetTrainer"
     fold: int | str = 0
     device: str = "auto"
+    batch_size: int | None = None
+    patch_size: tuple[int, ...] | None = None
 
     @property
     def dataset_folder(self) -> Path:
