@@ -15,6 +15,10 @@ test cases are predicted with ``nnUNetv2_predict`` and scored per site.
 ``--plan personal``
     The 2D demo: held-out Dice per site of the global model, each site's local-only model (the demo's baseline)
     and its personal model (``fine-tune-epochs``, and MR-MTL with ``personal-mu``).
+``--plan partial``
+    The 2D demo with site-2 annotating the organ only: held-out lesion and organ Dice at every site when every site
+    annotates both labels, when site-2's missing lesions are taken as background (naive), and with the marginal
+    loss (run-config ``labels`` declares the federation's set, site-2's dataset.json its own).
 
 Usage: ``python bench/site_quality.py --plan outlier --seeds 0 1 2 --workdir /tmp/site-quality``.
 """
@@ -218,9 +222,32 @@ def plan_personal(args) -> None:
         print(f"{site.name:<8}" + "".join(f"{scores[label][site.name]['mean']:>17.3f}" for label in scores))
 
 
+def plan_partial(args) -> None:
+    from flwr_nnunet.demo.corruption import annotate_only
+    from flwr_nnunet.demo.data import make_demo_dataset
+
+    work, rows = args.workdir, {}
+    organ_only = {"background": 0, "organ": 1}
+    declared = {"labels": "background=0 organ=1 lesion=2"}
+    for variant in ("all annotate both", "naive", "marginal loss"):
+        demo = make_demo_dataset(work / variant.replace(" ", "-"), num_sites=3, planned=False, overwrite=True)
+        if variant != "all annotate both":
+            annotate_only(demo.sites[2], demo.file_ending, organ_only, declare=variant == "marginal loss")
+        extra = declared if variant == "marginal loss" else {}
+        budget = {"num-server-rounds": args.rounds, "seed": args.seeds[0], **extra}
+        done = run(demo, variant.replace(" ", "-"), work, **budget)
+        rows[variant] = held_out(demo, done["results"], work / "pred" / variant.replace(" ", "-"))
+        print(f"{variant}: {done['seconds']:.0f} s", flush=True)
+    print(f"\nHeld-out Dice per site, lesion / organ ({args.rounds} rounds; site-2 annotated the organ only)")
+    print(f"{'training':<20}" + "".join(f"{f'site-{k}':>16}" for k in range(3)))
+    for variant, scores in rows.items():
+        cells = "".join(f"{scores[f'site-{k}']['lesion']:>8.3f}{scores[f'site-{k}']['organ']:>8.3f}" for k in range(3))
+        print(f"{variant:<20}{cells}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--plan", choices=("outlier", "honest", "personal"), required=True)
+    parser.add_argument("--plan", choices=("outlier", "honest", "personal", "partial"), required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--fine-tune-epochs", type=int, default=4)
@@ -229,10 +256,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("site_quality"))
     args = parser.parse_args(argv)
     args.workdir = args.workdir.absolute()
-    torch.set_num_threads(1)  # as each simulated site trains: two threads on a busy 2-core machine are many times slower
+    torch.set_num_threads(
+        1
+    )  # as each simulated site trains: two threads on a busy 2-core machine are many times slower
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    {"outlier": plan_outlier, "honest": plan_honest, "personal": plan_personal}[args.plan](args)
+    plans = {"outlier": plan_outlier, "honest": plan_honest, "personal": plan_personal, "partial": plan_partial}
+    plans[args.plan](args)
     print(f"total wall time: {time.monotonic() - started:.0f} s")
     return 0
 

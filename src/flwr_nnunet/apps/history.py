@@ -80,15 +80,16 @@ class RunHistory:
 
     @staticmethod
     def _entry(records: Sequence[Any], weight_key: str) -> tuple[Any, dict[str, Any]]:
-        """Flower's weighted mean of the records and ``{"aggregated", "sites"}`` for the history."""
-        from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+        """The weighted mean of the records (:func:`~flwr_nnunet.strategy.aggregation.aggregate_site_metrics`) and
+        ``{"aggregated", "sites"}`` for the history."""
+        from flwr_nnunet.strategy.aggregation import aggregate_site_metrics
 
         sites = {}
         for index, record in enumerate(records):
             about = record.config_records.get("config")
             name = str(about.get("site-name", f"reply-{index}")) if about is not None else f"reply-{index}"
             sites[name] = {k: v for metrics in record.metric_records.values() for k, v in metrics.items()}
-        aggregated = aggregate_metricrecords(list(records), weight_key)
+        aggregated = aggregate_site_metrics(list(records), weight_key)
         return aggregated, {"aggregated": dict(aggregated), "sites": sites}
 
     def _note(self, stage: str, records: Sequence[Any], weight_key: str) -> Any:

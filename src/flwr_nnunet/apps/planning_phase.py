@@ -203,13 +203,15 @@ def plan_federation(
     plans_name: str,
     configuration: str,
     options: PlanningOptions = PlanningOptions(),
+    labels: Mapping[str, int] | None = None,
 ) -> tuple[dict, dict, dict]:
-    """``(plans, dataset_json, fingerprint)`` from the sites' surveys and statistics (keyed by site name)."""
+    """``(plans, dataset_json, fingerprint)`` from the sites' surveys and statistics (keyed by site name); the
+    dataset.json's labels are the declared ``labels`` when given (partial labels), else the sites' own."""
     from flwr_nnunet.nnunet.fingerprint import federation_dataset_json, merge_site_statistics
     from flwr_nnunet.nnunet.planning import plan_from_fingerprint, shrink_plans
 
     fingerprint = merge_site_statistics([statistics[name] for name in surveys], bins)
-    dataset_json = federation_dataset_json(surveys, name=dataset)
+    dataset_json = federation_dataset_json(surveys, name=dataset, labels=labels)
     reader_writer = next(iter(surveys.values()))["reader_writer"]
     plans = plan_from_fingerprint(
         fingerprint, dataset_json, dataset, reader_writer, planner=planner, plans_name=plans_name
@@ -279,10 +281,20 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
     answers = ask("survey", {})
     names = {key: name for key, (name, _) in answers.items()}
     surveys = {name: answer for name, answer in sorted(answers.values(), key=lambda item: item[0])}
+    labels = declared_labels(settings)
     try:
-        check_consistency(surveys)
+        check_consistency(surveys, labels)
     except FederationMismatchError as error:
         raise PlanningPhaseError(f"federated planning stopped before training: {error}") from None
+    for site, share in _partial_labels(surveys, labels).items():
+        log(
+            INFO,
+            "flwr-nnunet: federated planning: %s annotated %s of the federation's labels %s: it trains with the "
+            "marginal loss (the others merged with background) and is scored on its own labels",
+            site,
+            share,
+            list(labels),
+        )
     label_warnings = label_convention_warnings(surveys)
     for line in label_warnings.values():
         log(WARNING, "flwr-nnunet: federated planning: %s", line)
@@ -301,12 +313,49 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
         plans_name=plans_name,
         configuration=settings.configuration,
         options=options,
+        labels=labels,
     )
     folder = settings.server_dataset_folder
     install_plans(plans, dataset_json, folder, fingerprint)
     _send_plans(ask, plans, dataset_json, fingerprint, settings.configuration)
     warned = {node: label_warnings[name] for node, name in names.items() if name in label_warnings}
     return PlanningResult(plans, dataset_json, fingerprint, Path(folder), names, warned)
+
+
+def declared_labels(settings: Any) -> dict[str, int] | None:
+    """Run-config ``labels``, the federation's declared label set (:mod:`flwr_nnunet.nnunet.label_sets`), or None.
+
+    Raises
+    ------
+    PlanningPhaseError
+        If it is not nnU-Net's background 0 and consecutive values, naming the form that fits.
+    """
+    from flwr_nnunet.nnunet.label_sets import check_label_set
+
+    if not settings.labels:
+        return None
+    try:
+        return check_label_set(settings.labels)
+    except ValueError as error:
+        raise PlanningPhaseError(str(error)) from None
+
+
+def _partial_labels(surveys: Mapping[str, Mapping], labels: Mapping[str, int] | None) -> dict[str, list[str]]:
+    """The sites that annotated a subset of the declared ``labels``, with their labels (none without a declared set).
+
+    Raises
+    ------
+    PlanningPhaseError
+        If a site declares a label outside the set, or no site annotated one of it.
+    """
+    from flwr_nnunet.nnunet.label_sets import partial_label_shares
+
+    if labels is None:
+        return {}
+    try:
+        return partial_label_shares({site: survey["labels"] for site, survey in surveys.items()}, labels)
+    except ValueError as error:
+        raise PlanningPhaseError(f"federated planning stopped before training: {error}") from None
 
 
 def _grid_ask(grid: Any, settings: Any) -> Ask:

@@ -130,6 +130,14 @@ RUN_CONFIG: tuple[Setting, ...] = (
     Setting("configuration", str, "2d", "nnU-Net configuration (2d, 3d_fullres, ...)"),
     Setting("plans", str, "nnUNetPlans", "plans identifier"),
     Setting(
+        "labels",
+        str,
+        "",
+        "partial labels: the federation's label set, 'name=value' separated by spaces ('background=0 organ=1 "
+        "lesion=2'); a site may then annotate a subset (its dataset.json's labels) and trains with the marginal "
+        "loss ('': every site must declare the same labels)",
+    ),
+    Setting(
         "planning",
         str,
         "federated",
@@ -327,6 +335,7 @@ class RunSettings:
     dataset: str
     configuration: str
     plans: str
+    labels: dict[str, Any]
     planning: str
     planner: str
     plans_max_features: int
@@ -365,6 +374,7 @@ class RunSettings:
         }
         values["strategy_options"] = parse_options(values["strategy_options"])
         values["dp_options"] = parse_options(values["dp_options"])
+        values["labels"] = parse_options(values["labels"])
         root = values["data_root"] = data_root(config)
         results = values["results_dir"]
         values["results_dir"] = Path(results).expanduser().absolute() if results else root / "server" / "nnUNet_results"

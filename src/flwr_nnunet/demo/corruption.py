@@ -1,8 +1,9 @@
-"""A hospital whose training labels follow another convention: the demo's labels swapped and partly dropped.
+"""Hospitals whose training labels differ: another convention (labels swapped and partly dropped), or only some
+of the labels annotated.
 
-:func:`corrupt_site_labels` rewrites one site's ``labelsTr`` as such a hospital would hold them, to show what it
-costs a federation and that the run names it (``bench/site_quality.py``, the tests). Held-out labels
-(``labelsTs``) stay true.
+:func:`corrupt_site_labels` rewrites one site's ``labelsTr`` as a hospital with another convention would hold
+them, to show what it costs a federation and that the run names it; :func:`annotate_only` as a hospital that drew
+some labels only (``bench/site_quality.py``, the tests). Held-out labels (``labelsTs``) stay true.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from flwr_nnunet.demo.data import DemoSite
 
-__all__ = ["corrupt_labels", "corrupt_site_labels"]
+__all__ = ["annotate_only", "corrupt_labels", "corrupt_site_labels"]
 
 
 def corrupt_labels(
@@ -70,3 +71,22 @@ def _rewrite(path: Path, change) -> None:
         sitk.WriteImage(rewritten, str(path))
     else:
         raise ValueError(f"{path}: only the demo's .png and .nii.gz labels can be corrupted")
+
+
+def annotate_only(site: DemoSite, file_ending: str, labels: dict[str, int], *, declare: bool = True) -> list[str]:
+    """Rewrite ``site``'s training labels as a hospital that annotated only ``labels`` holds them: every other
+    label becomes background. With ``declare`` its raw ``dataset.json`` lists only ``labels`` (partial labels,
+    declared); without, it keeps every label (the missing ones silently background: the naive federation).
+    Returns the cases rewritten."""
+    import json
+
+    kept = sorted(set(labels.values()) | {0})
+    folder = site.raw_dataset_folder
+    cases = sorted(site.training_cases)
+    for case in cases:
+        _rewrite(folder / "labelsTr" / f"{case}{file_ending}", lambda label: np.where(np.isin(label, kept), label, 0))
+    if declare:
+        about = json.loads((folder / "dataset.json").read_text())
+        about["labels"] = dict(labels)
+        (folder / "dataset.json").write_text(json.dumps(about, indent=4))
+    return cases

@@ -190,8 +190,10 @@ def site_survey(raw_dataset_folder: str | os.PathLike) -> dict:
     }
 
 
-def check_consistency(surveys: Mapping[str, Mapping]) -> None:
-    """Every site must report the same :data:`AGREED_FIELDS`; stop before planning otherwise.
+def check_consistency(surveys: Mapping[str, Mapping], labels: Mapping[str, int] | None = None) -> None:
+    """Every site must report the same :data:`AGREED_FIELDS`; stop before planning otherwise. With the
+    federation's declared ``labels`` (run-config ``labels``) a site's labels may be a subset of them
+    (:func:`~flwr_nnunet.nnunet.label_sets.partial_label_shares`, which the caller checks).
 
     Raises
     ------
@@ -203,6 +205,8 @@ def check_consistency(surveys: Mapping[str, Mapping]) -> None:
     mismatches = {}
     for field in AGREED_FIELDS:
         values = {site: survey.get(field) for site, survey in surveys.items()}
+        if field == "labels" and labels is not None:
+            continue  # declared partial labels: checked by partial_label_shares
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             mismatches[field] = values
     if mismatches:
@@ -302,12 +306,15 @@ def merge_site_statistics(statistics: Sequence[Mapping], bins: Sequence[Mapping]
     }
 
 
-def federation_dataset_json(surveys: Mapping[str, Mapping], *, name: str = "") -> dict:
-    """The ``dataset.json`` every site trains with: the agreed fields, ``numTraining`` the federation's total."""
+def federation_dataset_json(
+    surveys: Mapping[str, Mapping], *, name: str = "", labels: Mapping[str, int] | None = None
+) -> dict:
+    """The ``dataset.json`` every site trains with: the agreed fields (the declared ``labels`` when given),
+    ``numTraining`` the federation's total."""
     first = next(iter(surveys.values()))
     dataset_json = {
         "channel_names": first["channel_names"],
-        "labels": first["labels"],
+        "labels": dict(labels) if labels is not None else first["labels"],
         "numTraining": sum(int(s["num_cases"]) for s in surveys.values()),
         "file_ending": first["file_ending"],
     }

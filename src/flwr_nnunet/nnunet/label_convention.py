@@ -72,11 +72,15 @@ def _label(value: int, names: Mapping[int, str]) -> str:
 
 
 def _missing_labels(counts: Mapping[str, Mapping[int, float]], foreground: list[int]) -> list[tuple[str, int]]:
-    """``(site, value)`` for each foreground value that only one site lacks, when at least two others have it."""
+    """``(site, value)`` for each foreground value that only one site lacks, when at least two others have it.
+
+    A site whose counts have no entry for the value (its dataset.json does not declare it: partial labels, see
+    :mod:`flwr_nnunet.nnunet.label_sets`) is neither lacking it nor one of the others."""
     missing = []
     for value in foreground:
-        lacking = [site for site, c in counts.items() if c.get(value, 0) == 0]
-        if len(lacking) == 1 and len(counts) - 1 >= MIN_OTHER_SITES:
+        declaring = {site: c[value] for site, c in counts.items() if value in c}
+        lacking = [site for site, count in declaring.items() if count == 0]
+        if len(lacking) == 1 and len(declaring) - 1 >= MIN_OTHER_SITES:
             missing.append((lacking[0], value))
     return missing
 

@@ -11,6 +11,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
+from flwr_nnunet.nnunet.label_sets import annotated_values
 from flwr_nnunet.nnunet.metrics import dice_from_counts, label_confusion, region_counts
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 
@@ -69,11 +70,15 @@ def validation_dice(
         hits = np.diag(confusion)
         counts = np.stack([hits, confusion.sum(axis=0) - hits, confusion.sum(axis=1) - hits], axis=1)[foreground]
     per_class = [dice_from_counts(*count) for count in counts]
-    dice = float(np.mean(per_class))
+    annotated = annotated_values(trainer.dataset_json)
+    scored = [annotated is None or value in annotated for value in foreground]
+    dice = float(np.mean([d for d, kept in zip(per_class, scored) if kept]))
     log(INFO, "%s: %s Dice %.4f on %d validation case(s)", spec.name, model, dice, len(validation))
     metrics = {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}
     if not labels.has_regions:
         metrics["label-confusion"] = confusion.reshape(-1).tolist()
+    if annotated is not None:
+        metrics["annotated-per-class"] = [int(kept) for kept in scored]
     return metrics
 
 

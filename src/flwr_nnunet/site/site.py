@@ -45,6 +45,7 @@ from flwr_nnunet.nnunet.memory_fit import iterations_scale
 from flwr_nnunet.nnunet.planning import nnunet_environment
 from flwr_nnunet.site.evaluation import validation_dice
 from flwr_nnunet.site.fedprox import ProximalLoss
+from flwr_nnunet.site.marginal_loss import marginal_loss_for_partial_labels
 from flwr_nnunet.site.personal import FineTuneSchedule, save_personal_model
 from flwr_nnunet.site.runtime import (
     build_trainer,
@@ -178,6 +179,7 @@ class Site:
         self._alias_map = None
         set_schedule(self.trainer, max(options.num_epochs, 1))
         self.trainer.initialize()
+        marginal_loss_for_partial_labels(self.spec, self.trainer)
         if resume:
             self._state_token = disk_token(self.spec)
             try:

@@ -14,8 +14,10 @@ from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, bounded, non_finite_reason
 
 __all__ = [
+    "ANNOTATED_METRIC",
     "RoundRefused",
     "aggregate_metrics",
+    "aggregate_site_metrics",
     "enough_replies",
     "log_aggregated",
     "log_rejection",
@@ -73,6 +75,38 @@ def aggregate_metrics(
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as error:
         log(WARNING, "%s: metrics could not be aggregated (%s); skipping them", stage, bounded(error))
         return None
+
+
+ANNOTATED_METRIC = "annotated-per-class"
+"""A site's 1/0 per foreground label: which of its ``-per-class`` values it scored (partial labels)."""
+
+
+def aggregate_site_metrics(records: Sequence[RecordDict], weight_key: str) -> MetricRecord:
+    """Flower's weighted mean of the replies' metrics, with every ``-per-class`` list averaged per class over the
+    sites that scored that class only (:data:`ANNOTATED_METRIC`; a reply without it scored every class), so a
+    label one site did not annotate is the mean of the sites that did."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    aggregated = aggregate_metricrecords(list(records), weight_key)
+    site_metrics = [next(iter(record.metric_records.values())) for record in records]
+    if not any(ANNOTATED_METRIC in metrics for metrics in site_metrics):
+        return aggregated
+    for key in [k for k in aggregated if k.endswith("-per-class") and k != ANNOTATED_METRIC]:
+        totals, weights = None, None
+        for metrics in site_metrics:
+            values = metrics.get(key)
+            if not isinstance(values, list):
+                continue
+            mask = metrics.get(ANNOTATED_METRIC, [1] * len(values))
+            weight = float(metrics[weight_key])
+            if totals is None:
+                totals, weights = [0.0] * len(values), [0.0] * len(values)
+            for index, (value, scored) in enumerate(zip(values, mask)):
+                totals[index] += weight * float(scored) * float(value)
+                weights[index] += weight * float(scored)
+        if totals is not None:
+            aggregated[key] = [total / weight if weight > 0 else 0.0 for total, weight in zip(totals, weights)]
+    return aggregated
 
 
 def without_non_finite(

@@ -53,7 +53,12 @@ from flwr_nnunet.core.reduce import Tensors, weighted_mean_
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
 from flwr_nnunet.nnunet.networks import build_trainer_network
-from flwr_nnunet.strategy.aggregation import aggregate_metrics, log_aggregated, reduce_accepted
+from flwr_nnunet.strategy.aggregation import (
+    aggregate_metrics,
+    aggregate_site_metrics,
+    log_aggregated,
+    reduce_accepted,
+)
 from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
 from flwr_nnunet.strategy.replies import AcceptedReply, canonical_message, non_finite_reason
@@ -148,6 +153,7 @@ class NnUNetFedAvg(FedAvg):
             raise ValueError(
                 f"flagged_weight must be in [0, 1] (1 keeps, 0 excludes a flagged site), got {flagged_weight}"
             )
+        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_site_metrics)
         super().__init__(**kwargs)
         self.diagnostics = SiteDiagnostics() if diagnostics is None else diagnostics
         self.flagged_weight = float(flagged_weight)
