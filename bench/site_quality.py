@@ -226,23 +226,37 @@ def plan_partial(args) -> None:
     from flwr_nnunet.demo.corruption import annotate_only
     from flwr_nnunet.demo.data import make_demo_dataset
 
-    work, rows = args.workdir, {}
+    work, rows = args.workdir, []
     organ_only = {"background": 0, "organ": 1}
     declared = {"labels": "background=0 organ=1 lesion=2"}
     for variant in ("all annotate both", "naive", "marginal loss"):
-        demo = make_demo_dataset(work / variant.replace(" ", "-"), num_sites=3, planned=False, overwrite=True)
+        name = variant.replace(" ", "-")
+        demo = make_demo_dataset(work / name, num_sites=3, planned=False, overwrite=True)
         if variant != "all annotate both":
             annotate_only(demo.sites[2], demo.file_ending, organ_only, declare=variant == "marginal loss")
-        extra = declared if variant == "marginal loss" else {}
-        budget = {"num-server-rounds": args.rounds, "seed": args.seeds[0], **extra}
-        done = run(demo, variant.replace(" ", "-"), work, **budget)
-        rows[variant] = held_out(demo, done["results"], work / "pred" / variant.replace(" ", "-"))
-        print(f"{variant}: {done['seconds']:.0f} s", flush=True)
+        for seed in args.seeds:
+            budget = {
+                "num-server-rounds": args.rounds,
+                "seed": seed,
+                **(declared if variant == "marginal loss" else {}),
+            }
+            done = run(demo, f"{name}-{seed}", work, **budget)
+            rows.append((seed, variant, held_out(demo, done["results"], work / "pred" / f"{name}-{seed}")))
+            print(f"{variant}, seed {seed}: {done['seconds']:.0f} s", flush=True)
     print(f"\nHeld-out Dice per site, lesion / organ ({args.rounds} rounds; site-2 annotated the organ only)")
-    print(f"{'training':<20}" + "".join(f"{f'site-{k}':>16}" for k in range(3)))
-    for variant, scores in rows.items():
+    print(f"{'seed':<6}{'training':<20}" + "".join(f"{f'site-{k}':>16}" for k in range(3)))
+    for seed, variant, scores in rows:
         cells = "".join(f"{scores[f'site-{k}']['lesion']:>8.3f}{scores[f'site-{k}']['organ']:>8.3f}" for k in range(3))
-        print(f"{variant:<20}{cells}")
+        print(f"{seed:<6}{variant:<20}{cells}")
+    print("mean over seeds")
+    for variant in dict.fromkeys(v for _, v, _ in rows):
+        runs = [scores for _, v, scores in rows if v == variant]
+        means = [
+            sum(scores[f"site-{k}"][label] for scores in runs) / len(runs)
+            for k in range(3)
+            for label in ("lesion", "organ")
+        ]
+        print(f"{'':<6}{variant:<20}" + "".join(f"{value:>8.3f}" for value in means))
 
 
 def main(argv=None) -> int:
