@@ -28,7 +28,7 @@ def fine_tune_sites(grid: Any, core: Any, settings: Any, history: Any) -> list[A
     server_round = core.checkpoints.completed_rounds
     config = ConfigRecord({**settings.train_config(), "fine-tune-epochs": settings.fine_tune_epochs})
     log(INFO, "flwr-nnunet: fine-tuning the global model at every site (%d epochs)", settings.fine_tune_epochs)
-    messages = core.validator.expect(core.configure_evaluate(server_round, None, config, grid))
+    messages = core.configure_evaluate(server_round, None, config, grid)
     replies = grid.send_and_receive(messages=messages, timeout=settings.round_timeout)
     accepted = core.validator.accept(server_round, replies, weight=None, minimum=1)
     history.note_fine_tune([reply.message.content for reply in accepted], core.weighted_by_key)
