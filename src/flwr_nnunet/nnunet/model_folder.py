@@ -9,6 +9,9 @@ An :class:`NnUNetModelFolder` is the folder ``nnUNetv2_predict -f all`` reads::
         fold_all/checkpoint_best.pth      when the aggregated evaluation Dice improves
         fold_all/checkpoint_final.pth     at the end of the run
 
+A cross-validation fold's global model goes to ``fold_<k>/`` instead (``fold=k``), where
+``nnUNetv2_predict -f 0 1 2 3 4`` finds it.
+
 Each checkpoint holds nnU-Net's keys (``network_weights`` with every key and the
 aliases sharing storage, ``trainer_name``, ``init_args``,
 ``inference_allowed_mirroring_axes``) and an ``flwr_nnunet`` entry (round,
@@ -74,9 +77,10 @@ class NnUNetModelFolder:
         trainer must be findable on the predicting host (``nnUNet_extTrainer``).
     inference_allowed_mirroring_axes
         Mirroring axes for test-time augmentation (None: nnU-Net's default, all axes).
+    fold
+        ``"all"`` (the federation's model: ``fold_all/``) or a cross-validation fold ``k >= 0``
+        (``fold_<k>/``, ``init_args['fold'] == k``).
     """
-
-    fold = "all"
 
     def __init__(
         self,
@@ -87,7 +91,10 @@ class NnUNetModelFolder:
         configuration: str,
         trainer_name: str = "nnUNetTrainer",
         inference_allowed_mirroring_axes: tuple[int, ...] | None = None,
+        fold: int | str = "all",
     ) -> None:
+        if str(fold) != "all" and not (str(fold).isdigit() and not isinstance(fold, bool)):
+            raise ValueError(f"fold must be 'all' or a cross-validation fold (an integer >= 0), got {fold!r}")
         if configuration not in plans.get("configurations", {}):
             raise ValueError(
                 f"configuration {configuration!r} is not in the plans (have {sorted(plans.get('configurations', {}))})"
@@ -99,6 +106,7 @@ class NnUNetModelFolder:
         self.configuration = configuration
         self.trainer_name = trainer_name
         self.inference_allowed_mirroring_axes = inference_allowed_mirroring_axes
+        self.fold: int | str = "all" if str(fold) == "all" else int(fold)
 
     @classmethod
     def in_results(
@@ -112,7 +120,7 @@ class NnUNetModelFolder:
     ) -> NnUNetModelFolder:
         """The folder ``nnUNetv2_predict`` finds under ``results`` (``$nnUNet_results``) for these plans.
 
-        ``options`` are the constructor's ``trainer_name`` and ``inference_allowed_mirroring_axes``.
+        ``options`` are the constructor's ``trainer_name``, ``inference_allowed_mirroring_axes`` and ``fold``.
         """
         trainer_name = options.get("trainer_name", "nnUNetTrainer")
         model = convert_trainer_plans_config_to_identifier(trainer_name, plans["plans_name"], configuration)
@@ -124,11 +132,11 @@ class NnUNetModelFolder:
 
     @property
     def fold_dir(self) -> Path:
-        """``fold_all``: where the checkpoints go."""
+        """``fold_all`` (or ``fold_<k>``): where the checkpoints go."""
         return self.path / f"fold_{self.fold}"
 
     def checkpoint_path(self, name: str) -> Path:
-        """``fold_all/checkpoint_<name>.pth`` for a name in :data:`CHECKPOINT_NAMES`."""
+        """``fold_all/checkpoint_<name>.pth`` (or ``fold_<k>/``) for a name in :data:`CHECKPOINT_NAMES`."""
         if name not in CHECKPOINT_NAMES:
             raise ValueError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {name!r}")
         return self.fold_dir / f"checkpoint_{name}.pth"
