@@ -30,6 +30,7 @@ from flwr_nnunet.apps.run_config import data_root, run_config_value
 from flwr_nnunet.core.codec import from_array_record, to_array_record
 from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.digests import plans_sha256
+from flwr_nnunet.site.crossval_validation import COUNTS_KEY, FOLD_KEY
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import (
     DEFAULT_MAX_LOCAL_EPOCHS,
@@ -220,6 +221,14 @@ def _received(message: Any, *, max_epochs: int) -> tuple[OrderedDict[str, torch.
     return received, config, options, local_keys
 
 
+def _crossval_fold(config: Any) -> int:
+    """The fold of a cross-validation request (config :data:`FOLD_KEY`: an integer >= 0)."""
+    value = config[FOLD_KEY]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InstructionError(f"config {FOLD_KEY!r} must be a cross-validation fold (an integer >= 0), not {value!r}")
+    return value
+
+
 def _refusal(message: Any, error: BaseException | str) -> Any:
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
@@ -239,7 +248,11 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
 
     Replies ``RecordDict({"arrays", "metrics", "config"})`` for train and
     ``RecordDict({"metrics", "config"})`` for evaluate; ``config`` carries the
-    site's ``plans-sha256`` and ``site-name``. A site that cannot take part, or
+    site's ``plans-sha256`` and ``site-name``. An evaluate message whose config
+    holds ``crossval-fold`` asks for the fold's whole-case validation
+    (:meth:`~flwr_nnunet.site.site.Site.crossval_validate`): the reply's metrics
+    are ``num-examples`` (the cases) and its config adds ``crossval-counts``, the
+    per-case counts as JSON text. A site that cannot take part, or
     a malformed instruction (see :func:`_received` and
     :meth:`~flwr_nnunet.site.spec.TrainOptions.from_config`), gets an error reply
     naming the problem, the site's trainer and state file untouched, and the run
@@ -258,11 +271,17 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
             raise InstructionError(f"{name}: the server's instruction is refused: {error}") from None
         site = live_site(context.run_id, spec)
         plans_sha, alias_map = config.get("plans-sha256"), config.get("alias-map")
+        counts: dict[str, str] = {}
         if train:
             tensors, metrics = site.train(received, options, plans_sha, local_keys, alias_map_json=alias_map)
+        elif FOLD_KEY in config:  # after a cross-validation fold: whole-case validation, counts only
+            payload = site.crossval_validate(
+                received, options, plans_sha, local_keys, alias_map_json=alias_map, fold=_crossval_fold(config)
+            )
+            metrics, counts = {"num-examples": len(payload)}, {COUNTS_KEY: json.dumps(payload, allow_nan=False)}
         else:
             metrics = site.evaluate(received, options, plans_sha, local_keys, alias_map_json=alias_map)
-        about = ConfigRecord({"plans-sha256": plans_sha256(site.check()), "site-name": spec.name})
+        about = ConfigRecord({"plans-sha256": plans_sha256(site.check()), "site-name": spec.name, **counts})
         content = {"metrics": MetricRecord(metrics), "config": about}
         if train:
             content["arrays"] = to_array_record(tensors)

@@ -42,11 +42,19 @@ from flwr_nnunet.site.spec import SiteError, SiteSpec
 
 __all__ = [
     "CANDIDATE_FIELDS",
+    "COUNTS_KEY",
+    "FOLD_KEY",
     "MAX_CASE_ID_LENGTH",
     "MAX_LABELS",
     "reply_holds_only_counts",
     "validate_fold",
 ]
+
+FOLD_KEY = "crossval-fold"
+"""The evaluate message's config entry that asks a site for its whole-case validation of this fold (an int >= 0)."""
+
+COUNTS_KEY = "crossval-counts"
+"""The reply's config entry: :func:`validate_fold`'s payload as JSON text (a ``ConfigRecord`` cannot nest)."""
 
 CANDIDATE_FIELDS = ("without", "with_foreground_step", "with_label_step", "with_foreground_and_label_step")
 """The parts of one case's counts (:func:`~flwr_nnunet.nnunet.crossval.candidate_counts`); the last two are per label."""

@@ -43,6 +43,7 @@ from flwr_nnunet.nnunet.checkpoint_io import remove_orphan_temp_files
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.memory_fit import iterations_scale
 from flwr_nnunet.nnunet.planning import nnunet_environment
+from flwr_nnunet.site.crossval_validation import validate_fold
 from flwr_nnunet.site.evaluation import validation_dice
 from flwr_nnunet.site.fedprox import ProximalLoss
 from flwr_nnunet.site.marginal_loss import marginal_loss_for_partial_labels
@@ -490,6 +491,40 @@ class Site:
         about = {"kind": "mr-mtl", "server_round": options.server_round, "validation_dice": personal["dice"]}
         save_personal_model(self.spec, self.trainer, {**about, "global_validation_dice": metrics["dice"]})
         return {**metrics, **_personal_metrics(personal)}
+
+    def crossval_validate(
+        self,
+        received: Mapping[str, torch.Tensor],
+        options: TrainOptions,
+        plans_sha: str | None = None,
+        local_keys: Collection[str] = (),
+        alias_map_json: str | None = None,
+        *,
+        fold: int,
+    ) -> dict[str, dict[str, Any]]:
+        """After a cross-validation fold's last round: nnU-Net's whole-case validation of the fold's global model.
+
+        Loads the global model (parameters as for :meth:`train`) and runs
+        :func:`~flwr_nnunet.site.crossval_validation.validate_fold` on this site's validation cases of ``fold``:
+        the predictions and nnU-Net's ``summary.json`` stay at the site (``<fold folder>/validation``); returned
+        are the per-case counts only. The round state on disk is not changed: the trainer is dropped afterwards.
+
+        Raises
+        ------
+        SiteError
+            If this site does not train ``fold`` (node-config 'fold' differs, or 'all'), before anything is loaded.
+        """
+        if str(self.spec.fold) != str(fold) or self.spec.fold == "all":
+            raise SiteError(
+                f"{self.spec.name}: the server validates cross-validation fold {fold}, but this site trains fold "
+                f"{self.spec.fold!r} (node-config 'fold' or run-config 'fold'): every site must train the fold the "
+                "run names"
+            )
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False)
+        try:
+            return validate_fold(self.spec, self.trainer, self.network)
+        finally:
+            self.trainer = None  # the round state on disk stays the site's state
 
     def _fine_tune(
         self, received: Mapping[str, torch.Tensor], options: TrainOptions, local_keys: Collection[str], validation: list
