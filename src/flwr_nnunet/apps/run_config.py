@@ -248,6 +248,15 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "after the last round, each site fine-tunes the global model for this many epochs and keeps it as its "
         "personal model (checkpoint_personal.pth) only where its validation Dice is higher (0: no fine-tuning)",
     ),
+    Setting(
+        "crossval",
+        bool,
+        False,
+        "a cross-validation run of fold 'fold' (0, 1, ...): the global model goes to fold_<fold>/ (not fold_all/), "
+        "after the last round every site validates it on its fold's validation cases and sends per-case counts "
+        "only; fold_<fold>/validation/ gets the summaries, and once folds 0-4 are done "
+        "crossval_results_folds_0_1_2_3_4/ the merged ones and postprocessing.pkl (documentation/pipeline.md)",
+    ),
 )
 """Every run-config key, in pyproject.toml's order."""
 
@@ -358,6 +367,7 @@ class RunSettings:
     personalization: str
     personal_mu: float
     fine_tune_epochs: int
+    crossval: bool
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

@@ -136,6 +136,7 @@ def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
         settings.configuration,
         trainer_name=settings.trainer,
         inference_allowed_mirroring_axes=tuple(range(dims)),
+        fold=settings.fold if settings.crossval else "all",  # a cross-validation fold's model: fold_<k>/
     )
     options = dict(settings.strategy_options)
     if settings.strategy.replace("-", "").replace("_", "").lower() == "fedprox":
@@ -311,11 +312,22 @@ def run_server(grid: Any, context: Any, data: RunData | None = None) -> Any:
         raise
 
 
+def _resume(strategy: Any, run_config: Mapping[str, Any]) -> None:
+    """``strategy.resume``: the model folder's newest intact checkpoint loaded, a refusal as a ServerConfigError."""
+    try:
+        strategy.resume(run_config)
+    except ResumeError as error:
+        raise ServerConfigError(f"resume=true: {error}") from None
+
+
 def _run(grid: Any, context: Any, data: RunData | None) -> Any:
     from flwr.app import ConfigRecord
 
+    from flwr_nnunet.apps.crossval_phase import check_crossval_settings, finish_fold, forget_fold
+
     settings = read_settings(context.run_config)
     check_strategy_settings(settings)
+    check_crossval_settings(settings)
     plan_before_training(grid, settings, check_only=True)
     prepare_data(settings, data)
     planned_before = _resumes_with_plans(settings)
@@ -326,7 +338,7 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
         name = planned.sites[node]
         core.diagnostics.flag_before_training(node, name, line.removeprefix(f"{name}: "))
     history = RunHistory(
-        core.model_folder.path,
+        core.model_folder.fold_dir if settings.crossval else core.model_folder.path,
         dataset=settings.dataset,
         configuration=settings.configuration,
         strategy=settings.strategy + (f" + dp {settings.dp}" if settings.dp else ""),
@@ -347,12 +359,11 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
                 finished,
                 settings.num_rounds,
             )
+            if settings.crossval:  # unless the sites validated this fold already (then only the merge is tried)
+                finish_fold(grid, core, settings, load=lambda: _resume(strategy, context.run_config))
             return _result(core)
         history.load()
-        try:
-            strategy.resume(context.run_config)
-        except ResumeError as error:
-            raise ServerConfigError(f"resume=true: {error}") from None
+        _resume(strategy, context.run_config)
         if planned_before:  # the checkpoint's plans digest checked: these plans to every site
             plan_before_training(grid, settings, data=data)
     log(
@@ -365,6 +376,8 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
         settings.strategy,
         core.model_folder.path,
     )
+    if settings.crossval:
+        forget_fold(core.model_folder, int(settings.fold))
     config = ConfigRecord(settings.train_config())
     result = strategy.start(
         grid,
@@ -378,6 +391,8 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
         evaluate_config=ConfigRecord(settings.train_config()),
     )
     history.write()
+    if settings.crossval and core.checkpoints.completed_rounds >= settings.num_rounds:
+        finish_fold(grid, core, settings)
     if settings.fine_tune_epochs and core.checkpoints.completed_rounds >= settings.num_rounds:
         from flwr_nnunet.apps.fine_tuning import fine_tune_sites
 
