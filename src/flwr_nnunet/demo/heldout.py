@@ -113,7 +113,7 @@ def predict(
     images: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    fold: str = "all",
+    fold: str | Sequence[str] = "all",
     trainer: str = "nnUNetTrainer",
     device: str = "cpu",
     checkpoint: str = "checkpoint_final.pth",
@@ -121,7 +121,8 @@ def predict(
     """Run ``nnUNetv2_predict`` on a folder of images with the model under ``nnunet_results``; return ``output``.
 
     ``nnunet_results`` is the ``nnUNet_results`` root holding the model folder; ``fold`` is ``all`` for the
-    federated model and ``0`` for a local-only one (or a site's personal model, ``checkpoint_personal.pth``).
+    federated model and ``0`` for a local-only one (or a site's personal model, ``checkpoint_personal.pth``); several
+    folds (``["0", "1", "2", "3", "4"]``) ensemble a cross-validation's fold models, as nnU-Net does.
 
     Raises
     ------
@@ -130,7 +131,8 @@ def predict(
     """
     command = shutil.which("nnUNetv2_predict") or str(Path(sys.executable).with_name("nnUNetv2_predict"))
     arguments = [command, "-i", str(images), "-o", str(output), "-d", str(demo.dataset_id)]
-    arguments += ["-c", demo.configuration, "-p", demo.plans_name, "-tr", trainer, "-f", fold]
+    arguments += ["-c", demo.configuration, "-p", demo.plans_name, "-tr", trainer, "-f"]
+    arguments += [fold] if isinstance(fold, str) else [str(f) for f in fold]
     arguments += ["-chk", checkpoint, "-device", device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
     environment = {**os.environ, "nnUNet_results": str(nnunet_results), "nnUNet_def_n_proc": "1"}
     done = subprocess.run(arguments, check=False, env=environment, capture_output=True, text=True)
