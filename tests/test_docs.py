@@ -68,6 +68,9 @@ DOCUMENTED_ONLY: tuple[tuple[str, str], ...] = (
     ("SUPERLINK=", "deployment guide: tests/test_deployment_secure.py runs configs/deployment/supernode.sh"),
     ("flwr run . hospitals ", "deployment guide: the deployment tests run `flwr run <repo> <connection> --run-config`"),
     ("nnUNetv2_predict -i imagesTs ", "deployment guide: tests/test_deployment_secure.py predicts the run's model"),
+    (".venv/bin/python scripts/run_crossval.py", "pipeline guide: test_crossval_pipeline.py runs the folds in-process"),
+    ("nnUNet_results=$CV nnUNetv2_predict ", "pipeline guide: test_crossval_pipeline.py predicts with -f 0 1 2 3 4"),
+    ("nnUNetv2_apply_postprocessing ", "pipeline guide: test_crossval_pipeline.py applies its postprocessing.pkl"),
 )
 """Commands (prefixes) the pages show but this test does not run, and why."""
 
