@@ -161,7 +161,8 @@ def run_federation(
     settings = RunSettings.from_run_config(config)
     folder = settings.server_dataset_folder
     model = settings.results_dir / settings.dataset / f"{settings.trainer}__{settings.plans}__{settings.configuration}"
-    history = json.loads((model / HISTORY_FILE).read_text())["rounds"]
+    history_folder = model / f"fold_{settings.fold}" if settings.crossval else model  # a fold's own history
+    history = json.loads((history_folder / HISTORY_FILE).read_text())["rounds"]
     last = history[max(history, key=int)] if history else {}
     assert flagged is None or sorted(last.get("diagnostics", {}).get("flagged", {})) == sorted(flagged)
     return {
