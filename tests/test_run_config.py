@@ -27,12 +27,12 @@ def test_run_settings_defaults_are_the_schema_defaults(tmp_path, monkeypatch):
     settings = RunSettings.from_run_config({})
     assert (settings.num_rounds, settings.iterations_per_epoch, settings.val_iterations_per_epoch) == (8, 40, 5)
     for s in RUN_CONFIG:
-        if s.key in ("strategy-options", "dp-options", "data-root", "results-dir"):
+        if s.key in ("strategy-options", "dp-options", "labels", "data-root", "results-dir"):
             continue
         attribute = "num_rounds" if s.key == "num-server-rounds" else s.key.replace("-", "_")
         value = getattr(settings, attribute)
         assert (type(value), value) == (s.type, s.default), s.key
-    assert settings.strategy_options == {} and settings.dp_options == {}
+    assert settings.strategy_options == {} and settings.dp_options == {} and settings.labels == {}
     assert settings.data_root == tmp_path / "flwr-nnunet-demo"
     assert settings.results_dir == tmp_path / "flwr-nnunet-demo" / "server" / "nnUNet_results"
 
