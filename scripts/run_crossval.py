@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import free_port, local_superlink_environment, run_status, stop_superlink, superlink_pids
+from run_demo import free_port, stream_flwr_run, superlink_pids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,34 +86,9 @@ def run_fold(fold: int, overrides: dict, num_sites: int, flwr_home: Path) -> str
     ports = (free_port(), free_port())
     while ports[1] == ports[0]:
         ports = (ports[0], free_port())
-    environment = local_superlink_environment(flwr_home, *ports)
     config = {**overrides, "fold": str(fold)}
-    command = [
-        shutil.which("flwr", path=environment["PATH"]) or "flwr",
-        "run",
-        str(REPO),
-        "--stream",
-        "--run-config",
-        " ".join(f"{key}={json.dumps(value)}" for key, value in config.items()),
-        "--federation-config",
-        f"num-supernodes={num_sites} client-resources-num-cpus=1",
-    ]
-    print(f"$ FLWR_HOME={flwr_home} ...", " ".join(command), flush=True)
-    run_id = None
-    try:
-        with subprocess.Popen(
-            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        ) as process:
-            for line in process.stdout:
-                print(line, end="", flush=True)
-                started = re.search(r"Successfully started run (\d+)", line)
-                run_id = run_id or (started.group(1) if started else None)
-        if run_id is None:
-            return f"not started (`flwr run` exited with status {process.returncode})"
-        return run_status(environment, run_id)
-    finally:
-        stopped = stop_superlink(flwr_home, ports[0])
-        print(f"stopped the local SuperLink (PID {', '.join(map(str, stopped)) or 'none found'})", flush=True)
+    run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
+    return stream_flwr_run(run_config, num_sites, flwr_home, ports)
 
 
 def report(model: Path, folds: list[int]) -> None:

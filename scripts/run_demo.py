@@ -161,12 +161,7 @@ def preflight(workdir: Path, args: argparse.Namespace) -> list[str]:
 
 
 def run_federation(demo, workdir: Path, args: argparse.Namespace, ports: tuple[int, int]) -> str:
-    """`flwr run .` on the demo on this run's own local SuperLink; return the run's final status.
-
-    The SuperLink is stopped by its PID afterwards whatever happens.
-    """
-    flwr_home = workdir / "flwr-home"
-    environment = local_superlink_environment(flwr_home, *ports)
+    """`flwr run .` on the demo on this run's own local SuperLink; return the run's final status."""
     run_config = " ".join(
         [
             f"data-root='{demo.root}'",
@@ -180,6 +175,13 @@ def run_federation(demo, workdir: Path, args: argparse.Namespace, ports: tuple[i
             f"seed={args.seed}",
         ]
     )
+    return stream_flwr_run(run_config, len(demo.sites), workdir / "flwr-home", ports)
+
+
+def stream_flwr_run(run_config: str, num_sites: int, flwr_home: Path, ports: tuple[int, int]) -> str:
+    """`flwr run .` with ``run_config`` on a local SuperLink of its own (``flwr_home``, ``ports``), its log streamed;
+    return the run's final status. The SuperLink is stopped by its PID afterwards whatever happens."""
+    environment = local_superlink_environment(flwr_home, *ports)
     command = [
         shutil.which("flwr", path=environment["PATH"]) or "flwr",
         "run",
@@ -188,7 +190,7 @@ def run_federation(demo, workdir: Path, args: argparse.Namespace, ports: tuple[i
         "--run-config",
         run_config,
         "--federation-config",
-        f"num-supernodes={len(demo.sites)} client-resources-num-cpus=1",
+        f"num-supernodes={num_sites} client-resources-num-cpus=1",
     ]
     print(f"$ FLWR_HOME={flwr_home} FLWR_LOCAL_SUPERLINK_HTTP_API_PORT={ports[0]} ...", " ".join(command), flush=True)
     run_id = None
