@@ -521,3 +521,34 @@ def test_a_site_with_another_label_set_stops_the_simulation_before_training(tmp_
         for k in range(3)
         if (root / f"site-{k}" / "nnUNet_results").exists()
     )
+
+
+def test_a_site_lost_during_the_survey_is_named_by_its_own_node_id():
+    """Issue 22, item 3 (first part): the SuperLink's error reply for a lost node names that node, not node 1."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+    from strategy_support import LoopbackGrid, metadata, set_task_identity
+
+    from flwr_nnunet.apps.planning_phase import PlanningPhaseError, ask_sites
+
+    set_task_identity()
+
+    class LosesNode22(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for index, message in enumerate(messages):  # as the SuperLink's grids set them when they push
+                message.metadata.__dict__["_message_id"] = f"query-{index}"
+                node = message.metadata.dst_node_id
+                if node == 22:
+                    replies.append(create_message_error_unavailable_res_message(message.metadata, "node_unavail"))
+                else:
+                    about = ConfigRecord({"site-name": f"site-{node}", "planning": "{}"})
+                    replies.append(make_message(metadata(node, "query"), content=RecordDict({"config": about})))
+            return replies
+
+    with pytest.raises(PlanningPhaseError) as caught:
+        ask_sites(LosesNode22([21, 22], lambda *_: None), [21, 22], "survey", {}, timeout=5)
+    message = str(caught.value)
+    assert "node 22: the SuperLink answered for node 22" in message and "Node Unavailable" in message
+    assert "node 1:" not in message

@@ -162,9 +162,13 @@ def ask_sites(
     Raises
     ------
     PlanningPhaseError
-        Naming each node that answered with an error (and its reason) or not at all.
+        Naming each node that answered with an error (and its reason; a node the SuperLink answered for, lost,
+        by its own id) or not at all.
     """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from flwr_nnunet.strategy.validator import error_reason, instruction_nodes
 
     messages = [
         Message(
@@ -175,11 +179,15 @@ def ask_sites(
         )
         for node in node_ids
     ]
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    sent_to = instruction_nodes(messages)  # the grid gave each instruction its id as it pushed it
     answers, problems = {}, []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in replies:
         node = int(reply.metadata.src_node_id)
+        if node == SUPERLINK_NODE_ID:  # the SuperLink answered for a lost node: name the node, not the SuperLink
+            node = int(sent_to.get(reply.metadata.reply_to_message_id, node))
         if reply.has_error():
-            problems.append(f"node {node}: {reply.error.reason}")
+            problems.append(f"node {node}: {error_reason(reply, node)}")
             continue
         try:
             about = reply.content["config"]
