@@ -50,5 +50,5 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.numel():
-            digest.update(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
