@@ -10,16 +10,21 @@ The learning-rate schedule (nnU-Net's PolyLR) runs over the whole federation:
 ``num_epochs`` is the federation's total (rounds x local epochs) and the
 epoch counter keeps counting across rounds, never past the end.
 
-Where the process does not survive between rounds (a Flower SuperNode starts a
-fresh process per message) the trainer is rebuilt from the site's state file
-(:mod:`flwr_nnunet.site.trainer_state`, written after every round), and a round
-the site trained already goes back to its state after the round before
-(:meth:`Site.agree_on_round`). Evaluation is :mod:`flwr_nnunet.site.evaluation`.
+A message takes one way through the site: the instruction (a finite global model, the
+site's plans), then the site's state (:func:`~flwr_nnunet.site.trainer_state.round_start`:
+the live trainer, the round state file, or the state after the round before for a round
+the site trained already), then its trainer (built or kept, the global model checked and
+loaded, the round trained), then the reply (the round state saved, the metrics). Where the
+process does not survive between rounds (a Flower SuperNode starts a fresh process per
+message) the trainer is rebuilt from the site's state file
+(:mod:`flwr_nnunet.site.trainer_state`, written after every round). Evaluation is
+:mod:`flwr_nnunet.site.evaluation`.
 
 A site validates a whole instruction before it touches its trainer: a
 non-finite global model, keys or shapes that do not fit its network, or a
-mismatching alias map are refused, and a round whose training ends non-finite
-is refused without writing the state file, so the previous round's state stays.
+mismatching alias map are refused with the live trainer and the state on disk
+as they were, and a round whose training ends non-finite is refused without
+writing the state file, so the previous round's state stays.
 """
 
 from __future__ import annotations
@@ -59,12 +64,12 @@ from flwr_nnunet.site.runtime import (
 )
 from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
 from flwr_nnunet.site.trainer_state import (
+    RoundStart,
     disk_token,
     first_non_finite,
     load_state,
-    roll_back,
+    round_start,
     save_state,
-    trained_round,
     unwrapped,
 )
 
@@ -169,32 +174,32 @@ class Site:
         """Build the trainer if there is none: from the state file (rounds after the first) or fresh."""
         if self.trainer is not None:
             return
+        resume = options.server_round > 1 and self.spec.state_file.is_file()
+        self._build(options, plans if plans is not None else self.check(), self.spec.state_file if resume else None)
+
+    def _build(self, options: TrainOptions, plans: dict, state_file: Path | None) -> None:
+        """A new live trainer on ``plans``: restored from ``state_file`` (a round state), else fresh.
+
+        Raises
+        ------
+        SiteError
+            If the trainer cannot be built or the round state is refused; the live trainer is then unchanged.
+        """
         for orphan in remove_orphan_temp_files(self.spec.output_folder):
             log(INFO, "%s: removed %s, left by a site process killed while it wrote", self.spec.name, orphan)
-        plans = plans if plans is not None else self.check()
-        resume = options.server_round > 1 and self.spec.state_file.is_file()
-        self.trainer = build_trainer(self.spec, plans, resume)
-        self._iterations_scale = iterations_scale(plans, self.spec.configuration, self.spec.batch_size)
-        self.trainer.num_iterations_per_epoch *= self._iterations_scale
-        self._data_loaders_ready = False
-        self._alias_map = None
-        set_schedule(self.trainer, max(options.num_epochs, 1))
-        self.trainer.initialize()
-        marginal_loss_for_partial_labels(self.spec, self.trainer)
-        if resume:
-            self._state_token = disk_token(self.spec)
-            try:
-                load_state(self.spec, self.trainer)
-            except SiteError:
-                self.trainer = None
-                raise
-            log(
-                INFO,
-                "%s: trainer rebuilt from %s at epoch %d",
-                self.spec.name,
-                self.spec.state_file,
-                self.trainer.current_epoch,
-            )
+        trainer = build_trainer(self.spec, plans, state_file is not None)
+        scale = iterations_scale(plans, self.spec.configuration, self.spec.batch_size)
+        trainer.num_iterations_per_epoch *= scale
+        set_schedule(trainer, max(options.num_epochs, 1))
+        trainer.initialize()
+        marginal_loss_for_partial_labels(self.spec, trainer)
+        token = None
+        if state_file is not None:
+            token = disk_token(self.spec) if state_file == self.spec.state_file else None
+            load_state(self.spec, trainer, state_file)
+            log(INFO, "%s: trainer rebuilt from %s at epoch %d", self.spec.name, state_file, trainer.current_epoch)
+        self.trainer, self._iterations_scale, self._state_token = trainer, scale, token
+        self._data_loaders_ready, self._alias_map = False, None
 
     def load_global_(
         self,
@@ -279,15 +284,16 @@ class Site:
         local_keys: Collection[str],
         alias_map_json: str | None = None,
         *,
-        fresh: bool,
+        training: bool,
         load: bool = True,
     ) -> None:
-        """Check the instruction and the site, have a trainer (a new one when ``fresh``), load the server's tensors
-        (with ``load``; else only check that they fit).
+        """The instruction, then the site's state, then its trainer: check the server's model and the site's plans,
+        find where the message starts (:func:`~flwr_nnunet.site.trainer_state.round_start`), have that trainer and
+        load the server's tensors (with ``load``; else only check that they fit).
 
-        Nothing of the live trainer changes unless every check passes: a non-finite
-        model is refused first, and keys, shapes and the alias map are checked before
-        any weight is written; a fresh trainer replaces the live one only once loaded.
+        Nothing of the live trainer or the state on disk changes unless every check passes: a non-finite model is
+        refused first, and keys, shapes and the alias map are checked before any weight is written; a rebuilt
+        trainer replaces the live one only once loaded.
         """
         bad = first_non_finite(received)
         if bad is not None:
@@ -296,30 +302,46 @@ class Site:
                 "and this site's trainer and state are left as they were"
             )
         plans = self.check(plans_sha)
-        previous = (self.trainer, self._data_loaders_ready, self._alias_map, self._state_token)
-        if fresh:
-            self.trainer = None
+        live = self.trainer is not None
+        start = round_start(self.spec, options.server_round, self._state_token, live=live, training=training)
+        self._take_trainer(start, options, plans, received, local_keys, alias_map_json, load=load)
+
+    def _take_trainer(
+        self,
+        start: RoundStart,
+        options: TrainOptions,
+        plans: dict,
+        received: Mapping[str, torch.Tensor],
+        local_keys: Collection[str],
+        alias_map_json: str | None,
+        *,
+        load: bool,
+    ) -> None:
+        """Have the trainer ``start`` names (the live one or a rebuilt one) with the server's tensors loaded (with
+        ``load``; else only checked); the live trainer stays as it was when a check fails."""
+        previous = (self.trainer, self._iterations_scale, self._state_token, self._data_loaders_ready, self._alias_map)
         try:
-            self.start(options, plans)
+            if not start.keep_live:
+                self._build(options, plans, start.state_file)
             if load:
                 self.load_global_(received, local_keys, alias_map_json)
             else:
                 self.check_global(received, local_keys, alias_map_json)
         except BaseException:
-            if fresh:
-                self.trainer, self._data_loaders_ready, self._alias_map, self._state_token = previous
+            self.trainer, self._iterations_scale, self._state_token, self._data_loaders_ready, self._alias_map = (
+                previous
+            )
             raise
-
-    def _drop_stale_trainer(self) -> None:
-        """Forget the live trainer if another process (another simulation actor) trained this site since."""
-        if self.trainer is not None and disk_token(self.spec) not in (None, self._state_token):
+        if start.rolled_back_from is not None:
             log(
                 INFO,
-                "%s: %s is newer than this process's trainer; rebuilding from it",
+                "%s: round %d again (the server resumed): rolled back from the state after round %d to the one after "
+                "round %d",
                 self.spec.name,
-                self.spec.state_file,
+                options.server_round,
+                start.rolled_back_from,
+                options.server_round - 1,
             )
-            self.trainer = None
 
     # --------------------------------------------------------------- training
     def _prepare_training(self, options: TrainOptions) -> None:
@@ -372,12 +394,8 @@ class Site:
             ``num-examples`` (training cases) with :func:`~flwr_nnunet.site.runtime.epoch_metrics` of the
             round's last epoch.
         """
-        self._drop_stale_trainer()
-        fresh = options.server_round == 1
-        load = fresh or options.mr_mtl_mu is None  # MR-MTL keeps the personal model from round 2 on
-        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh, load=load)
-        if self.agree_on_round(options.server_round):  # the instruction is valid: now the state may go back
-            self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=fresh, load=load)
+        load = options.server_round == 1 or options.mr_mtl_mu is None  # MR-MTL keeps its personal model after round 1
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, training=True, load=load)
         self._prepare_training(options)
         if options.seed is not None:
             seed_everything(options.seed, options.server_round, self.spec.name)
@@ -425,29 +443,6 @@ class Site:
         self._state_token = save_state(self.spec, self.trainer, server_round)
         return self.spec.state_file
 
-    def agree_on_round(self, server_round: int) -> bool:
-        """Before training ``server_round``: if this site has trained that round already (the server resumed from
-        an earlier checkpoint, e.g. after it was killed), drop the trainer and go back to the state after round
-        ``server_round - 1`` (:func:`~flwr_nnunet.site.trainer_state.roll_back`), so every round is trained once
-        and the learning-rate schedule is the uninterrupted one. Returns whether it went back (then the
-        trainer must be rebuilt and the server's tensors loaded again). :meth:`train` calls it only once the
-        instruction has passed every check, so a malformed instruction never moves the state back.
-
-        Raises
-        ------
-        SiteError
-            If that state is no longer kept (the server resumed from more than
-            :data:`~flwr_nnunet.site.trainer_state.KEPT_ROUNDS` rounds back).
-        """
-        saved = trained_round(self.spec)
-        if saved is None or saved < server_round:
-            return False
-        self.trainer = None
-        token = roll_back(self.spec, server_round, saved)
-        if token is not None:
-            self._state_token = token
-        return True
-
     def split(self) -> tuple[list[str], list[str]]:
         """(training, validation) case identifiers of the site's fold."""
         with nnunet_environment(preprocessed=self.spec.nnunet_preprocessed, results=self.spec.nnunet_results):
@@ -475,7 +470,7 @@ class Site:
         personal model after the run (see :meth:`_fine_tune`).
         """
         mr_mtl = options.mr_mtl_mu is not None and not options.fine_tune_epochs
-        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False, load=not mr_mtl)
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, training=False, load=not mr_mtl)
         validation = self.split()[1]
         if options.fine_tune_epochs:
             return self._fine_tune(received, options, local_keys, validation)
@@ -520,7 +515,7 @@ class Site:
                 f"{self.spec.fold!r} (node-config 'fold' or run-config 'fold'): every site must train the fold the "
                 "run names"
             )
-        self._receive(received, options, plans_sha, local_keys, alias_map_json, fresh=False)
+        self._receive(received, options, plans_sha, local_keys, alias_map_json, training=False)
         try:
             return validate_fold(self.spec, self.trainer, self.network)
         finally:

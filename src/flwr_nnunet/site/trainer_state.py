@@ -10,8 +10,8 @@ tensors and plain Python values and is read with the project's safe loader
 Beside it, ``flwr_site_state.json`` holds a fresh token per saved round (and the round), so a process can tell
 that another one trained since. The states after the last :data:`KEPT_ROUNDS` rounds stay beside it
 (``flwr_site_state.round-<r>.pth``, hard links): a server that resumed from an earlier checkpoint sends a round
-the site trained already, and the site goes back to its state after the round before (:func:`roll_back`), so
-every round is trained once.
+the site trained already, and the site starts it from its state after the round before (:func:`round_start`),
+so every round is trained once.
 
 A round whose training ends non-finite is refused without writing the state file
 (:func:`save_state`), so the previous round's state stays.
@@ -24,6 +24,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,12 @@ from flwr_nnunet.site.spec import SiteError, SiteSpec
 
 __all__ = [
     "KEPT_ROUNDS",
+    "RoundStart",
     "disk_token",
     "first_non_finite",
     "load_state",
     "restore_trainer",
-    "roll_back",
+    "round_start",
     "round_state_file",
     "save_state",
     "trained_round",
@@ -240,15 +242,16 @@ def save_state(spec: SiteSpec, trainer: Any, server_round: int | None = None) ->
     return token
 
 
-def load_state(spec: SiteSpec, trainer: Any) -> None:
-    """Restore a new trainer from the state file, read with the safe loader (``weights_only=True``).
+def load_state(spec: SiteSpec, trainer: Any, path: Path | None = None) -> None:
+    """Restore a new trainer from the state file (or ``path``, a kept round state), read with the safe loader
+    (``weights_only=True``).
 
     Raises
     ------
     SiteError
         If the file cannot be read safely or is not a usable round state.
     """
-    path = spec.state_file
+    path = spec.state_file if path is None else path
     try:
         restore_trainer(trainer, load_checkpoint(path))
     except (CheckpointError, ValueError, KeyError, TypeError, RuntimeError) as error:
@@ -259,38 +262,71 @@ def load_state(spec: SiteSpec, trainer: Any) -> None:
         ) from None
 
 
-def roll_back(spec: SiteSpec, server_round: int, saved: int) -> str | None:
-    """Make the state after round ``server_round - 1`` the site's state again (the state on disk is after ``saved``).
+@dataclass(frozen=True)
+class RoundStart:
+    """Where a message's trainer starts from: the live trainer, a round state file, or a fresh trainer.
 
-    Returns
-    -------
-    str or None
-        The new token, ``None`` for ``server_round`` 1 (nothing to go back to: the site starts afresh).
+    Attributes
+    ----------
+    keep_live
+        The process's live trainer is the site's state: keep it.
+    state_file
+        Otherwise the round state to rebuild the trainer from; ``None``: a fresh trainer.
+    rolled_back_from
+        The round the state on disk is after, when the message is of a round this site trained already.
+    """
+
+    keep_live: bool
+    state_file: Path | None = None
+    rolled_back_from: int | None = None
+
+
+def round_start(spec: SiteSpec, server_round: int, live_token: str | None, *, live: bool, training: bool) -> RoundStart:
+    """Where a ``server_round`` message starts, from the state on disk and the live trainer (``live``) with the
+    token of the state it was built from or saved (``live_token``). Nothing is written: the state after the round
+    is, once it is trained (:func:`save_state`).
+
+    A training message of round 1 starts fresh. One of a round this site trained already (the server resumed from
+    an earlier checkpoint, e.g. after it was killed) starts from the state after round ``server_round - 1``
+    (a fresh trainer for round 1), so every round is trained once and the learning-rate schedule is the
+    uninterrupted one. Otherwise the live trainer is kept unless another process (another simulation actor) has
+    trained this site since; then, as without a live trainer, it is rebuilt from the state file (after round 1).
+    An evaluation message keeps any live trainer.
 
     Raises
     ------
     SiteError
-        If that state is no longer kept (the server resumed from more than :data:`KEPT_ROUNDS` rounds back).
+        If the state to go back to is no longer kept (the server resumed from more than :data:`KEPT_ROUNDS`
+        rounds back).
+    """
+    saved = trained_round(spec) if training else None
+    if saved is not None and saved >= server_round:
+        return RoundStart(False, _rolled_back(spec, server_round, saved), rolled_back_from=saved)
+    if training and server_round == 1:
+        return RoundStart(keep_live=False)
+    if live and (not training or disk_token(spec) in (None, live_token)):
+        return RoundStart(keep_live=True)
+    if live:
+        log(INFO, "%s: %s is newer than this process's trainer; rebuilding from it", spec.name, spec.state_file)
+    resume = server_round > 1 and spec.state_file.is_file()
+    return RoundStart(keep_live=False, state_file=spec.state_file if resume else None)
+
+
+def _rolled_back(spec: SiteSpec, server_round: int, saved: int) -> Path | None:
+    """The state after round ``server_round - 1`` (the state on disk is after ``saved``), ``None`` for round 1.
+
+    Raises
+    ------
+    SiteError
+        If that state is no longer kept.
     """
     target = server_round - 1
-    token = None
-    if target > 0:
-        source = round_state_file(spec, target)
-        if not source.is_file():
-            raise SiteError(
-                f"{spec.name}: the server sends round {server_round}, which this site trained already (its "
-                f"state is at round {saved}), but the state after round {target} ({source}) is no longer kept; "
-                "resume the server from a later checkpoint, or remove this site's flwr_site_state.* files to "
-                "start it from the global model with a fresh optimizer"
-            )
-        _link_or_copy(source, spec.state_file)
-        token = write_token(spec, int(load_checkpoint(source)["current_epoch"]), target)
-    log(
-        INFO,
-        "%s: round %d again (the server resumed): rolled back from the state after round %d to the one after round %d",
-        spec.name,
-        server_round,
-        saved,
-        target,
-    )
-    return token
+    source = round_state_file(spec, target) if target > 0 else None
+    if source is not None and not source.is_file():
+        raise SiteError(
+            f"{spec.name}: the server sends round {server_round}, which this site trained already (its "
+            f"state is at round {saved}), but the state after round {target} ({source}) is no longer kept; "
+            "resume the server from a later checkpoint, or remove this site's flwr_site_state.* files to "
+            "start it from the global model with a fresh optimizer"
+        )
+    return source
