@@ -28,8 +28,10 @@ from flwr.supercore import log
 
 from flwr_nnunet.apps.run_config import data_root, run_config_value
 from flwr_nnunet.core.codec import from_array_record, to_array_record
+from flwr_nnunet.core.delta_codec import COMPRESSION_KEY
 from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.digests import plans_sha256
+from flwr_nnunet.site.compressed_updates import compress_reply_content, received_model
 from flwr_nnunet.site.crossval_validation import COUNTS_KEY, FOLD_KEY
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import (
@@ -267,6 +269,8 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
         spec = site_spec(context.run_config, context.node_config, context.node_id)
         try:
             received, config, options, local_keys = _received(message, max_epochs=max_local_epochs(context.node_config))
+            if COMPRESSION_KEY in config:
+                received = received_model(spec.output_folder, config, dict(message.content.items()))
         except InstructionError as error:
             raise InstructionError(f"{name}: the server's instruction is refused: {error}") from None
         site = live_site(context.run_id, spec)
@@ -285,6 +289,8 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
         content = {"metrics": MetricRecord(metrics), "config": about}
         if train:
             content["arrays"] = to_array_record(tensors)
+        if COMPRESSION_KEY in config:
+            compress_reply_content(spec.output_folder, options.server_round, content, received, config)
         return Message(RecordDict(content), reply_to=message)
     except FlwrNnUNetError as error:
         text = str(error)

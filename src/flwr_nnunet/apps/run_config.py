@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flwr_nnunet.core.quantize import SCHEMES
+
 __all__ = [
     "RUN_CONFIG",
     "RUN_CONFIG_KEYS",
@@ -106,6 +108,13 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "",
         "DP wrapper arguments, 'name=value' separated by spaces "
         "(e.g. 'noise_multiplier=1.0 clipping_norm=10 num_sampled_clients=3')",
+    ),
+    Setting(
+        "compression",
+        str,
+        "none",
+        f"update compression, both directions: {', '.join(['none', *SCHEMES])} (lossy modes send deltas with "
+        "error feedback; see documentation/compression.md)",
     ),
     Setting("fraction-train", float, 1.0, "fraction of connected nodes sampled for training each round"),
     Setting("fraction-evaluate", float, 1.0, "fraction of connected nodes sampled for evaluation each round"),
@@ -335,6 +344,7 @@ class RunSettings:
     proximal_mu: float
     dp: str
     dp_options: dict[str, Any]
+    compression: str
     fraction_train: float
     fraction_evaluate: float
     min_train_nodes: int

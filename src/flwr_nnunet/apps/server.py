@@ -212,7 +212,30 @@ def check_strategy_settings(settings: RunSettings) -> None:
         raise ServerConfigError(
             f"unknown dp {settings.dp!r}: set run-config dp to one of {', '.join(sorted(DP_WRAPPERS))}, or ''"
         )
+    check_compression_settings(settings)
     check_personal_settings(settings)
+
+
+def check_compression_settings(settings: RunSettings) -> None:
+    """``compression`` must name a scheme, and the sites' own DP clipping cannot read compressed messages.
+
+    Raises
+    ------
+    ServerConfigError
+        Naming the key and the values it takes.
+    """
+    from flwr_nnunet.core.quantize import scheme_named
+
+    try:
+        scheme = scheme_named(settings.compression)
+    except ValueError as error:
+        raise ServerConfigError(f"run-config {error}") from None
+    if scheme is not None and settings.dp.startswith("client-"):
+        raise ServerConfigError(
+            f"run-config dp={settings.dp!r} clips on the sites with Flower's mods, which read the messages' arrays "
+            f"as whole models: use compression='none' with it, or dp='server-fixed' / 'server-adaptive' (the "
+            f"server clips the decompressed updates)"
+        )
 
 
 def check_personal_settings(settings: RunSettings) -> None:
@@ -260,6 +283,7 @@ def _strategy(settings, network, plans, model_folder, run_config, options):
         min_evaluate_nodes=settings.min_evaluate_nodes,
         min_available_nodes=settings.min_available_nodes,
         flagged_weight=settings.flagged_weight,
+        compression=settings.compression,
         **options,
     )
 

@@ -19,6 +19,9 @@ from flwr_nnunet.core.codec import PayloadError, decode_array, encode_tensor
 from flwr_nnunet.core.quantize import Quantized, Scheme, dequantize, quantize_with_feedback, quantized_problem
 
 __all__ = [
+    "BASE_KEY",
+    "COMPRESSION_KEY",
+    "MODEL_KEY",
     "SCALES_RECORD",
     "CompressedDelta",
     "apply_delta",
@@ -28,6 +31,12 @@ __all__ = [
 
 SCALES_RECORD = "scales"
 """The ``RecordDict`` entry holding the block scales of a compressed delta."""
+COMPRESSION_KEY = "compression"
+"""Config key: the scheme of a compressed message (run-config ``compression``)."""
+BASE_KEY = "base-sha256"
+"""Config key: the digest of the model a delta starts from (an instruction's, or the one a reply's update is from)."""
+MODEL_KEY = "model-sha256"
+"""Config key of an instruction: the digest of the model the site holds once it applied the delta."""
 
 CompressedDelta = tuple[ArrayRecord, ArrayRecord]
 """(codes and lossless values, block scales): what a compressed delta puts in a ``RecordDict``."""

@@ -49,6 +49,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Result, Strategy
 from flwr.supercore import log
 from torch import nn
 
+from flwr_nnunet.core.quantize import scheme_named
 from flwr_nnunet.core.reduce import Tensors, weighted_mean_
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
@@ -61,6 +62,7 @@ from flwr_nnunet.strategy.aggregation import (
 )
 from flwr_nnunet.strategy.checkpoints import RunCheckpoints
 from flwr_nnunet.strategy.global_model import GlobalModel
+from flwr_nnunet.strategy.model_sender import ModelSender
 from flwr_nnunet.strategy.replies import AcceptedReply, canonical_message, non_finite_reason
 from flwr_nnunet.strategy.rounds import run_rounds
 from flwr_nnunet.strategy.site_diagnostics import SiteDiagnostics
@@ -109,6 +111,10 @@ class NnUNetFedAvg(FedAvg):
         What a flagged site's replies count for from the round after the flag: 1 as any site's, a value in
         (0, 1) multiplies its :meth:`reply_weight`, 0 excludes it from training rounds (it is still evaluated,
         and ``min_train_nodes`` counts only the sites asked). Logged each round.
+    compression : str (default: "none")
+        Run-config ``compression``: the sites get compressed deltas of the model
+        (:class:`~flwr_nnunet.strategy.model_sender.ModelSender`) and may reply with compressed updates, which
+        the validator turns back into floats before anything else reads them.
     **kwargs
         Every argument of :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_train_nodes``, ``weighted_by_key``, ...).
@@ -147,6 +153,7 @@ class NnUNetFedAvg(FedAvg):
         max_reply_weight: float | None = None,
         diagnostics: SiteDiagnostics | None = None,
         flagged_weight: float = 1.0,
+        compression: str = "none",
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= flagged_weight <= 1.0:
@@ -171,6 +178,8 @@ class NnUNetFedAvg(FedAvg):
         )
         self.accumulate_dtype = accumulate_dtype
         self.post_round_fn = post_round_fn
+        scheme = scheme_named(compression)
+        self.model_sender = None if scheme is None else ModelSender(scheme, self.arrayrecord_key)
         self.validator = ReplyValidator(
             self.model.alias_map,
             self.model.tensors,
@@ -179,6 +188,7 @@ class NnUNetFedAvg(FedAvg):
             arrayrecord_key=self.arrayrecord_key,
             optional_keys=self.model.local_groups,
             max_reply_weight=max_reply_weight,
+            model_sender=self.model_sender,
         )
 
     @classmethod
@@ -221,7 +231,7 @@ class NnUNetFedAvg(FedAvg):
         """Configure a training round: the network's canonical tensors plus the wire config (messages kept);
         with ``flagged_weight`` 0 flagged sites are not asked to train (logged)."""
         messages = super().configure_train(server_round, self.sync_global(arrays), self.wire_config(config), grid)
-        return self.validator.expect(self.without_excluded(server_round, messages))
+        return self.validator.expect(self.addressed(self.without_excluded(server_round, messages)))
 
     def without_excluded(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         """``messages`` without those to flagged sites when ``flagged_weight`` is 0 (one log line per site)."""
@@ -249,7 +259,11 @@ class NnUNetFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Configure an evaluation round: the network's canonical tensors plus the wire config."""
         messages = super().configure_evaluate(server_round, self.sync_global(arrays), self.wire_config(config), grid)
-        return self.validator.expect(messages)
+        return self.validator.expect(self.addressed(messages))
+
+    def addressed(self, messages: Iterable[Message]) -> list[Message]:
+        """``messages`` as run-config ``compression`` sends them (see :meth:`ModelSender.address`), else as they are."""
+        return list(messages) if self.model_sender is None else self.model_sender.address(self.model, messages)
 
     # ---------------------------------------------------------------- replies
 
@@ -282,6 +296,8 @@ class NnUNetFedAvg(FedAvg):
             minimum=self.min_train_replies if is_train else self.min_evaluate_nodes,
             check_finite=check_finite,
         )
+        if self.model_sender is not None:
+            self.model_sender.note([m.metadata.dst_node_id for m in self.validator.sent], accepted)
         if is_train:
             self.diagnostics.note_train(server_round, accepted, self.model.tensors)
         else:

@@ -15,10 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from flwr_nnunet.core.aliasing import strip_wrapper_prefixes
+from flwr_nnunet.core.codec import to_array_record
+from flwr_nnunet.core.delta_codec import COMPRESSION_KEY, SCALES_RECORD
 
 __all__ = [
     "MAX_REASON_CHARS",
@@ -30,6 +32,7 @@ __all__ = [
     "canonical_message",
     "check_weight",
     "content_order",
+    "decompressed_message",
     "metric_problem",
     "non_finite_reason",
     "tensors_problem",
@@ -216,6 +219,22 @@ def canonical_message(
     records[arrayrecord_key] = ArrayRecord(OrderedDict((k, record[names[k]]) for k in keys))
     if reweigh:
         records[metrics_name] = MetricRecord({**metrics, weight[0]: weight[1]})
+    return make_message(message.metadata, content=RecordDict(records))
+
+
+def decompressed_message(
+    message: Message, tensors: Mapping[str, torch.Tensor], arrayrecord_key: str = "arrays"
+) -> Message:
+    """A copy of a compressed reply whose ``ArrayRecord`` holds ``tensors`` (its decoded model), without block
+    scales and without ``compression`` in its config: an uncompressed reply, what every check, strategy and
+    wrapper downstream reads (its other records and config entries kept)."""
+    records = {}
+    for name, value in message.content.items():
+        if isinstance(value, ConfigRecord):
+            records[name] = ConfigRecord({k: v for k, v in value.items() if k != COMPRESSION_KEY})
+        elif name not in (arrayrecord_key, SCALES_RECORD):
+            records[name] = value
+    records[arrayrecord_key] = to_array_record(tensors)
     return make_message(message.metadata, content=RecordDict(records))
 
 

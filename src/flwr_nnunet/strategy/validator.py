@@ -19,8 +19,10 @@ from flwr.supercore import log
 
 from flwr_nnunet.core.aliasing import AliasConflictError, AliasMap, strip_wrapper_prefixes
 from flwr_nnunet.core.codec import PayloadError, from_array_record
+from flwr_nnunet.core.delta_codec import BASE_KEY, COMPRESSION_KEY, SCALES_RECORD, apply_delta, decode_delta
 from flwr_nnunet.errors import KeyMismatchError
 from flwr_nnunet.strategy.aggregation import enough_replies, log_rejection
+from flwr_nnunet.strategy.model_sender import ModelSender
 from flwr_nnunet.strategy.replies import (
     METRIC_RANGES,
     AcceptedReply,
@@ -28,6 +30,7 @@ from flwr_nnunet.strategy.replies import (
     bounded,
     check_weight,
     content_order,
+    decompressed_message,
     metric_problem,
     tensors_problem,
     total_weight_problem,
@@ -70,7 +73,11 @@ class ReplyValidator:
     - Exactly one ``MetricRecord``; its weight ``weighted_by_key`` finite and > 0 in float64; every numeric
       metric finite, one number where :data:`~flwr_nnunet.strategy.replies.SCALAR_METRICS` names it, and within
       :data:`METRIC_RANGES` (``metric_ranges``) where it has a range.
-    - The plans digest, then keys, shapes, dtypes and finiteness of the arrays (training replies).
+    - The plans digest, then keys, shapes, dtypes and finiteness of the arrays (training replies). A compressed
+      reply (run-config ``compression``) must use the run's scheme and start from the model sent this round; its
+      delta is checked (:func:`~flwr_nnunet.core.delta_codec.decode_delta`) and added to the round's global
+      model (:meth:`~flwr_nnunet.strategy.model_sender.ModelSender.global_values`), and
+      the reply goes on as an uncompressed one holding that sum (:func:`decompressed_message`).
     - Training: the weight (``reply_weight()``) finite and > 0, clipped to ``max_reply_weight`` when given; the
       accepted weights must sum to a finite float64, or the round is refused.
 
@@ -100,6 +107,9 @@ class ReplyValidator:
         None, or the largest weight one training reply may have: larger ones are clipped to it (logged).
     metric_ranges
         Metric name -> (low, high): replies with a value outside are rejected (default :data:`METRIC_RANGES`).
+    model_sender
+        With compression: what the sites were sent (its scheme and current digest); None: replies are never
+        compressed.
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class ReplyValidator:
         required_metrics: Collection[str] = (),
         max_reply_weight: float | None = None,
         metric_ranges: Mapping[str, tuple[float, float]] = METRIC_RANGES,
+        model_sender: ModelSender | None = None,
     ) -> None:
         if max_reply_weight is not None and check_weight(max_reply_weight, "max_reply_weight"):
             raise ValueError(f"max_reply_weight must be a finite number > 0 or None, got {max_reply_weight!r}")
@@ -126,6 +137,7 @@ class ReplyValidator:
         self.required_metrics = tuple(required_metrics)
         self.max_reply_weight = None if max_reply_weight is None else float(max_reply_weight)
         self.metric_ranges = dict(metric_ranges)
+        self.model_sender = model_sender
         self.sent: list[Message] = []
         self.unanswered: tuple[int, ...] = ()
 
@@ -252,8 +264,18 @@ class ReplyValidator:
         record = message.content.array_records.get(self.arrayrecord_key)
         if not isinstance(record, ArrayRecord):
             return Rejection(node, f"no ArrayRecord under {self.arrayrecord_key!r}")
+        scheme = _reply_config(message, COMPRESSION_KEY)
+        if scheme is not None:
+            reason = self._compression_problem(scheme, _reply_config(message, BASE_KEY))
+            if reason:
+                return Rejection(node, reason)
         try:
-            tensors = self._canonical(from_array_record(record))
+            if scheme is None:
+                tensors = self._canonical(from_array_record(record))
+            else:
+                delta = (record, message.content.array_records.get(SCALES_RECORD, ArrayRecord()))
+                sent = self.model_sender.global_values()
+                tensors = apply_delta(sent, decode_delta(delta, sent, self.model_sender.scheme))
         except PayloadError as error:
             return Rejection(node, f"undecodable payload: {error}")
         except (KeyError, AliasConflictError) as error:
@@ -261,7 +283,25 @@ class ReplyValidator:
         reason = self.check_tensors(tensors, check_finite=check_finite)
         if reason:
             return Rejection(node, reason)
+        if scheme is not None:
+            message = decompressed_message(message, tensors, self.arrayrecord_key)
         return AcceptedReply(message, tensors, metrics, weight)
+
+    def _compression_problem(self, scheme: object, base: object) -> str | None:
+        """Why a reply compressed with ``scheme`` from the model of digest ``base`` cannot be decoded, or None."""
+        if self.model_sender is None:
+            return f"the reply is compressed ({bounded(scheme, 40)}), but this run's run-config compression is none"
+        if scheme != self.model_sender.scheme.name:
+            return (
+                f"the reply is compressed with {bounded(scheme, 40)}, but this run's run-config compression is "
+                f"{self.model_sender.scheme.name}"
+            )
+        if base != self.model_sender.digest:
+            return (
+                f"the reply's update is from model {bounded(base, 12)}..., not from the model sent this round "
+                f"({str(self.model_sender.digest)[:12]}...)"
+            )
+        return None
 
     def check_evaluate(self, message: Message, node: int | None = None) -> AcceptedReply | Rejection:
         """Validate an evaluation reply: error, one MetricRecord, weight, plans digest, finite metrics in range."""
@@ -327,3 +367,11 @@ class ReplyValidator:
     def check_tensors(self, tensors: Mapping[str, torch.Tensor], *, check_finite: bool = True) -> str | None:
         """Why ``tensors`` (the reference's keys) do not fit the reference's shapes and dtypes or are not finite."""
         return tensors_problem(self.reference, tensors, check_finite=check_finite)
+
+
+def _reply_config(message: Message, key: str) -> object:
+    """The value of ``key`` in the reply's config records, or None."""
+    for config in message.content.config_records.values():
+        if key in config:
+            return config[key]
+    return None
