@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.app.message.message import make_message
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from strategy_support import (
@@ -38,6 +38,9 @@ from strategy_support import tiny_network as _tiny_network
 from test_codec import F4, hostile
 
 from flwr_nnunet import strategy_from_name, to_array_record
+from flwr_nnunet.core.codec import encode_tensor
+from flwr_nnunet.core.delta_codec import BASE_KEY, COMPRESSION_KEY, SCALES_RECORD, encode_delta
+from flwr_nnunet.core.quantize import SCHEMES
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.strategy.replies import MAX_REASON_CHARS
 
@@ -457,3 +460,150 @@ def test_an_evaluation_reply_with_a_list_dice_is_rejected(flwr_log, name):
     assert any(
         "rejected reply from node 100: " in line and "'dice' must be a number, not a list" in line for line in lines
     )
+
+
+# ------------------------------------------------- compressed replies (run-config compression)
+
+COMPRESSED = {
+    "fedavg int8-block": lambda: strategy_from_name(
+        "fedavg", network=_tiny_network(), plans=PLANS, min_train_nodes=2, compression="int8-block"
+    ),
+    "dp int8-block": lambda: strategy_from_name(
+        "fedavg",
+        network=_tiny_network(),
+        plans=PLANS,
+        min_train_nodes=2,
+        dp="server-fixed",
+        dp_options={"noise_multiplier": 0.0, "clipping_norm": 100.0, "num_sampled_clients": 3},
+        compression="int8-block",
+    ),
+}
+INT8 = SCHEMES["int8-block"]
+
+
+def compressed_reply(strategy, sent: OrderedDict, node: int, **change) -> Message:
+    """A site's compressed reply (its update ``perturbed - sent``), with ``change``: records or config replaced."""
+    (codes, scales), _ = encode_delta(perturbed(sent, node, scale=0.05), sent, INT8)
+    codes, scales = OrderedDict(codes.items()), OrderedDict(scales.items())
+    key = first_conv(sent)
+    for name, make in change.get("codes", {}).items():
+        codes[name] = make(sent[key]) if callable(make) else make
+    for name, make in change.get("scales", {}).items():
+        scales[name] = make(sent[key]) if callable(make) else make
+    digest = sender(strategy).digest if sender(strategy) is not None else ""
+    config = {COMPRESSION_KEY: "int8-block", BASE_KEY: digest}
+    config.update(change.get("config", {}))
+    message = reply(node, ArrayRecord(codes), 4, metrics=LOSS, config=config)
+    if not change.get("no scales"):
+        message.content[SCALES_RECORD] = ArrayRecord(scales)
+    return message
+
+
+def sender(strategy):
+    return getattr(strategy, "strategy", strategy).model_sender
+
+
+def blocks(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.full((INT8.blocks(tensor.numel()),), 1e-3)
+
+
+def scale_at_end(value: float) -> Callable[[torch.Tensor], Array]:
+    return lambda t: encode_tensor(torch.cat((blocks(t)[:-1], torch.tensor([value]))))
+
+
+KEY = "encoder.stages.0.0.convs.0.conv.weight"
+COMPRESSED_KINDS: dict[str, tuple[dict, str]] = {
+    "too few block scales": ({"scales": {KEY: lambda t: encode_tensor(blocks(t)[:-1])}}, "block scales"),
+    "too many block scales": (
+        {"scales": {KEY: lambda t: encode_tensor(torch.cat((blocks(t), blocks(t))))}},
+        "block scales",
+    ),
+    "NaN scale": ({"scales": {KEY: scale_at_end(math.nan)}}, "NaN or Inf"),
+    "Inf scale": ({"scales": {KEY: scale_at_end(math.inf)}}, "NaN or Inf"),
+    "huge scale": ({"scales": {KEY: scale_at_end(1e30)}}, "block scales must be in [0, 1e+06]"),
+    "negative scale": ({"scales": {KEY: scale_at_end(-1.0)}}, "block scales must be in"),
+    "float64 scales": ({"scales": {KEY: lambda t: encode_tensor(blocks(t).double())}}, "float32 block scales"),
+    "codes of another shape": (
+        {"codes": {KEY: lambda t: encode_tensor(torch.zeros(t.numel(), dtype=torch.int8))}},
+        "int8 codes of shape",
+    ),
+    "float32 codes": ({"codes": {KEY: lambda t: encode_tensor(torch.zeros(t.shape))}}, "int8 codes of shape"),
+    "int16 codes": ({"codes": {KEY: lambda t: encode_tensor(torch.zeros(t.shape, dtype=torch.int16))}}, "int8 codes"),
+    "code -128": (
+        {"codes": {KEY: lambda t: encode_tensor(torch.full(t.shape, -128, dtype=torch.int8))}},
+        "outside [-127, 127]",
+    ),
+    "extra array": (
+        {"codes": {"decoder.extra": encode_tensor(torch.zeros(2, dtype=torch.int8))}},
+        "record 'arrays' holds",
+    ),
+    "no scales record": ({"no scales": True}, "record 'scales' holds 0 arrays"),
+    "bad .npy in codes": (
+        {"codes": {KEY: Array(dtype="int8", shape=(1,), stype="numpy.ndarray", data=b"garbage")}},
+        "bad magic",
+    ),
+    "update from another model": ({"config": {BASE_KEY: "0" * 64}}, "not from the model sent this round"),
+    "another scheme": ({"config": {COMPRESSION_KEY: "int4-block"}}, "compressed with 'int4-block'"),
+    "unknown scheme": ({"config": {COMPRESSION_KEY: "zip"}}, "compressed with 'zip'"),
+}
+
+
+def honest_compressed(strategy, sent: OrderedDict) -> list[Message]:
+    return [compressed_reply(strategy, sent, node) for node in HONEST]
+
+
+_compressed_reference: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def honest_compressed_result(name: str) -> dict[str, torch.Tensor]:
+    if name not in _compressed_reference:
+        strategy = COMPRESSED[name]()
+        sent, _ = configure(strategy)
+        assert strategy.aggregate_train(1, honest_compressed(strategy, sent))[0] is not None
+        _compressed_reference[name] = state(strategy)
+    return _compressed_reference[name]
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+@pytest.mark.parametrize("kind", sorted(COMPRESSED_KINDS))
+def test_a_hostile_compressed_reply_is_refused_with_its_reason(flwr_log, kind, name):
+    change, reason = COMPRESSED_KINDS[kind]
+    strategy = COMPRESSED[name]()
+    sent, _ = configure(strategy)
+    replies = honest_compressed(strategy, sent)
+    replies.insert(1, compressed_reply(strategy, sent, 100, **change))
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None
+    assert_same(state(strategy), honest_compressed_result(name))  # as the honest replies alone make it
+    rejections = [r.getMessage() for r in flwr_log if "rejected reply from node 100: " in r.getMessage()]
+    assert rejections and reason in rejections[0], rejections
+
+
+def test_a_compressed_reply_to_an_uncompressed_run_is_refused(flwr_log):
+    strategy = STRATEGIES["fedavg"]()
+    sent, _ = configure(strategy)
+    replies = honest(sent)
+    replies.insert(1, compressed_reply(strategy, sent, 100))
+    before = honest_result("fedavg")
+
+    assert strategy.aggregate_train(1, replies)[0] is not None
+
+    assert_same(state(strategy), before)
+    assert any("compression is none" in r.getMessage() for r in flwr_log)
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+def test_a_round_of_hostile_compressed_replies_only_leaves_the_model_bit_identical(flwr_log, name):
+    strategy = COMPRESSED[name]()
+    sent, _ = configure(strategy)
+    before = state(strategy)
+    replies = [
+        compressed_reply(strategy, sent, 200 + i, **change) for i, (change, _) in enumerate(COMPRESSED_KINDS.values())
+    ]
+
+    assert strategy.aggregate_train(1, replies) == (None, None)
+
+    assert_same(state(strategy), before)
+    assert sum("rejected reply from node 2" in r.getMessage() for r in flwr_log) == len(replies)
