@@ -328,6 +328,9 @@ def run_server(grid: Any, context: Any, data: RunData | None = None) -> Any:
     Flower's ``Result`` of the strategy. A :class:`ServerConfigError` is logged as its one line before it ends
     the run.
     """
+    from flwr_nnunet.apps.forked_children import default_signals_in_forked_children
+
+    default_signals_in_forked_children()  # nnU-Net's planner forks a pool: its workers must not end the run
     one_line = install_one_line_errors()
     try:
         return _run(grid, context, data)
