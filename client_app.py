@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flwr_nnunet.apps.client import dp_clipping_mod, handle_message, handle_query
+from flwr_nnunet.apps.client import dp_clipping_mod, handle_ensemble_query, handle_message, handle_query
 
 app = ClientApp(mods=[dp_clipping_mod])
 
@@ -24,3 +24,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Federated planning: the site's aggregate statistics, or the federation's plans installed and applied."""
     return handle_query(msg, context)
+
+
+@app.query("ensemble")
+def ensemble(msg: Message, context: Context) -> Message:
+    """Model selection: the site's ensemble of two configurations' cross-validation predictions, counts only."""
+    return handle_ensemble_query(msg, context)

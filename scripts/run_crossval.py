@@ -1,21 +1,30 @@
-"""Federated five-fold cross-validation of one configuration: `flwr run .` per fold, then the merged summaries.
+"""The federated nnU-Net pipeline: five-fold cross-validation per configuration, model selection, held-out Dice.
 
 Steps (everything lands under ``--workdir``, default ``crossval_data/``, which git ignores):
 
-1. the data: the 2D demo's raw data under ``<workdir>/data`` with nnU-Net's five-fold split at every site
-   (``flwr_nnunet.demo.crossval_splits``), or your sites' data with ``--data-root`` (``make-demo=false``; each site's
-   own ``splits_final.json``, nnU-Net's five-fold split where federated planning writes it);
-2. per fold k in ``--folds`` (default 0 1 2 3 4), in turn: ``flwr run .`` with ``fold=k crossval=true resume=true``
-   on this run's own local SuperLink (stopped by its PID afterwards): the rounds, then every site validates the
-   fold's global model on its own validation cases and sends per-case counts only; the server writes
-   ``fold_k/checkpoint_final.pth`` and ``fold_k/validation/summary.json``. A fold whose counts are written already
-   is skipped, so a killed pipeline started again continues with the fold it was in (resumed from its checkpoint);
-3. after the last fold the server has merged the folds into ``crossval_results_folds_0_1_2_3_4/`` (summaries pooled
-   and per site, ``postprocessing.pkl`` / ``postprocessing.json``); the script prints them and the commands that
-   predict with the five fold models and apply the postprocessing.
+1. the data: the demo's raw data under ``<workdir>/data`` (2D, or with ``--3d`` the 3D demo) with nnU-Net's
+   five-fold split at every site (``flwr_nnunet.demo.crossval_splits``), or your sites' data with ``--data-root``
+   (``make-demo=false``; each site's own ``splits_final.json``, nnU-Net's five-fold split where federated planning
+   writes it);
+2. per configuration (``--configurations``; the 2D demo: 2d, the 3D demo: 2d 3d_fullres) and per fold k in
+   ``--folds`` (default 0 1 2 3 4), in turn: ``flwr run .`` with ``configuration=c fold=k crossval=true
+   resume=true`` on this run's own local SuperLink (stopped by its PID afterwards): the rounds, then every site
+   validates the fold's global model on its own validation cases and sends per-case counts only. A fold whose
+   counts are written already is skipped, so a killed pipeline started again continues with the fold it was in;
+   the last fold's run merges the folds into ``crossval_results_folds_0_1_2_3_4/`` (summaries pooled and per site,
+   ``postprocessing.pkl`` / ``.json``);
+3. one ``flwr run .`` with ``find-best-configuration`` (folds 0-4 only): every site ensembles each pair of
+   configurations on its own cases (counts only), the server picks nnU-Net's best configuration or ensemble and
+   its postprocessing and writes ``inference_instructions.txt``;
+4. the demo only (unless ``--no-fold-all``): one ``flwr run .`` trains the single fold-``all`` model of the first
+   selected configuration with the same budget, and every site's held-out cases are predicted with nnU-Net's own
+   commands: the selection's five folds (ensembled where an ensemble won) and its postprocessing, against the
+   fold-``all`` model; Dice per site.
 
-Usage: ``python scripts/run_crossval.py [--rounds 8] [--local-epochs 1] [--iterations 40] [--val-iterations 5]
-[--sites 3] [--seed 0] [--folds 0 1 2 3 4] [--workdir crossval_data] [--data-root DIR] [--config "key=value ..."]``
+Usage: ``python scripts/run_crossval.py [--3d] [--configurations 2d 3d_fullres] [--rounds 8] [--local-epochs 1]
+[--iterations 40] [--val-iterations 5] [--sites 3] [--seed 0] [--folds 0 1 2 3 4] [--workdir crossval_data]
+[--data-root DIR] [--config "key=value ..."] [--no-fold-all]`` (with ``--3d`` the budget defaults come from
+``configs/demo-3d.toml``).
 """
 
 from __future__ import annotations
@@ -29,26 +38,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import free_port, stream_flwr_run, superlink_pids
+from run_demo import add_budget_arguments, free_port, stream_flwr_run, superlink_pids, with_budget_defaults
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; budget options left out take the 2D demo's defaults, or configs/demo-3d.toml's with --3d."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "crossval_data", help="where everything is written")
+    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="the 3D demo")
+    parser.add_argument(
+        "--configurations", nargs="+", help="configurations to cross-validate (2D: 2d; 3D: 2d 3d_fullres)"
+    )
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="folds to train, in turn")
-    parser.add_argument("--rounds", type=int, default=8, help="federated rounds per fold")
-    parser.add_argument("--local-epochs", type=int, default=1, help="nnU-Net epochs per round")
-    parser.add_argument("--iterations", type=int, default=40, help="training batches per epoch")
-    parser.add_argument("--val-iterations", type=int, default=5, help="pseudo-Dice batches per epoch")
+    add_budget_arguments(parser, " per fold")
     parser.add_argument("--sites", type=int, default=3, help="demo sites (2 or 3); with --data-root: site-K folders")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo data, the initial model, the rounds")
     parser.add_argument("--data-root", type=Path, help="your sites' data (site-K/nnUNet_raw/...): no demo is made")
-    parser.add_argument("--config", default="", help="more run config, 'key=value ...' (e.g. dataset, configuration)")
-    return parser.parse_args(argv)
+    parser.add_argument("--config", default="", help="more run config, 'key=value ...' (e.g. dataset)")
+    parser.add_argument("--no-fold-all", action="store_true", help="skip the demo's fold-all model and held-out Dice")
+    args = with_budget_defaults(parser.parse_args(argv))
+    if args.configurations is None:
+        args.configurations = ["2d", "3d_fullres"] if args.dims == 3 else ["2d"]
+    return args
 
 
 def run_overrides(args: argparse.Namespace, data_root: Path) -> dict:
-    """The run config every fold shares (the fold's own keys are added per fold)."""
+    """The run config every run shares (the configuration and fold are added per run)."""
     from flwr.common.config import parse_config_args
 
     overrides = {
@@ -62,65 +77,135 @@ def run_overrides(args: argparse.Namespace, data_root: Path) -> dict:
         "resume": True,
     }
     if args.data_root is None:
-        overrides.update({"make-demo": True, "demo-sites": args.sites, "demo-3d": False, "configuration": "2d"})
+        overrides.update({"make-demo": True, "demo-sites": args.sites, "demo-3d": args.dims == 3})
     else:
         overrides["make-demo"] = False
     overrides.update(parse_config_args([args.config]) if args.config.strip() else {})
     return overrides
 
 
-def model_folder(overrides: dict) -> Path:
-    """The global model folder the runs write (from the project's run config with these overrides)."""
+def settings_of(overrides: dict):
+    """The project's run settings with these overrides."""
     from flwr.common.config import get_fused_config_from_dir
-    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
     from flwr_nnunet.apps.run_config import RunSettings
 
-    settings = RunSettings.from_run_config(get_fused_config_from_dir(REPO, overrides))
-    model = convert_trainer_plans_config_to_identifier(settings.trainer, settings.plans, settings.configuration)
+    return RunSettings.from_run_config(get_fused_config_from_dir(REPO, overrides))
+
+
+def model_folder(overrides: dict) -> Path:
+    """The global model folder the runs with these overrides write."""
+    from flwr_nnunet.nnunet.model_selection import model_identifier
+
+    settings = settings_of(overrides)
+    model = model_identifier(settings.trainer, settings.plans, settings.configuration)
     return settings.results_dir / settings.dataset / model
 
 
-def run_fold(fold: int, overrides: dict, num_sites: int, flwr_home: Path) -> str:
-    """`flwr run .` of one fold on its own local SuperLink (stopped by PID afterwards); the run's final status."""
+def run(config: dict, num_sites: int, flwr_home: Path) -> str:
+    """`flwr run .` with this run config on its own local SuperLink (stopped by PID afterwards); its final status."""
     ports = (free_port(), free_port())
     while ports[1] == ports[0]:
         ports = (ports[0], free_port())
-    config = {**overrides, "fold": str(fold)}
     run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
     return stream_flwr_run(run_config, num_sites, flwr_home, ports)
 
 
-def report(model: Path, folds: list[int]) -> None:
-    """The merged summaries and the postprocessing decision, and how to predict and postprocess."""
+def cross_validate(overrides: dict, folds: list[int], num_sites: int, flwr_home: Path, started: float) -> Path:
+    """Every fold of one configuration, in turn (a fold validated already is skipped), merged; the model folder.
+
+    Raises
+    ------
+    RuntimeError
+        If a fold's run does not complete.
+    """
+    from flwr_nnunet.apps.crossval_results import counts_file, merge_folds, merged_folder
+
+    model = model_folder(overrides)
+    for fold in folds:
+        if counts_file(model, fold).is_file():
+            print(f"{model.name} fold {fold}: validated already ({counts_file(model, fold)}): skipped", flush=True)
+            continue
+        status = run({**overrides, "fold": str(fold)}, num_sites, flwr_home)
+        if status != "finished:completed" or not counts_file(model, fold).is_file():
+            raise RuntimeError(f"{model.name} fold {fold} did not complete (status {status}); see its log above")
+        print(f"{model.name} fold {fold} done ({time.monotonic() - started:.0f} s)", flush=True)
+    if not (merged_folder(model, folds) / "summary.json").is_file():  # a pipeline killed before the merge
+        plans, dataset_json = (json.loads((model / name).read_text()) for name in ("plans.json", "dataset.json"))
+        merge_folds(model, plans, dataset_json, folds)
+    return model
+
+
+def report_crossval(model: Path, folds: list[int]) -> None:
+    """One configuration's merged cross-validation: pooled and per site, and its postprocessing decision."""
     from flwr_nnunet.apps.crossval_results import MERGE_FILE, merged_folder
 
     merged = merged_folder(model, folds)
     about = json.loads((merged / MERGE_FILE).read_text())
-    print(f"\nfederated cross-validation, folds {folds}: {merged}")
+    print(f"\n{model.name}: federated cross-validation, folds {folds} ({merged})")
     print(f"  pooled over the sites: foreground Dice {about['foreground_dice']:.4f}")
     for site, entry in sorted(about["sites"].items()):
         dice = json.loads((merged / entry["summary"]).read_text())["foreground_mean"]["Dice"]
         print(f"  {site:<12} {entry['cases']:>3} case(s)  foreground Dice {dice:.4f}")
     steps = (about["postprocessing"] or {}).get("postprocessing_kwargs")
     print(f"  postprocessing (keep the largest component of): {steps if steps is not None else 'not decided'}")
-    dataset = model.parent.name
-    trainer, plans, configuration = model.name.split("__")
+
+
+def report_selection(information: dict, results: Path) -> None:
+    """The candidates' scores, the best and its postprocessing, and where nnU-Net's instructions are."""
+    best = information["best_model_or_ensemble"]
+    print("\nmodel selection (nnUNetv2_find_best_configuration over the sites; foreground Dice, pooled):")
+    for name, score in information["all_results"].items():
+        print(f"  {score:.4f}  {name}")
+    chosen = " + ".join(m["configuration"] for m in best["selected_model_or_models"])
     print(
-        "\npredict with the five fold models, then postprocess:\n"
-        f"  nnUNet_results={model.parents[1]} nnUNetv2_predict -i IN -o OUT -d {dataset[7:10]} -c {configuration} "
-        f"-p {plans} -tr {trainer} -f {' '.join(map(str, folds))} -chk checkpoint_final.pth -device cpu\n"
-        f"  nnUNetv2_apply_postprocessing -i OUT -o OUT_PP -pp_pkl_file {merged / 'postprocessing.pkl'} "
-        f"-plans_json {merged / 'plans.json'}"
+        f"  best: {chosen} ({best['result_on_crossval_pre_pp']:.4f}, "
+        f"{best['result_on_crossval_post_pp']:.4f} after postprocessing: {best['postprocessing_file']})"
     )
+    print(f"  how to predict with it: {results / information['dataset_name_or_id'] / 'inference_instructions.txt'}")
+
+
+def compare_with_fold_all(args, overrides: dict, information: dict, num_sites: int, flwr_home: Path) -> None:
+    """Train the fold-all model; predict every site's held-out cases with the selection and with it; print Dice."""
+    import torch
+
+    from flwr_nnunet.demo.data import load_demo_dataset
+    from flwr_nnunet.demo.heldout import dice_scores, gather_test_images, predict, predict_as_instructed
+
+    configuration = information["best_model_or_ensemble"]["selected_model_or_models"][0]["configuration"]
+    fold_all = {**overrides, "configuration": configuration, "crossval": False, "fold": "all"}
+    status = run(fold_all, num_sites, flwr_home)
+    if status != "finished:completed":
+        raise RuntimeError(f"the fold-all run did not complete (status {status}); see its log above")
+    torch.set_num_threads(1)
+    demo = load_demo_dataset(overrides["data-root"])
+    results = settings_of(fold_all).results_dir
+    images = gather_test_images(demo, args.workdir / "predictions" / "test_images")
+    selected = predict_as_instructed(demo, information, results, images, args.workdir / "predictions" / "selection")
+    single = predict(
+        demo, results, images, args.workdir / "predictions" / "fold_all", fold="all", configuration=configuration
+    )
+    chosen = " + ".join(m["configuration"] for m in information["best_model_or_ensemble"]["selected_model_or_models"])
+    print(
+        f"\nDice on held-out test cases ({len(demo.sites[0].test_cases)} per site; {args.rounds} rounds x "
+        f"{args.iterations} iterations for every model)"
+    )
+    print(f"{'':<8}{f'5 folds {chosen} + pp':>24}{f'fold all {configuration}':>24}")
+    print(f"{'site':<8}" + "   organ  lesion    mean" * 2)
+    for site in demo.sites:
+        cells = []
+        for folder in (selected, single):
+            scores = dice_scores(folder, site.labels_ts, site.test_cases, demo.file_ending)
+            cells += [scores["organ"], scores["lesion"], scores["mean"]]
+        print(f"{site.name:<8}" + "".join(f"{value:>8.3f}" for value in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    workdir = args.workdir.absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    flwr_home = workdir / "flwr-home"
+    args.workdir = args.workdir.absolute()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    flwr_home = args.workdir / "flwr-home"
     running = superlink_pids(flwr_home)
     if running:
         pids = " ".join(map(str, running))
@@ -132,38 +217,36 @@ def main(argv: list[str] | None = None) -> int:
         from flwr_nnunet.demo.crossval_splits import write_five_fold_splits
         from flwr_nnunet.demo.data import make_demo_dataset
 
-        data_root = workdir / "data"
-        demo = make_demo_dataset(data_root, num_sites=args.sites, seed=args.seed, planned=False)
+        data_root = args.workdir / "data"
+        demo = make_demo_dataset(data_root, num_sites=args.sites, dims=args.dims, seed=args.seed, planned=False)
         write_five_fold_splits(demo)
         num_sites = len(demo.sites)
     else:
         data_root = args.data_root.absolute()
         num_sites = len(list(data_root.glob("site-*")))
     overrides = run_overrides(args, data_root)
-    model = model_folder(overrides)
-
-    from flwr_nnunet.apps.crossval_results import counts_file, merge_folds, merged_folder
-
-    for fold in args.folds:
-        if counts_file(model, fold).is_file():
-            print(f"fold {fold}: validated already ({counts_file(model, fold)}): skipped", flush=True)
-            continue
-        status = run_fold(fold, overrides, num_sites, flwr_home)
-        if status != "finished:completed" or not counts_file(model, fold).is_file():
-            print(
-                f"run_crossval.py: fold {fold} did not complete (status {status}); see its log above", file=sys.stderr
+    try:
+        for configuration in args.configurations:
+            model = cross_validate(
+                {**overrides, "configuration": configuration}, args.folds, num_sites, flwr_home, started
             )
-            return 1
-        print(f"fold {fold} done ({time.monotonic() - started:.0f} s)", flush=True)
-    merged = merged_folder(model, args.folds)
-    if not (merged / "summary.json").is_file():  # the last fold's run merges; a pipeline killed just before did not
-        merge_folds(
-            model,
-            json.loads((model / "plans.json").read_text()),
-            json.loads((model / "dataset.json").read_text()),
-            args.folds,
-        )
-    report(model, args.folds)
+            report_crossval(model, args.folds)
+        if sorted(args.folds) != [0, 1, 2, 3, 4]:
+            print(f"\ntotal wall time: {time.monotonic() - started:.0f} s (model selection needs folds 0-4)")
+            return 0
+        selection = {**overrides, "configuration": args.configurations[0]}
+        status = run({**selection, "find-best-configuration": " ".join(args.configurations)}, num_sites, flwr_home)
+        results = settings_of(selection).results_dir
+        information_file = results / settings_of(selection).dataset / "inference_information.json"
+        if status != "finished:completed" or not information_file.is_file():
+            raise RuntimeError(f"the model selection run did not complete (status {status}); see its log above")
+        information = json.loads(information_file.read_text())
+        report_selection(information, results)
+        if args.data_root is None and not args.no_fold_all:
+            compare_with_fold_all(args, overrides, information, num_sites, flwr_home)
+    except RuntimeError as error:
+        print(f"run_crossval.py: {error}", file=sys.stderr)
+        return 1
     print(f"\ntotal wall time: {time.monotonic() - started:.0f} s")
     return 0
 

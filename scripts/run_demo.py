@@ -215,22 +215,31 @@ def _row(name: str, own: dict[str, float], local: dict[str, float], others: floa
     return f"{name:<8}" + "".join(f"{value:>8.3f}" for value in cells) + f"{others:>14.3f}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line; budget options left out take the 2D defaults, or configs/demo-3d.toml's with --3d."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "demo_data", help="where everything is written")
-    parser.add_argument("--rounds", type=int, help="federated rounds (2D: 8)")
+def add_budget_arguments(parser: argparse.ArgumentParser, per: str = "") -> None:
+    """``--rounds --local-epochs --iterations --val-iterations`` (``per``: e.g. ``" per fold"``), None when left out."""
+    parser.add_argument("--rounds", type=int, help=f"federated rounds{per} (2D: 8)")
     parser.add_argument("--local-epochs", type=int, help="nnU-Net epochs per round (2D: 1)")
     parser.add_argument("--iterations", type=int, help="training batches per epoch (2D: 40)")
     parser.add_argument("--val-iterations", type=int, help="pseudo-Dice batches per epoch (2D: 5)")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites (2 or 3)")
-    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="small 3D volumes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial model and the rounds")
-    args = parser.parse_args(argv)
+
+
+def with_budget_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the budget options left out set to the 2D defaults, or configs/demo-3d.toml's with ``--3d``."""
     for name, value in budget_defaults(args.dims).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; budget options left out take the 2D defaults, or configs/demo-3d.toml's with --3d."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "demo_data", help="where everything is written")
+    add_budget_arguments(parser)
+    parser.add_argument("--sites", type=int, default=3, help="number of sites (2 or 3)")
+    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="small 3D volumes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial model and the rounds")
+    return with_budget_defaults(parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

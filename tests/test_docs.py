@@ -71,6 +71,14 @@ DOCUMENTED_ONLY: tuple[tuple[str, str], ...] = (
     (".venv/bin/python scripts/run_crossval.py", "pipeline guide: test_crossval_pipeline.py runs the folds in-process"),
     ("nnUNet_results=$CV nnUNetv2_predict ", "pipeline guide: test_crossval_pipeline.py predicts with -f 0 1 2 3 4"),
     ("nnUNetv2_apply_postprocessing ", "pipeline guide: test_crossval_pipeline.py applies its postprocessing.pkl"),
+    (
+        'flwr run . --stream --run-config "find-best-configuration=',
+        "pipeline guide: test_model_selection.py runs the selection run (the same ServerApp, in-process)",
+    ),
+    (
+        ".venv/bin/python scripts/run_leave_one_site_out.py",
+        "pipeline guide: test_leave_one_site_out.py trains a federation without a site and scores it there",
+    ),
 )
 """Commands (prefixes) the pages show but this test does not run, and why."""
 

@@ -32,6 +32,7 @@ from flwr_nnunet.core.delta_codec import COMPRESSION_KEY
 from flwr_nnunet.errors import FlwrNnUNetError
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.site.compressed_updates import compress_reply_content, received_model
+from flwr_nnunet.site.crossval_ensemble import ensemble_counts, ensemble_request
 from flwr_nnunet.site.crossval_validation import COUNTS_KEY, FOLD_KEY
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import (
@@ -48,6 +49,7 @@ __all__ = [
     "CLIENT_DP_MODES",
     "NODE_CONFIG_KEYS",
     "dp_clipping_mod",
+    "handle_ensemble_query",
     "handle_message",
     "handle_query",
     "live_site",
@@ -299,31 +301,62 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
         return _unexpected(message, error, name)
 
 
-def handle_query(message: Any, context: Any) -> Any:
-    """Answer a planning ``query`` message (:mod:`flwr_nnunet.apps.site_planning`) for this node's site.
+def _answer_query(message: Any, context: Any, answer: Any) -> Any:
+    """Reply to a ``query`` message with ``answer(spec, config)``'s records; a refusal naming the site otherwise.
 
-    Replies ``RecordDict({"config": {"planning-stage", "site-name", "planning": <JSON answer>}})``; a
-    query the site cannot answer gets an error reply naming the site and the problem. No exception escapes.
+    No exception escapes: one nobody raised on purpose is logged with its traceback and answered with an error.
     """
-    from flwr.app import ConfigRecord, Message, RecordDict
-
-    from flwr_nnunet.apps.site_planning import answer_planning, raw_dataset_folder
+    from flwr.app import Message, RecordDict
 
     name = f"node-{getattr(context, 'node_id', '?')}"
     try:
         name = site_name(context.node_config, context.node_id)
         spec = site_spec(context.run_config, context.node_config, context.node_id)
         if message.has_error() or not message.has_content() or "config" not in message.content:
-            raise InstructionError("the planning query carries no config record")
-        raw = raw_dataset_folder(context.run_config, context.node_config, spec.dataset)
-        stage, answer = answer_planning(message.content["config"], raw, spec.dataset_folder)
-        about = {"planning-stage": stage, "site-name": name, "planning": json.dumps(answer)}
-        return Message(RecordDict({"config": ConfigRecord(about)}), reply_to=message)
+            raise InstructionError("the query carries no config record")
+        return Message(RecordDict(answer(spec, message.content["config"])), reply_to=message)
     except (FlwrNnUNetError, FileNotFoundError) as error:
         text = str(error)
         return _refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
     except Exception as error:  # noqa: BLE001 - nothing may end the node's answer; logged with its traceback
         return _unexpected(message, error, name)
+
+
+def handle_query(message: Any, context: Any) -> Any:
+    """Answer a planning ``query`` message (:mod:`flwr_nnunet.apps.site_planning`) for this node's site.
+
+    Replies ``RecordDict({"config": {"planning-stage", "site-name", "planning": <JSON answer>}})``; a
+    query the site cannot answer gets an error reply naming the site and the problem. No exception escapes.
+    """
+    from flwr.app import ConfigRecord
+
+    from flwr_nnunet.apps.site_planning import answer_planning, raw_dataset_folder
+
+    def planning(spec: SiteSpec, config: Any) -> dict:
+        raw = raw_dataset_folder(context.run_config, context.node_config, spec.dataset)
+        stage, answer = answer_planning(config, raw, spec.dataset_folder)
+        return {
+            "config": ConfigRecord({"planning-stage": stage, "site-name": spec.name, "planning": json.dumps(answer)})
+        }
+
+    return _answer_query(message, context, planning)
+
+
+def handle_ensemble_query(message: Any, context: Any) -> Any:
+    """Answer a ``query.ensemble`` message: this site's ensemble of two configurations' cross-validation.
+
+    The site ensembles its own validation softmax (:func:`~flwr_nnunet.site.crossval_ensemble.ensemble_counts`)
+    and replies ``RecordDict({"metrics": {"num-examples"}, "config": {"site-name", "crossval-counts"}})``: the
+    per-case counts, as a fold's validation replies. No exception escapes.
+    """
+    from flwr.app import ConfigRecord, MetricRecord
+
+    def ensemble(spec: SiteSpec, config: Any) -> dict:
+        payload = ensemble_counts(spec, *ensemble_request(config))
+        about = {"site-name": spec.name, COUNTS_KEY: json.dumps(payload, allow_nan=False)}
+        return {"metrics": MetricRecord({"num-examples": len(payload)}), "config": ConfigRecord(about)}
+
+    return _answer_query(message, context, ensemble)
 
 
 CLIENT_DP_MODES = ("client-fixed", "client-adaptive")

@@ -22,6 +22,7 @@ from flwr.supercore import log
 
 from flwr_nnunet.apps.config_errors import ServerConfigError
 from flwr_nnunet.apps.crossval_results import (
+    POOLED,
     DatasetLabels,
     counts_file,
     merge_folds,
@@ -35,7 +36,15 @@ from flwr_nnunet.nnunet.crossval import (
 )
 from flwr_nnunet.site.crossval_validation import COUNTS_KEY, FOLD_KEY, reply_holds_only_counts
 
-__all__ = ["check_crossval_settings", "counts_of", "finish_fold", "forget_fold", "validate_fold_at_sites"]
+__all__ = [
+    "check_crossval_settings",
+    "checked_counts",
+    "counts_of",
+    "finish_fold",
+    "forget_fold",
+    "keep_counts",
+    "validate_fold_at_sites",
+]
 
 
 def check_crossval_settings(settings: Any) -> None:
@@ -82,13 +91,9 @@ def _consistent(payload: Mapping[str, Any], labels: DatasetLabels) -> None:
             decide_label_step(foreground, steps["counts_with_foreground_and_label_step"].get(r, {}), r)
 
 
-def counts_of(reply: Any, labels: DatasetLabels) -> tuple[dict[str, Any] | None, str | None]:
-    """``(payload, None)`` for a reply that carries only consistent per-case counts, else ``(None, why not)``.
-
-    ``reply`` is an accepted evaluation reply (its metrics checked by the strategy's validator).
-    """
-    config = reply.message.content.config_records.get("config")
-    text = config.get(COUNTS_KEY) if config is not None else None
+def checked_counts(text: Any, num_examples: Any, labels: DatasetLabels) -> tuple[dict[str, Any] | None, str | None]:
+    """``(payload, None)`` when ``text`` is the JSON of consistent per-case counts of ``num_examples`` cases, else
+    ``(None, why not)``: what a site's cross-validation or ensemble reply carries in its config record."""
     if not isinstance(text, str):
         return None, f"its config record has no {COUNTS_KEY!r} text"
     try:
@@ -100,13 +105,39 @@ def counts_of(reply: Any, labels: DatasetLabels) -> tuple[dict[str, Any] | None,
         return None, reason
     if not payload:
         return None, "it counts no case"
-    if reply.num_examples != len(payload):
-        return None, f"num-examples {reply.num_examples:g} differs from the {len(payload)} case(s) it counts"
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)):
+        return None, f"its num-examples is {type(num_examples).__name__}, not the number of cases it counts"
+    if num_examples != len(payload):
+        return None, f"num-examples {num_examples:g} differs from the {len(payload)} case(s) it counts"
     try:
         _consistent(payload, labels)
     except CountsError as error:
         return None, str(error)
     return payload, None
+
+
+def counts_of(reply: Any, labels: DatasetLabels) -> tuple[dict[str, Any] | None, str | None]:
+    """``(payload, None)`` for a reply that carries only consistent per-case counts, else ``(None, why not)``.
+
+    ``reply`` is an accepted evaluation reply (its metrics checked by the strategy's validator).
+    """
+    config = reply.message.content.config_records.get("config")
+    return checked_counts(config.get(COUNTS_KEY) if config is not None else None, reply.num_examples, labels)
+
+
+def keep_counts(
+    per_site: dict[str, Any], refused: dict[str, str], name: str, checked: tuple[Any, str | None], what: str
+) -> None:
+    """Keep a site's counts, ``checked`` as :func:`checked_counts` returns them, in ``per_site``; or log ``what``
+    refused and note why in ``refused``. A site name already taken (or the pooled summary's) is refused too."""
+    payload, reason = checked
+    if reason is None and (name in per_site or name == POOLED):
+        reason = f"the site name {name!r} is taken (another reply, or the pooled summary's)"
+    if reason is not None:
+        log(WARNING, "%s is refused: %s", what, reason)
+        refused[name] = reason
+        return
+    per_site[name] = payload
 
 
 def _site_name(core: Any, reply: Any) -> str:
@@ -145,21 +176,8 @@ def validate_fold_at_sites(grid: Any, core: Any, settings: Any) -> dict[str, dic
     refused: dict[str, str] = {}
     for reply in core.validator.accept(server_round, replies, weight=None, minimum=1):
         name = _site_name(core, reply)
-        payload, reason = counts_of(reply, labels)
-        if reason is None and (name in per_site or name == "pooled"):
-            reason = f"the site name {name!r} is taken (another reply, or the pooled summary's)"
-        if reason is not None:
-            log(
-                WARNING,
-                "crossval: fold %d: the reply of site %s (node %d) is refused: %s",
-                fold,
-                name,
-                reply.node_id,
-                reason,
-            )
-            refused[name] = reason
-            continue
-        per_site[name] = payload
+        what = f"crossval: fold {fold}: the reply of site {name} (node {reply.node_id})"
+        keep_counts(per_site, refused, name, counts_of(reply, labels), what)
     if not per_site:
         log(WARNING, "crossval: fold %d: no site's counts accepted: nothing written", fold)
         return per_site

@@ -47,13 +47,17 @@ __all__ = [
     "COUNTS_FILE",
     "FOLDS",
     "MERGE_FILE",
+    "POOLED",
     "DatasetLabels",
     "counts_file",
     "merge_folds",
     "merged_folder",
+    "pooled_dice_line",
     "read_fold_counts",
     "summary_file_names",
+    "write_counts_and_summaries",
     "write_fold_results",
+    "write_postprocessing",
 ]
 
 COUNTS_FILE = "flwr_crossval_counts.json"
@@ -66,7 +70,8 @@ FOLDS = (0, 1, 2, 3, 4)
 """The folds nnU-Net's five-fold cross-validation merges."""
 
 _FORMAT = "flwr-nnunet/crossval-counts"
-_POOLED = "pooled"
+POOLED = "pooled"
+"""The pooled summary's key among the per-site ones (no site may take the name)."""
 
 
 def _plain(label_or_region: Any) -> int | tuple[int, ...]:
@@ -164,11 +169,35 @@ def _summaries(per_site: Mapping[str, Mapping[str, Any]], labels: DatasetLabels)
 def _write_summaries(folder: Path, summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """``summary.json`` (pooled) and ``summary_<site>.json``; the file name of each site's."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_summary_json(summaries[_POOLED], str(folder / "summary.json"))
-    names = summary_file_names([site for site in summaries if site != _POOLED])
+    write_summary_json(summaries[POOLED], str(folder / "summary.json"))
+    names = summary_file_names([site for site in summaries if site != POOLED])
     for site, name in names.items():
         write_summary_json(summaries[site], str(folder / name))
     return names
+
+
+def write_counts_and_summaries(
+    folder: Path, per_site: Mapping[str, Mapping[str, Any]], labels: DatasetLabels, about: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The summaries (pooled and per site) and the counts file ``flwr_crossval_counts.json`` in ``folder``.
+
+    ``per_site`` is ``{site name: {case id: candidate counts}}`` of the accepted replies (checked already);
+    ``about`` goes into the counts file beside them (what was validated). Returns the summaries.
+    """
+    summaries = _summaries(per_site, labels)
+    names = _write_summaries(folder, summaries)
+    _write_json(
+        folder / COUNTS_FILE,
+        {
+            "format": _FORMAT,
+            **about,
+            "labels_or_regions": labels.keys,
+            "file_ending": labels.file_ending,
+            "summaries": names,
+            "sites": {site: dict(cases) for site, cases in per_site.items()},
+        },
+    )
+    return summaries
 
 
 def write_fold_results(
@@ -198,31 +227,20 @@ def write_fold_results(
         ``{site name: reason}`` of the replies refused (kept in the counts file).
     """
     folder = Path(model_folder) / f"fold_{fold}" / "validation"
-    summaries = _summaries(per_site, labels)
-    names = _write_summaries(folder, summaries)
-    _write_json(
-        folder / COUNTS_FILE,
-        {
-            "format": _FORMAT,
-            "fold": fold,
-            "server_round": server_round,
-            "labels_or_regions": labels.keys,
-            "file_ending": labels.file_ending,
-            "summaries": names,
-            "refused": dict(refused or {}),
-            "sites": {site: dict(cases) for site, cases in per_site.items()},
-        },
-    )
-    log(
-        INFO,
-        "crossval: fold %d: foreground Dice %.4f pooled over %d site(s) (%s); summaries and counts in %s",
-        fold,
-        summaries[_POOLED]["foreground_mean"]["Dice"],
-        len(per_site),
-        ", ".join(f"{site} {summaries[site]['foreground_mean']['Dice']:.4f}" for site in sorted(per_site)),
-        folder,
-    )
+    about = {"fold": fold, "server_round": server_round, "refused": dict(refused or {})}
+    summaries = write_counts_and_summaries(folder, per_site, labels, about)
+    log(INFO, "crossval: fold %d: %s; summaries and counts in %s", fold, pooled_dice_line(summaries), folder)
     return summaries
+
+
+def pooled_dice_line(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """``foreground Dice 0.8123 pooled over 2 site(s) (site-0 0.8000, site-1 0.8250)``: a log line's part."""
+    sites = sorted(site for site in summaries if site != POOLED)
+    return (
+        f"foreground Dice {summaries[POOLED]['foreground_mean']['Dice']:.4f} pooled over {len(sites)} site(s) ("
+        + ", ".join(f"{site} {summaries[site]['foreground_mean']['Dice']:.4f}" for site in sites)
+        + ")"
+    )
 
 
 def read_fold_counts(model_folder: Path, fold: int) -> dict[str, Any] | None:
@@ -284,14 +302,14 @@ def merge_folds(
     names = _write_summaries(folder, summaries)
     for name in ("plans.json", "dataset.json"):
         shutil.copyfile(model_folder / name, folder / name)
-    decision = _decision(sites, labels, folder)
+    decision = write_postprocessing(sites, labels, folder)
     _write_json(
         folder / MERGE_FILE,
         {
             "folds": list(folds),
             "server_rounds": {str(fold): data["server_round"] for fold, data in per_fold.items()},
             "sites": {site: {"cases": len(cases), "summary": names[site]} for site, cases in sites.items()},
-            "foreground_dice": summaries[_POOLED]["foreground_mean"]["Dice"],
+            "foreground_dice": summaries[POOLED]["foreground_mean"]["Dice"],
             "postprocessing": None if decision is None else postprocessing_json(decision),
         },
     )
@@ -300,7 +318,7 @@ def merge_folds(
         "crossval: folds %s merged in %s: foreground Dice %.4f pooled over %d site(s)%s",
         list(folds),
         folder,
-        summaries[_POOLED]["foreground_mean"]["Dice"],
+        summaries[POOLED]["foreground_mean"]["Dice"],
         len(sites),
         ""
         if decision is None
@@ -310,8 +328,10 @@ def merge_folds(
     return folder
 
 
-def _decision(sites: Mapping[str, Mapping[str, Any]], labels: DatasetLabels, folder: Path) -> Any:
-    """nnU-Net's postprocessing decision on the pooled counts, written as ``postprocessing.pkl`` and ``.json``."""
+def write_postprocessing(sites: Mapping[str, Mapping[str, Any]], labels: DatasetLabels, folder: Path) -> Any:
+    """nnU-Net's postprocessing decision on the sites' pooled counts, written as ``postprocessing.pkl`` and ``.json``
+    in ``folder``; the :class:`~flwr_nnunet.nnunet.crossval.PostprocessingDecision`, or None where it cannot be
+    decided from one pass of counts (logged)."""
     pooled = {case: report for cases in _pooled_case_ids(sites).values() for case, report in cases.items()}
     for stale in ("postprocessing.pkl", "postprocessing.json"):
         (folder / stale).unlink(missing_ok=True)

@@ -266,6 +266,15 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "only; fold_<fold>/validation/ gets the summaries, and once folds 0-4 are done "
         "crossval_results_folds_0_1_2_3_4/ the merged ones and postprocessing.pkl (documentation/pipeline.md)",
     ),
+    Setting(
+        "find-best-configuration",
+        str,
+        "",
+        "a model selection run instead of training: the configurations to compare, e.g. '2d 3d_fullres', each "
+        "cross-validated already (crossval=true, folds 0-4); every site ensembles each pair on its own cases and "
+        "sends counts only; the best by the federation's foreground Dice, its postprocessing and "
+        "inference_instructions.txt are written as nnUNetv2_find_best_configuration writes them",
+    ),
 )
 """Every run-config key, in pyproject.toml's order."""
 
@@ -378,6 +387,7 @@ class RunSettings:
     personal_mu: float
     fine_tune_epochs: int
     crossval: bool
+    find_best_configuration: str
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

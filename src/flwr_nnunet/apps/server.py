@@ -325,7 +325,8 @@ def run_server(grid: Any, context: Any, data: RunData | None = None) -> Any:
     """The ServerApp's main: data, planning, global network, strategy, rounds, model folder, history and plot.
 
     ``data`` is what ``make-demo = true`` makes (``server_app.py`` plugs in the synthetic demo's). Returns
-    Flower's ``Result`` of the strategy. A :class:`ServerConfigError` is logged as its one line before it ends
+    Flower's ``Result`` of the strategy (a ``find-best-configuration`` run: nnU-Net's inference information,
+    :mod:`flwr_nnunet.apps.model_selection`). A :class:`ServerConfigError` is logged as its one line before it ends
     the run.
     """
     from flwr_nnunet.apps.forked_children import default_signals_in_forked_children
@@ -353,6 +354,10 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
     from flwr_nnunet.apps.crossval_phase import check_crossval_settings, finish_fold, forget_fold
 
     settings = read_settings(context.run_config)
+    if settings.find_best_configuration:  # a model selection run trains nothing
+        from flwr_nnunet.apps.model_selection import select_configuration
+
+        return select_configuration(grid, settings)
     check_strategy_settings(settings)
     check_crossval_settings(settings)
     plan_before_training(grid, settings, check_only=True)

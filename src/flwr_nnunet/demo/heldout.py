@@ -21,7 +21,14 @@ from flwr_nnunet.nnunet.networks import build_trainer_network
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteSpec, TrainOptions
 
-__all__ = ["dice_scores", "gather_test_images", "predict", "predict_test_cases", "train_local_only"]
+__all__ = [
+    "dice_scores",
+    "gather_test_images",
+    "predict",
+    "predict_as_instructed",
+    "predict_test_cases",
+    "train_local_only",
+]
 
 
 def dice_scores(
@@ -107,6 +114,14 @@ def gather_test_images(demo: DemoDataset, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _nnunet_command(name: str, arguments: list[str], environment: dict[str, str], what: str) -> None:
+    """Run one of nnU-Net's commands (installed beside this Python); its output in the error if it fails."""
+    command = shutil.which(name) or str(Path(sys.executable).with_name(name))
+    done = subprocess.run([command, *arguments], check=False, env=environment, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed on {what}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+
 def predict(
     demo: DemoDataset,
     nnunet_results: str | os.PathLike,
@@ -117,28 +132,72 @@ def predict(
     trainer: str = "nnUNetTrainer",
     device: str = "cpu",
     checkpoint: str = "checkpoint_final.pth",
+    configuration: str | None = None,
+    save_probabilities: bool = False,
 ) -> Path:
     """Run ``nnUNetv2_predict`` on a folder of images with the model under ``nnunet_results``; return ``output``.
 
     ``nnunet_results`` is the ``nnUNet_results`` root holding the model folder; ``fold`` is ``all`` for the
     federated model and ``0`` for a local-only one (or a site's personal model, ``checkpoint_personal.pth``); several
     folds (``["0", "1", "2", "3", "4"]``) ensemble a cross-validation's fold models, as nnU-Net does.
+    ``configuration``: the demo's own by default. ``save_probabilities``: nnU-Net's ``--save_probabilities``
+    (what ``nnUNetv2_ensemble`` averages).
 
     Raises
     ------
     RuntimeError
         With nnU-Net's output, if the prediction fails.
     """
-    command = shutil.which("nnUNetv2_predict") or str(Path(sys.executable).with_name("nnUNetv2_predict"))
-    arguments = [command, "-i", str(images), "-o", str(output), "-d", str(demo.dataset_id)]
-    arguments += ["-c", demo.configuration, "-p", demo.plans_name, "-tr", trainer, "-f"]
+    arguments = ["-i", str(images), "-o", str(output), "-d", str(demo.dataset_id)]
+    arguments += ["-c", configuration or demo.configuration, "-p", demo.plans_name, "-tr", trainer, "-f"]
     arguments += [fold] if isinstance(fold, str) else [str(f) for f in fold]
     arguments += ["-chk", checkpoint, "-device", device, "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+    arguments += ["--save_probabilities"] if save_probabilities else []
     environment = {**os.environ, "nnUNet_results": str(nnunet_results), "nnUNet_def_n_proc": "1"}
-    done = subprocess.run(arguments, check=False, env=environment, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"nnUNetv2_predict failed on {images}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    _nnunet_command("nnUNetv2_predict", arguments, environment, str(images))
     return Path(output)
+
+
+def predict_as_instructed(
+    demo: DemoDataset,
+    information: dict,
+    nnunet_results: str | os.PathLike,
+    images: str | os.PathLike,
+    output: str | os.PathLike,
+) -> Path:
+    """Predict ``images`` as ``inference_instructions.txt`` says: each selected model's folds with
+    ``nnUNetv2_predict``, ``nnUNetv2_ensemble`` when an ensemble won, then ``nnUNetv2_apply_postprocessing``;
+    return the postprocessed folder (``<output>/postprocessed``).
+
+    ``information`` is ``inference_information.json`` (:mod:`flwr_nnunet.nnunet.model_selection`).
+    """
+    output = Path(output)
+    best = information["best_model_or_ensemble"]
+    selected = best["selected_model_or_models"]
+    folds = [str(f) for f in information["folds"]]
+    members = []
+    for model in selected:
+        folder = output / model["configuration"]
+        predict(
+            demo,
+            nnunet_results,
+            images,
+            folder,
+            fold=folds,
+            trainer=model["trainer"],
+            configuration=model["configuration"],
+            save_probabilities=len(selected) > 1,
+        )
+        members.append(str(folder))
+    environment = {**os.environ, "nnUNet_results": str(nnunet_results), "nnUNet_def_n_proc": "1"}
+    merged = output / "ensemble" if len(selected) > 1 else Path(members[0])
+    if len(selected) > 1:
+        _nnunet_command("nnUNetv2_ensemble", ["-i", *members, "-o", str(merged), "-np", "1"], environment, str(images))
+    arguments = ["-i", str(merged), "-o", str(output / "postprocessed"), "-pp_pkl_file", best["postprocessing_file"]]
+    dataset_json = Path(best["postprocessing_file"]).with_name("dataset.json")  # beside it, as nnU-Net copies it
+    arguments += ["-np", "1", "-plans_json", best["some_plans_file"], "-dataset_json", str(dataset_json)]
+    _nnunet_command("nnUNetv2_apply_postprocessing", arguments, environment, str(merged))
+    return output / "postprocessed"
 
 
 def predict_test_cases(

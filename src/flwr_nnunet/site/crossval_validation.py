@@ -46,8 +46,11 @@ __all__ = [
     "FOLD_KEY",
     "MAX_CASE_ID_LENGTH",
     "MAX_LABELS",
+    "count_case",
+    "ground_truth",
     "reply_holds_only_counts",
     "validate_fold",
+    "write_site_summary",
 ]
 
 FOLD_KEY = "crossval-fold"
@@ -77,7 +80,7 @@ def validate_fold(
     network: nn.Module,
     *,
     output_folder: str | Path | None = None,
-    save_probabilities: bool = False,
+    save_probabilities: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Validate ``network`` on the site's validation cases of the trainer's fold, as nnU-Net does; return the counts.
 
@@ -99,7 +102,8 @@ def validate_fold(
         Where the predictions go; by default ``<fold folder>/validation``, where nnU-Net puts them.
     save_probabilities
         Also write each case's softmax (``<case>.npz``, with its ``<case>.pkl`` properties), as
-        ``perform_actual_validation(save_probabilities=True)`` (nnU-Net's ``--npz``) does for ensembling.
+        ``perform_actual_validation(save_probabilities=True)`` (nnU-Net's ``--npz``) does: the site's
+        ensembles of configurations (:mod:`flwr_nnunet.site.crossval_ensemble`) average them.
 
     Returns
     -------
@@ -124,7 +128,7 @@ def validate_fold(
     ending = trainer.dataset_json["file_ending"]
     folder = Path(output_folder) if output_folder is not None else Path(trainer.output_folder) / "validation"
     cases = _validation_cases(spec, trainer)
-    references = _ground_truth(spec, cases, ending)
+    references = ground_truth(spec, cases, ending)
     folder.mkdir(parents=True, exist_ok=True)
     reader = trainer.plans_manager.image_reader_writer_class()
     sliding = predictor(trainer, network)
@@ -158,26 +162,40 @@ def validate_fold(
                 save_probabilities,
                 num_threads_torch=torch.get_num_threads(),
             )
-            reference, _ = reader.read_seg(str(references[case]))
-            prediction, _ = reader.read_seg(str(folder / f"{case}{ending}"))
-            payload[case] = _json_keys(_case_report(reference, prediction, targets, labels))
+            payload[case] = count_case(reader, references[case], folder / f"{case}{ending}", targets, labels)
     finally:
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
         compute_gaussian.cache_clear()
-    summary = summary_from_counts(
-        {case: report["without"] for case, report in payload.items()}, targets, file_ending=ending
-    )
-    write_summary_json(_with_files(summary, references, folder, ending), str(folder / "summary.json"))
+    dice = write_site_summary(payload, targets, references, folder, ending)
     log(
         INFO,
         "%s: fold %s validation of %d case(s), foreground Dice %.4f (predictions and summary.json in %s)",
         spec.name,
         spec.fold,
         len(cases),
-        summary["foreground_mean"]["Dice"],
+        dice,
         folder,
     )
     return payload
+
+
+def count_case(reader: Any, reference_file: Path, prediction_file: Path, targets: list, labels: Any) -> dict:
+    """One exported prediction's candidate counts against its reference, both read as ``compute_metrics_on_folder``
+    reads them; label keys as nnU-Net's JSON keys."""
+    reference, _ = reader.read_seg(str(reference_file))
+    prediction, _ = reader.read_seg(str(prediction_file))
+    return _json_keys(_case_report(reference, prediction, targets, labels))
+
+
+def write_site_summary(
+    payload: Mapping[str, Mapping[str, Any]], targets: list, references: Mapping[str, Path], folder: Path, ending: str
+) -> float:
+    """nnU-Net's ``summary.json`` of the counted cases, beside their predictions in ``folder``; its foreground Dice."""
+    summary = summary_from_counts(
+        {case: report["without"] for case, report in payload.items()}, targets, file_ending=ending
+    )
+    write_summary_json(_with_files(summary, references, folder, ending), str(folder / "summary.json"))
+    return summary["foreground_mean"]["Dice"]
 
 
 def _validation_cases(spec: SiteSpec, trainer: Any) -> list[str]:
@@ -189,7 +207,7 @@ def _validation_cases(spec: SiteSpec, trainer: Any) -> list[str]:
     return [str(case) for case in validation]
 
 
-def _ground_truth(spec: SiteSpec, cases: Sequence[str], ending: str) -> dict[str, Path]:
+def ground_truth(spec: SiteSpec, cases: Sequence[str], ending: str) -> dict[str, Path]:
     """Each case's ground truth file in ``gt_segmentations``, all checked to exist."""
     folder = spec.dataset_folder / "gt_segmentations"
     files = {case: folder / f"{case}{ending}" for case in cases}
