@@ -38,7 +38,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import add_budget_arguments, free_port, stream_flwr_run, superlink_pids, with_budget_defaults
+from run_demo import (
+    add_budget_arguments,
+    demo_data_config,
+    free_port,
+    stream_flwr_run,
+    superlink_pids,
+    with_budget_defaults,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_overrides(args: argparse.Namespace, data_root: Path) -> dict:
-    """The run config every run shares (the configuration and fold are added per run)."""
+def run_overrides(args: argparse.Namespace, data_root: Path, demo=None) -> dict:
+    """The run config every run shares (the configuration and fold are added per run); ``demo``: the demo data the
+    script made (every configuration planned, so not ``make-demo=true``, which plans the demo's only)."""
     from flwr.common.config import parse_config_args
 
     overrides = {
@@ -76,10 +84,7 @@ def run_overrides(args: argparse.Namespace, data_root: Path) -> dict:
         "crossval": True,
         "resume": True,
     }
-    if args.data_root is None:
-        overrides.update({"make-demo": True, "demo-sites": args.sites, "demo-3d": args.dims == 3})
-    else:
-        overrides["make-demo"] = False
+    overrides.update(demo_data_config(demo, len(demo.sites)) if demo is not None else {"make-demo": False})
     overrides.update(parse_config_args([args.config]) if args.config.strip() else {})
     return overrides
 
@@ -165,20 +170,18 @@ def report_selection(information: dict, results: Path) -> None:
     print(f"  how to predict with it: {results / information['dataset_name_or_id'] / 'inference_instructions.txt'}")
 
 
-def compare_with_fold_all(args, overrides: dict, information: dict, num_sites: int, flwr_home: Path) -> None:
+def compare_with_fold_all(args, overrides: dict, information: dict, demo, flwr_home: Path) -> None:
     """Train the fold-all model; predict every site's held-out cases with the selection and with it; print Dice."""
     import torch
 
-    from flwr_nnunet.demo.data import load_demo_dataset
     from flwr_nnunet.demo.heldout import dice_scores, gather_test_images, predict, predict_as_instructed
 
     configuration = information["best_model_or_ensemble"]["selected_model_or_models"][0]["configuration"]
     fold_all = {**overrides, "configuration": configuration, "crossval": False, "fold": "all"}
-    status = run(fold_all, num_sites, flwr_home)
+    status = run(fold_all, len(demo.sites), flwr_home)
     if status != "finished:completed":
         raise RuntimeError(f"the fold-all run did not complete (status {status}); see its log above")
     torch.set_num_threads(1)
-    demo = load_demo_dataset(overrides["data-root"])
     results = settings_of(fold_all).results_dir
     images = gather_test_images(demo, args.workdir / "predictions" / "test_images")
     selected = predict_as_instructed(demo, information, results, images, args.workdir / "predictions" / "selection")
@@ -222,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         write_five_fold_splits(demo)
         num_sites = len(demo.sites)
     else:
-        data_root = args.data_root.absolute()
+        demo, data_root = None, args.data_root.absolute()
         num_sites = len(list(data_root.glob("site-*")))
-    overrides = run_overrides(args, data_root)
+    overrides = run_overrides(args, data_root, demo)
     try:
         for configuration in args.configurations:
             model = cross_validate(
@@ -242,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"the model selection run did not complete (status {status}); see its log above")
         information = json.loads(information_file.read_text())
         report_selection(information, results)
-        if args.data_root is None and not args.no_fold_all:
-            compare_with_fold_all(args, overrides, information, num_sites, flwr_home)
+        if demo is not None and not args.no_fold_all:
+            compare_with_fold_all(args, overrides, information, demo, flwr_home)
     except RuntimeError as error:
         print(f"run_crossval.py: {error}", file=sys.stderr)
         return 1

@@ -215,6 +215,22 @@ def _row(name: str, own: dict[str, float], local: dict[str, float], others: floa
     return f"{name:<8}" + "".join(f"{value:>8.3f}" for value in cells) + f"{others:>14.3f}"
 
 
+def demo_data_config(demo, num_sites: int) -> dict:
+    """Run config for a run on demo data a script made (``make-demo=false``): the demo's dataset, every site
+    required, and the demo's network widths (what ``make-demo=true`` plans with), every configuration planned."""
+    from flwr_nnunet.demo.data import DEMO_PLANNING
+
+    return {
+        "make-demo": False,
+        "dataset": demo.dataset_name,
+        "min-available-nodes": num_sites,
+        "min-train-nodes": num_sites,
+        "min-evaluate-nodes": num_sites,
+        "plans-max-features": DEMO_PLANNING.max_features,
+        "plans-width-divisor": DEMO_PLANNING.width_divisor,
+    }
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser, per: str = "") -> None:
     """``--rounds --local-epochs --iterations --val-iterations`` (``per``: e.g. ``" per fold"``), None when left out."""
     parser.add_argument("--rounds", type=int, help=f"federated rounds{per} (2D: 8)")

@@ -27,10 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import add_budget_arguments, free_port, stream_flwr_run, superlink_pids, with_budget_defaults
-
-PLANNING = {"plans-max-features": 32, "plans-width-divisor": 4}
-"""The demo's network widths (what ``make-demo=true`` plans), for every federation here."""
+from run_demo import (
+    add_budget_arguments,
+    demo_data_config,
+    free_port,
+    stream_flwr_run,
+    superlink_pids,
+    with_budget_defaults,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,18 +53,13 @@ def federated_run(args: argparse.Namespace, demo, data_root: Path, num_sites: in
     """`flwr run .` of the sites under ``data_root`` on its own local SuperLink; the run's final status."""
     config = {
         "data-root": str(data_root),
-        "make-demo": False,
-        "dataset": demo.dataset_name,
+        **demo_data_config(demo, num_sites),
         "configuration": demo.configuration,
         "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs,
         "iterations-per-epoch": args.iterations,
         "val-iterations-per-epoch": args.val_iterations,
         "seed": args.seed,
-        "min-available-nodes": num_sites,
-        "min-train-nodes": num_sites,
-        "min-evaluate-nodes": num_sites,
-        **PLANNING,
     }
     ports = (free_port(), free_port())
     while ports[1] == ports[0]:
