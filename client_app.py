@@ -3,7 +3,13 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flwr_nnunet.apps.client import dp_clipping_mod, handle_ensemble_query, handle_message, handle_query
+from flwr_nnunet.apps.client import (
+    dp_clipping_mod,
+    handle_ensemble_query,
+    handle_local_model_query,
+    handle_message,
+    handle_query,
+)
 
 app = ClientApp(mods=[dp_clipping_mod])
 
@@ -30,3 +36,9 @@ def query(msg: Message, context: Context) -> Message:
 def ensemble(msg: Message, context: Context) -> Message:
     """Model selection: the site's ensemble of two configurations' cross-validation predictions, counts only."""
     return handle_ensemble_query(msg, context)
+
+
+@app.query("local_model")
+def local_model(msg: Message, context: Context) -> Message:
+    """Cross-site evaluation (opt-in): the site's model after its last round."""
+    return handle_local_model_query(msg, context)

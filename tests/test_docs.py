@@ -76,6 +76,10 @@ DOCUMENTED_ONLY: tuple[tuple[str, str], ...] = (
         "pipeline guide: test_model_selection.py runs the selection run (the same ServerApp, in-process)",
     ),
     (
+        'flwr run . --stream --run-config "cross-site-evaluation=',
+        "pipeline guide: test_cross_site.py runs the federation with cross-site-evaluation='local-models'",
+    ),
+    (
         ".venv/bin/python scripts/run_leave_one_site_out.py",
         "pipeline guide: test_leave_one_site_out.py trains a federation without a site and scores it there",
     ),

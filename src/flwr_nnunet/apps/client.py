@@ -34,6 +34,7 @@ from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.site.compressed_updates import compress_reply_content, received_model
 from flwr_nnunet.site.crossval_ensemble import ensemble_counts, ensemble_request
 from flwr_nnunet.site.crossval_validation import COUNTS_KEY, FOLD_KEY
+from flwr_nnunet.site.local_model import local_model
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import (
     DEFAULT_MAX_LOCAL_EPOCHS,
@@ -50,6 +51,7 @@ __all__ = [
     "NODE_CONFIG_KEYS",
     "dp_clipping_mod",
     "handle_ensemble_query",
+    "handle_local_model_query",
     "handle_message",
     "handle_query",
     "live_site",
@@ -357,6 +359,25 @@ def handle_ensemble_query(message: Any, context: Any) -> Any:
         return {"metrics": MetricRecord({"num-examples": len(payload)}), "config": ConfigRecord(about)}
 
     return _answer_query(message, context, ensemble)
+
+
+def handle_local_model_query(message: Any, context: Any) -> Any:
+    """Answer a ``query.local_model`` message: this site's model after its last round, for cross-site evaluation.
+
+    Only where the run shares local models (run-config ``cross-site-evaluation = "local-models"``); replies
+    ``RecordDict({"arrays": <canonical tensors>, "config": {"site-name"}})``. No exception escapes.
+    """
+    from flwr.app import ConfigRecord
+
+    def shared(spec: SiteSpec, config: Any) -> dict:
+        if run_config_value(context.run_config, "cross-site-evaluation") != "local-models":
+            raise InstructionError(
+                "this run does not share the sites' local models (run-config cross-site-evaluation is not "
+                "'local-models')"
+            )
+        return {"arrays": to_array_record(local_model(spec)), "config": ConfigRecord({"site-name": spec.name})}
+
+    return _answer_query(message, context, shared)
 
 
 CLIENT_DP_MODES = ("client-fixed", "client-adaptive")

@@ -275,6 +275,14 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "sends counts only; the best by the federation's foreground Dice, its postprocessing and "
         "inference_instructions.txt are written as nnUNetv2_find_best_configuration writes them",
     ),
+    Setting(
+        "cross-site-evaluation",
+        str,
+        "",
+        "after the last round, a matrix of models x sites (cross_site_evaluation.json): 'global' scores the final "
+        "global model at every site; 'local-models' also each site's model after its last round at every other "
+        "site (an opt-in: it shares the sites' models); '' (off)",
+    ),
 )
 """Every run-config key, in pyproject.toml's order."""
 
@@ -388,6 +396,7 @@ class RunSettings:
     fine_tune_epochs: int
     crossval: bool
     find_best_configuration: str
+    cross_site_evaluation: str
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

@@ -351,6 +351,7 @@ def _resume(strategy: Any, run_config: Mapping[str, Any]) -> None:
 def _run(grid: Any, context: Any, data: RunData | None) -> Any:
     from flwr.app import ConfigRecord
 
+    from flwr_nnunet.apps.cross_site import check_cross_site_settings
     from flwr_nnunet.apps.crossval_phase import check_crossval_settings, finish_fold, forget_fold
 
     settings = read_settings(context.run_config)
@@ -360,6 +361,7 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
         return select_configuration(grid, settings)
     check_strategy_settings(settings)
     check_crossval_settings(settings)
+    check_cross_site_settings(settings)
     plan_before_training(grid, settings, check_only=True)
     prepare_data(settings, data)
     planned_before = _resumes_with_plans(settings)
@@ -429,4 +431,8 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
         from flwr_nnunet.apps.fine_tuning import fine_tune_sites
 
         fine_tune_sites(grid, core, settings, history)
+    if settings.cross_site_evaluation and core.checkpoints.completed_rounds >= settings.num_rounds:
+        from flwr_nnunet.apps.cross_site import evaluate_across_sites
+
+        evaluate_across_sites(grid, core, settings, history.folder)
     return result
