@@ -42,8 +42,8 @@ from run_demo import (
     add_budget_arguments,
     demo_data_config,
     free_port,
+    preflight,
     stream_flwr_run,
-    superlink_pids,
     with_budget_defaults,
 )
 
@@ -207,14 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     args.workdir = args.workdir.absolute()
-    args.workdir.mkdir(parents=True, exist_ok=True)
     flwr_home = args.workdir / "flwr-home"
-    running = superlink_pids(flwr_home)
-    if running:
-        pids = " ".join(map(str, running))
-        print(
-            f"run_crossval.py: a SuperLink of {flwr_home} is still running (PID {pids}): `kill {pids}`", file=sys.stderr
-        )
+    problems = preflight(args.workdir, args)
+    if problems:
+        for problem in problems:
+            print(f"run_crossval.py: {problem}", file=sys.stderr)
         return 2
     if args.data_root is None:
         from flwr_nnunet.demo.crossval_splits import write_five_fold_splits

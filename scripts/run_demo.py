@@ -149,6 +149,11 @@ def preflight(workdir: Path, args: argparse.Namespace) -> list[str]:
     for command in ("flwr", "flower-superlink", "nnUNetv2_predict"):
         if shutil.which(command, path=path) is None:
             problems.append(f"`{command}` not found: install the project (pip install -c constraints.txt -e .)")
+    if workdir.is_relative_to(REPO) and not _git_ignored(workdir):
+        problems.append(
+            f"--workdir {workdir} is inside the app and not git-ignored: `flwr run` would package it with the app; "
+            "use a folder outside the repository, or one .gitignore lists (demo_data/, crossval_data/, loso_data/)"
+        )
     flwr_home = workdir / "flwr-home"
     running = superlink_pids(flwr_home)
     if running:
@@ -158,6 +163,15 @@ def preflight(workdir: Path, args: argparse.Namespace) -> list[str]:
             f"demo that was interrupted; stop it with `kill {pids}` (or use another --workdir)"
         )
     return problems
+
+
+def _git_ignored(path: Path) -> bool:
+    """Whether git ignores ``path`` in this repository (True where git cannot tell: no git, no repository)."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(path)], check=False)
+    except OSError:
+        return True
+    return done.returncode != 1
 
 
 def run_federation(demo, workdir: Path, args: argparse.Namespace, ports: tuple[int, int]) -> str:

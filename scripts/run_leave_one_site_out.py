@@ -31,8 +31,8 @@ from run_demo import (
     add_budget_arguments,
     demo_data_config,
     free_port,
+    preflight,
     stream_flwr_run,
-    superlink_pids,
     with_budget_defaults,
 )
 
@@ -72,13 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     args.workdir = args.workdir.absolute()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    running = superlink_pids(args.workdir / "flwr-home")
-    if running:
-        pids = " ".join(map(str, running))
-        print(
-            f"run_leave_one_site_out.py: a SuperLink of this workdir is still running: `kill {pids}`", file=sys.stderr
-        )
+    problems = preflight(args.workdir, args)
+    if problems:
+        for problem in problems:
+            print(f"run_leave_one_site_out.py: {problem}", file=sys.stderr)
         return 2
     import torch
 
