@@ -256,6 +256,7 @@ class Deployment:
         key: str | None = None,
         root_certificates: bool = True,
         wait: bool = True,
+        node_config: str = "",
     ) -> Service:
         """One hospital: its own Runtime API port, its folders in ``--node-config``, its nnU-Net environment.
 
@@ -264,7 +265,7 @@ class Deployment:
         defaults to the site's name). ``root_certificates=False`` starts ``flower-supernode`` with the same
         flags but without ``--root-certificates`` (it trusts only the system's CAs), giving up after 2 tries.
         ``name`` (default: the site's) names the service, its log and results folder; ``wait``: until its Runtime
-        API listens (a refused node may exit before).
+        API listens (a refused node may exit before). ``node_config``: more ``--node-config`` entries (insecure).
         """
         name = name or site.name
         port = free_port()
@@ -274,10 +275,10 @@ class Deployment:
         preprocessed, results = str(site.nnunet_preprocessed), str(self.tmp_path / f"{name}-results")
         extra = dict(site.environ())
         if not self.secure:
-            node_config = f"nnunet-preprocessed='{preprocessed}' nnunet-results='{results}' site-name='{name}'"
+            folders = f"nnunet-preprocessed='{preprocessed}' nnunet-results='{results}' site-name='{name}'"
             command = [
                 str(BIN / "flower-supernode"), "--insecure", "--superlink", f"{HOST}:{self.link_port}", *own,
-                "--node-config", node_config,
+                "--node-config", f"{folders} {node_config}".strip(),
             ]  # fmt: skip
         elif root_certificates:
             node_key = self.certs / (key or site.name)

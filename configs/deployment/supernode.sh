@@ -17,6 +17,10 @@
 # RAW           optional: the site's nnUNet_raw root, holding <DATASET>/ (read by run-config planning='federated')
 # DATASET       optional: this hospital's own dataset folder name, e.g. Dataset517_Liver where another hospital
 #               has Dataset003_Liver (default: the run config's `dataset`, the federation's name)
+# WARM_SITE     optional: false trains every message in its own ClientApp process (default true: the site's warm
+#               worker starts here, keeps the trainer across a run's rounds behind a 0600 Unix socket in RESULTS,
+#               and exits with this SuperNode; see documentation/deployment.md "The warm site")
+# PYTHON        optional: the Python of the project's environment (default: python3 on PATH)
 # The SuperNode keeps retrying while the SuperLink is away (no --max-retries): after a coordinator restart it
 # reconnects by itself. Two SuperNodes on one machine need their own --port (default 9094).
 set -euo pipefail
@@ -29,6 +33,11 @@ done
 node_config="nnunet-preprocessed='$PREPROCESSED' nnunet-results='$RESULTS' site-name='$SITE_NAME'"
 [[ -z "${RAW:-}" ]] || node_config+=" nnunet-raw='$RAW'"
 [[ -z "${DATASET:-}" ]] || node_config+=" dataset='$DATASET'"
+if [[ "${WARM_SITE:-true}" != false ]]; then
+    mkdir -p "$RESULTS"
+    # $$ stays this process's id through `exec`: the worker watches the SuperNode itself
+    "${PYTHON:-python3}" -m flwr_nnunet.site.warm_worker --results "$RESULTS" --parent $$ &   # logs with the SuperNode
+fi
 exec flower-supernode \
     --superlink "$SUPERLINK" \
     --root-certificates "$CA_CERT" \

@@ -4,7 +4,9 @@ In simulation, the node's ``partition-id`` K picks ``<data-root>/site-K``; in
 deployment the SuperNode's ``--node-config`` names the site's folders
 (:data:`NODE_CONFIG_KEYS`). :func:`handle_message` routes ``train`` and
 ``evaluate`` messages to the node's :class:`~flwr_nnunet.site.site.Site`, kept
-alive between rounds where the process survives.
+alive between rounds where the process survives. In deployment it hands them to
+the site's warm worker (:mod:`flwr_nnunet.site.warm_worker`) where one runs, and
+answers in its own process where none can take them (:func:`answer`).
 
 Every instruction is checked whole before the site's trainer is touched (its
 records, every config entry, the decoded arrays, then the site's own checks):
@@ -19,7 +21,7 @@ import os
 import traceback
 from collections import OrderedDict
 from collections.abc import Mapping
-from logging import ERROR
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,11 @@ from flwr_nnunet.apps.run_config import data_root, run_config_value
 from flwr_nnunet.core.codec import from_array_record, to_array_record
 from flwr_nnunet.core.delta_codec import COMPRESSION_KEY
 from flwr_nnunet.errors import FlwrNnUNetError
-from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.site.compressed_updates import compress_reply_content, received_model
 from flwr_nnunet.site.crossval_ensemble import ensemble_counts, ensemble_request
 from flwr_nnunet.site.crossval_validation import COUNTS_KEY, FOLD_KEY
 from flwr_nnunet.site.local_model import local_model
+from flwr_nnunet.site.request import SiteAnswer, SiteRequest
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import (
     DEFAULT_MAX_LOCAL_EPOCHS,
@@ -45,10 +47,13 @@ from flwr_nnunet.site.spec import (
     checked_dataset_name,
     find_site_dataset,
 )
+from flwr_nnunet.site.warm_channel import WarmSiteBusy, WarmSiteUnavailable, ask_warm_site, socket_path
+from flwr_nnunet.site.warm_worker import start_warm_site, supernode_pid
 
 __all__ = [
     "CLIENT_DP_MODES",
     "NODE_CONFIG_KEYS",
+    "answer",
     "dp_clipping_mod",
     "handle_ensemble_query",
     "handle_local_model_query",
@@ -71,6 +76,8 @@ NODE_CONFIG_KEYS = {
     "batch-size": "a smaller batch than the plans' for this site's GPU memory (its epochs run more iterations, so "
     "they see as many patches)",
     "patch-size": "a smaller patch than the plans', e.g. '96,96,96' (each edge a multiple of the network's pooling)",
+    "warm-site": "true: start the site's warm worker on first use; false: always train in the ClientApp's process "
+    "(default: use the warm worker when one runs, as configs/deployment/supernode.sh starts it)",
 }
 """Deployment: ``flower-supernode --node-config "nnunet-preprocessed='/data/pp' nnunet-results='/data/res'"``."""
 
@@ -227,6 +234,39 @@ def _received(message: Any, *, max_epochs: int) -> tuple[OrderedDict[str, torch.
     return received, config, options, local_keys
 
 
+def _warm_site(node_config: Mapping[str, Any], name: str) -> bool | None:
+    """Node-config ``warm-site``: True (start the worker on first use), False (never), None (when one runs)."""
+    value = node_config.get("warm-site")
+    if value is None or isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise SiteError(f"{name}: node-config 'warm-site' must be true or false, not {value!r}")
+
+
+def answer(request: SiteRequest, node_config: Mapping[str, Any]) -> SiteAnswer:
+    """The site's answer to a checked instruction: from its warm worker in deployment where one can take it, else
+    from this process's site (:func:`live_site`), the fallback logged.
+
+    With node-config ``warm-site=true`` a worker is started when none can take the message and it is not busy
+    (this message is answered here, the next ones by the worker); ``false`` never asks one. A simulation's sites
+    live in their Ray actors: no worker.
+    """
+    name, warm = request.spec.name, _warm_site(node_config, request.spec.name)
+    running = socket_path(request.spec.nnunet_results).exists()
+    if "partition-id" in node_config or warm is False or (warm is None and not running):
+        return live_site(request.run_id, request.spec).answer(request)
+    try:
+        return ask_warm_site(request)
+    except WarmSiteUnavailable as why:
+        start = bool(warm) and not isinstance(why, WarmSiteBusy)
+        if start:
+            start_warm_site(request.spec.nnunet_results, supernode_pid())
+        later = "; a warm site starts for the next messages" if start else ""
+        log(WARNING if running else INFO, "%s: %s; this message is answered in-process%s", name, why, later)
+    return live_site(request.run_id, request.spec).answer(request)
+
+
 def _crossval_fold(config: Any) -> int:
     """The fold of a cross-validation request (config :data:`FOLD_KEY`: an integer >= 0)."""
     value = config[FOLD_KEY]
@@ -277,22 +317,24 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
                 received = received_model(spec.output_folder, config, dict(message.content.items()))
         except InstructionError as error:
             raise InstructionError(f"{name}: the server's instruction is refused: {error}") from None
-        site = live_site(context.run_id, spec)
-        plans_sha, alias_map = config.get("plans-sha256"), config.get("alias-map")
-        counts: dict[str, str] = {}
-        if train:
-            tensors, metrics = site.train(received, options, plans_sha, local_keys, alias_map_json=alias_map)
-        elif FOLD_KEY in config:  # after a cross-validation fold: whole-case validation, counts only
-            payload = site.crossval_validate(
-                received, options, plans_sha, local_keys, alias_map_json=alias_map, fold=_crossval_fold(config)
-            )
-            metrics, counts = {"num-examples": len(payload)}, {COUNTS_KEY: json.dumps(payload, allow_nan=False)}
-        else:
-            metrics = site.evaluate(received, options, plans_sha, local_keys, alias_map_json=alias_map)
-        about = ConfigRecord({"plans-sha256": plans_sha256(site.check()), "site-name": spec.name, **counts})
-        content = {"metrics": MetricRecord(metrics), "config": about}
-        if train:
-            content["arrays"] = to_array_record(tensors)
+        crossval = not train and FOLD_KEY in config  # after a cross-validation fold: whole-case validation, counts
+        request = SiteRequest(
+            kind="train" if train else "crossval" if crossval else "evaluate",
+            run_id=context.run_id,
+            spec=spec,
+            options=options,
+            received=received,
+            plans_sha=config.get("plans-sha256"),
+            local_keys=tuple(local_keys),
+            alias_map_json=config.get("alias-map"),
+            fold=_crossval_fold(config) if crossval else None,
+        )
+        answered = answer(request, context.node_config)
+        counts = {COUNTS_KEY: answered.counts} if answered.counts is not None else {}
+        about = ConfigRecord({"plans-sha256": answered.plans_sha, "site-name": spec.name, **counts})
+        content = {"metrics": MetricRecord(answered.metrics), "config": about}
+        if answered.tensors is not None:
+            content["arrays"] = to_array_record(answered.tensors)
         if COMPRESSION_KEY in config:
             compress_reply_content(spec.output_folder, options.server_round, content, received, config)
         return Message(RecordDict(content), reply_to=message)

@@ -53,6 +53,7 @@ from flwr_nnunet.site.evaluation import validation_dice
 from flwr_nnunet.site.fedprox import ProximalLoss
 from flwr_nnunet.site.marginal_loss import marginal_loss_for_partial_labels
 from flwr_nnunet.site.personal import FineTuneSchedule, save_personal_model
+from flwr_nnunet.site.request import SiteAnswer, SiteRequest
 from flwr_nnunet.site.runtime import (
     build_trainer,
     cpu_worker_defaults,
@@ -342,6 +343,20 @@ class Site:
                 start.rolled_back_from,
                 options.server_round - 1,
             )
+
+    def answer(self, request: SiteRequest) -> SiteAnswer:
+        """Answer a checked instruction (:class:`~flwr_nnunet.site.request.SiteRequest`): :meth:`train` a round,
+        :meth:`evaluate`, or :meth:`crossval_validate` a fold (its per-case counts as JSON text); with this site's
+        plans digest."""
+        args = (request.received, request.options, request.plans_sha, request.local_keys, request.alias_map_json)
+        if request.kind == "train":
+            tensors, metrics = self.train(*args)
+            return SiteAnswer(metrics, plans_sha256(self.check()), tensors=tensors)
+        if request.kind == "crossval":
+            counts = self.crossval_validate(*args, fold=request.fold)
+            text = json.dumps(counts, allow_nan=False)
+            return SiteAnswer({"num-examples": len(counts)}, plans_sha256(self.check()), counts=text)
+        return SiteAnswer(self.evaluate(*args), plans_sha256(self.check()))
 
     # --------------------------------------------------------------- training
     def _prepare_training(self, options: TrainOptions) -> None:
