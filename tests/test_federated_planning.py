@@ -552,3 +552,101 @@ def test_a_site_lost_during_the_survey_is_named_by_its_own_node_id():
     message = str(caught.value)
     assert "node 22: the SuperLink answered for node 22" in message and "Node Unavailable" in message
     assert "node 1:" not in message
+
+
+# --- a site lost during planning (issue 22, item 3): the others go on when they meet min-available-nodes ----------
+
+
+class LosingGrid(QueryGrid):
+    """A :class:`QueryGrid` whose node ``lost`` is gone from planning stage ``stage`` on (the SuperLink answers
+    for it, as Flower's does after the node's heartbeat), and that records the other messages it is given."""
+
+    def __init__(self, contexts, lost, stage):
+        super().__init__(contexts)
+        self.lost, self.stage, self.gone, self.instructions = lost, stage, False, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import MessageType
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+        messages = list(messages)
+        if messages[0].metadata.message_type != MessageType.QUERY:
+            self.instructions.extend(messages)
+            return []
+        self.gone = self.gone or messages[0].content["config"]["planning-stage"] == self.stage
+        for index, message in enumerate(messages):  # as the SuperLink's grids set them when they push
+            message.metadata.__dict__["_message_id"] = f"query-{len(self.replies)}-{index}"
+        lost = [m for m in messages if self.gone and m.metadata.dst_node_id == self.lost]
+        kept = [m for m in messages if m not in lost]
+        unavailable = [create_message_error_unavailable_res_message(m.metadata, "node_unavail") for m in lost]
+        return super().send_and_receive(kept, timeout=timeout) + unavailable
+
+
+def _small_federation(root):
+    for k, size in enumerate((40, 48, 56)):
+        write_site(root / f"site-{k}" / "nnUNet_raw" / DATASET, k, size, 2)
+    return root
+
+
+def _losing_grid(root, stage):
+    grid = _grid(root, 3)
+    return LosingGrid(grid.contexts, lost=102, stage=stage)
+
+
+def test_a_site_lost_during_the_statistics_is_left_out_and_gets_the_plans_before_its_first_instruction(
+    tmp_path, flwr_log
+):
+    """3 sites, min-available-nodes=2: site-2 (node 102) is lost at the statistics stage. The plans are made from
+    the 2 others' statistics and installed there, a warning names node 102; when node 102 is back, the plans go to
+    it before its first train instruction (once), and it holds the server's plans."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from flwr_nnunet.apps.planning_phase import PlansForLateSites, run_planning_phase
+    from flwr_nnunet.nnunet.digests import plans_sha256
+
+    root = _small_federation(tmp_path / "federation")
+    grid = _losing_grid(root, "statistics")
+    settings = _settings(root, **{"min-available-nodes": 2})
+    result = run_planning_phase(grid, settings, _options())
+    assert result.with_plans == {100, 101}
+    assert len(result.fingerprint["spacings"]) == 4  # the cases of site-0 and site-1
+    assert result.dataset_json["numTraining"] == 4
+    warnings = [r.getMessage() for r in flwr_log if r.levelname == "WARNING"]
+    assert any(
+        "goes on with the 2 site(s)" in w and "node 102: the SuperLink answered for node 102" in w for w in warnings
+    )
+    site_2 = root / "site-2" / "nnUNet_preprocessed" / DATASET
+    assert not (site_2 / "nnUNetPlans.json").exists()
+
+    grid.lost = None  # node 102 is back
+    late = PlansForLateSites(grid, result, settings)
+    instructions = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+        for node in (100, 101, 102)
+    ]
+    asked = len(grid.replies)
+    late.send_and_receive(instructions, timeout=5)
+    plans_replies = grid.replies[asked:]
+    assert [r.metadata.src_node_id for r in plans_replies] == [102]  # only the late site was asked
+    assert grid.instructions == instructions  # then every instruction went out
+    assert plans_sha256(json.loads((site_2 / "nnUNetPlans.json").read_text())) == plans_sha256(result.plans)
+    assert len(list((site_2 / "nnUNetPlans_2d").glob("*.pkl"))) == 2
+    late.send_and_receive(instructions, timeout=5)
+    assert len(grid.replies) == asked + 1  # asked once
+
+
+def test_too_few_sites_left_stop_planning_with_the_lost_node_and_the_fix(tmp_path):
+    """min-available-nodes=3 and site-2 lost during the survey: planning stops naming node 102 and the fix; no
+    plans were made."""
+    from flwr_nnunet.apps.config_errors import ServerConfigError
+    from flwr_nnunet.apps.server import plan_before_training
+
+    root = _small_federation(tmp_path / "federation")
+    settings = _settings(root, **{"min-available-nodes": 3})
+    with pytest.raises(ServerConfigError) as caught:
+        plan_before_training(_losing_grid(root, "survey"), settings)
+    message = str(caught.value)
+    assert "federated planning (survey) stopped: node 102: the SuperLink answered for node 102" in message
+    assert "2 site(s) answered, fewer than the 3 needed (run-config min-available-nodes)" in message
+    assert "start the lost SuperNodes and submit the run again" in message and "resume=true" in message
+    assert not settings.server_dataset_folder.exists()

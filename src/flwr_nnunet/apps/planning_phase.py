@@ -27,13 +27,18 @@ its checkpoints were trained with) in the third stage alone.
 The stages run over any ``ask(stage, config)`` that returns each site's answer
 (:func:`plan_with_sites`): Flower query messages in a run, the sites' own
 functions called in one process for the demo (:mod:`flwr_nnunet.demo.data`).
+In a run, a site lost on the way (the SuperLink answers for it, or it does not
+answer) is left out while ``min-available-nodes`` sites answer; the run's grid
+then gives it the plans before its first instruction should it come back
+(:class:`PlansForLateSites`). With fewer, planning stops naming the lost nodes
+and the fix.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -49,10 +54,12 @@ __all__ = [
     "PlanningOptions",
     "PlanningPhaseError",
     "PlanningResult",
+    "PlansForLateSites",
     "ask_sites",
     "check_planning_settings",
     "plan_federation",
     "plan_with_sites",
+    "plans_query",
     "resend_plans",
     "run_planning_phase",
 ]
@@ -108,6 +115,8 @@ class PlanningResult:
     label_warnings: dict[int, str] = field(default_factory=dict)
     """Node id -> the label-convention warning naming that site
     (:func:`~flwr_nnunet.nnunet.label_convention.label_convention_warnings`)."""
+    with_plans: frozenset[int] = frozenset()
+    """The node ids that installed the plans (a site lost during planning is not one of them)."""
 
 
 def check_planning_settings(settings: Any) -> None:
@@ -155,16 +164,40 @@ def _node_ids(grid: Any, wanted: int, wait: float) -> list[int]:
 
 
 def ask_sites(
-    grid: Any, node_ids: list[int], stage: str, config: Mapping[str, Any], timeout: float
+    grid: Any,
+    node_ids: list[int],
+    stage: str,
+    config: Mapping[str, Any],
+    timeout: float,
+    *,
+    needed: int | None = None,
 ) -> dict[int, tuple]:
-    """Send one planning query to every node; ``{node id: (site name, answer)}`` once all have answered.
+    """Send one planning query to every node; ``{node id: (site name, answer)}`` of the nodes that answered.
+
+    A node is *lost* when the SuperLink answered in its place (named by its own id) or it sent no answer within
+    ``timeout``; planning goes on without the lost nodes (logged, naming them) while at least ``needed`` nodes
+    answered (default: every node).
 
     Raises
     ------
     PlanningPhaseError
-        Naming each node that answered with an error (and its reason; a node the SuperLink answered for, lost,
-        by its own id) or not at all.
+        Naming each node that answered with its own error or a malformed answer (and why), or, when fewer than
+        ``needed`` answered, each lost node and the fix.
     """
+    answers, problems, lost = _query(grid, node_ids, stage, config, timeout)
+    if problems:
+        named = "; ".join(f"node {node}: {why}" for node, why in {**problems, **lost}.items())
+        raise PlanningPhaseError(f"federated planning ({stage}) stopped: {named}")
+    if lost:
+        _go_on_without(lost, stage, len(answers), len(node_ids) if needed is None else needed)
+    return answers
+
+
+def _query(
+    grid: Any, node_ids: list[int], stage: str, config: Mapping[str, Any], timeout: float
+) -> tuple[dict[int, tuple], dict[int, str], dict[int, str]]:
+    """One planning query to every node: the answers, the nodes that answered an error or a malformed answer
+    (node id -> why), and the lost nodes (node id -> why)."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
 
@@ -181,24 +214,47 @@ def ask_sites(
     ]
     replies = grid.send_and_receive(messages, timeout=timeout)
     sent_to = instruction_nodes(messages)  # the grid gave each instruction its id as it pushed it
-    answers, problems = {}, []
+    answers, problems, lost = {}, {}, {}
     for reply in replies:
         node = int(reply.metadata.src_node_id)
         if node == SUPERLINK_NODE_ID:  # the SuperLink answered for a lost node: name the node, not the SuperLink
             node = int(sent_to.get(reply.metadata.reply_to_message_id, node))
-        if reply.has_error():
-            problems.append(f"node {node}: {error_reason(reply, node)}")
-            continue
-        try:
-            about = reply.content["config"]
-            answers[node] = (str(about["site-name"]), json.loads(about["planning"]))
-        except (KeyError, TypeError, ValueError) as error:
-            problems.append(f"node {node}: a malformed {stage} answer ({error})")
-    missing = [n for n in node_ids if n not in answers and not any(p.startswith(f"node {n}:") for p in problems)]
-    problems += [f"node {n}: no answer within {timeout:.0f} s" for n in missing]
-    if problems:
-        raise PlanningPhaseError(f"federated planning ({stage}) stopped: " + "; ".join(problems))
-    return answers
+            lost[node] = error_reason(reply, node)
+        elif reply.has_error():
+            problems[node] = error_reason(reply, node)
+        else:
+            try:
+                about = reply.content["config"]
+                answers[node] = (str(about["site-name"]), json.loads(about["planning"]))
+            except (KeyError, TypeError, ValueError) as error:
+                problems[node] = f"a malformed {stage} answer ({error})"
+    lost |= {
+        n: f"no answer within {timeout:.0f} s (run-config round-timeout)"
+        for n in node_ids
+        if n not in {*answers, *problems, *lost}
+    }
+    return answers, problems, lost
+
+
+def _go_on_without(lost: Mapping[int, str], stage: str, answered: int, needed: int) -> None:
+    """Log the ``lost`` nodes (node id -> why) when ``answered`` meets ``needed``; else stop, naming the fix."""
+    named = "; ".join(f"node {node}: {why}" for node, why in lost.items())
+    if answered < max(1, needed):
+        raise PlanningPhaseError(
+            f"federated planning ({stage}) stopped: {named}; {answered} site(s) answered, fewer than the "
+            f"{needed} needed (run-config min-available-nodes). Nothing was trained and the server's plans and "
+            "checkpoints are as they were: start the lost SuperNodes and submit the run again (resume=true "
+            "continues from the last checkpoint), or lower run-config min-available-nodes"
+        )
+    log(
+        WARNING,
+        "flwr-nnunet: federated planning (%s) goes on with the %d site(s) that answered (min-available-nodes %d) "
+        "without %s; a lost site that comes back gets the plans before its first instruction",
+        stage,
+        answered,
+        needed,
+        named,
+    )
 
 
 def plan_federation(
@@ -238,18 +294,29 @@ def plan_federation(
     return plans, dataset_json, fingerprint
 
 
-def _send_plans(ask: Ask, plans: dict, dataset_json: dict, fingerprint: dict, configuration: str) -> None:
-    from flwr_nnunet.nnunet.digests import plans_sha256
-
-    digest = plans_sha256(plans)
-    log(INFO, "flwr-nnunet: federated planning: plans %s (sha256 %s) to every site", plans["plans_name"], digest[:12])
-    config = {
+def plans_query(plans: dict, dataset_json: dict, fingerprint: dict, configuration: str) -> dict[str, str]:
+    """The ``plans`` stage's config: what a site installs and preprocesses with."""
+    return {
         "plans": json.dumps(plans),
         "dataset-json": json.dumps(dataset_json),
         "fingerprint": json.dumps(fingerprint),
         "configuration": configuration,
     }
-    answers = ask("plans", config)
+
+
+def _send_plans(ask: Ask, plans: dict, dataset_json: dict, fingerprint: dict, configuration: str) -> dict:
+    """The plans to the sites ``ask`` reaches; ``{site key: site name}`` of those that installed them.
+
+    Raises
+    ------
+    PlanningPhaseError
+        If a site installed other plans.
+    """
+    from flwr_nnunet.nnunet.digests import plans_sha256
+
+    digest = plans_sha256(plans)
+    log(INFO, "flwr-nnunet: federated planning: plans %s (sha256 %s) to every site", plans["plans_name"], digest[:12])
+    answers = ask("plans", plans_query(plans, dataset_json, fingerprint, configuration))
     wrong = [
         f"{name} has {answer.get('plans-sha256')}"
         for name, answer in answers.values()
@@ -257,6 +324,7 @@ def _send_plans(ask: Ask, plans: dict, dataset_json: dict, fingerprint: dict, co
     ]
     if wrong:
         raise PlanningPhaseError(f"sites installed other plans than {digest}: {'; '.join(wrong)}")
+    return {key: name for key, (name, _) in answers.items()}
 
 
 def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = None) -> PlanningResult:
@@ -266,7 +334,9 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
     ``configuration``, ``dataset``); ``options`` default to :meth:`PlanningOptions.from_settings`.
     The sites' statistics are merged in the order of their names, so the plans do not depend on node ids.
     A site whose label volumes contradict the others' is logged as a warning
-    (:func:`~flwr_nnunet.nnunet.label_convention.label_convention_warnings`); planning goes on.
+    (:func:`~flwr_nnunet.nnunet.label_convention.label_convention_warnings`); planning goes on. A site ``ask``
+    no longer reaches (:func:`ask_sites`: lost, while enough others answer) leaves the later stages: the
+    fingerprint merges the statistics of the sites that sent them.
 
     Raises
     ------
@@ -312,6 +382,7 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
     log(INFO, "flwr-nnunet: federated planning: statistics (%d foreground samples per case)", samples)
     answers = ask("statistics", {"bins": json.dumps(bins), "samples-per-case": samples})
     statistics = dict(answers.values())
+    surveys = {name: survey for name, survey in surveys.items() if name in statistics}  # without the lost sites
     plans, dataset_json, fingerprint = plan_federation(
         surveys,
         statistics,
@@ -325,9 +396,9 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
     )
     folder = settings.server_dataset_folder
     install_plans(plans, dataset_json, folder, fingerprint)
-    _send_plans(ask, plans, dataset_json, fingerprint, settings.configuration)
+    holders = _send_plans(ask, plans, dataset_json, fingerprint, settings.configuration)
     warned = {node: label_warnings[name] for node, name in names.items() if name in label_warnings}
-    return PlanningResult(plans, dataset_json, fingerprint, Path(folder), names, warned)
+    return PlanningResult(plans, dataset_json, fingerprint, Path(folder), names, warned, frozenset(holders))
 
 
 def declared_labels(settings: Any) -> dict[str, int] | None:
@@ -366,43 +437,117 @@ def _partial_labels(surveys: Mapping[str, Mapping], labels: Mapping[str, int] | 
         raise PlanningPhaseError(f"federated planning stopped before training: {error}") from None
 
 
+class _SiteQueries:
+    """``ask`` over a grid: each stage to the nodes that answered the one before (:func:`ask_sites` leaves the
+    lost ones out while ``needed`` answer)."""
+
+    def __init__(self, grid: Any, nodes: list[int], needed: int, timeout: float):
+        self.grid, self.nodes, self.needed, self.timeout = grid, nodes, needed, timeout
+
+    def __call__(self, stage: str, config: Mapping[str, Any]) -> dict[int, tuple]:
+        answers = ask_sites(self.grid, self.nodes, stage, config, self.timeout, needed=self.needed)
+        self.nodes = [node for node in self.nodes if node in answers]
+        return answers
+
+
 def _grid_ask(grid: Any, settings: Any) -> Ask:
     nodes = _node_ids(grid, int(settings.min_available_nodes), float(settings.node_wait))
-    timeout = float(settings.round_timeout)
     log(INFO, "flwr-nnunet: federated planning with %d site(s)", len(nodes))
-    return lambda stage, config: ask_sites(grid, nodes, stage, config, timeout)
+    return _SiteQueries(grid, nodes, int(settings.min_available_nodes), float(settings.round_timeout))
 
 
 def run_planning_phase(grid: Any, settings: Any, options: PlanningOptions | None = None) -> PlanningResult:
     """The planning phase of a run (:func:`plan_with_sites` over Flower query messages to the connected nodes).
 
-    Waits for ``min-available-nodes`` (at most ``node-wait`` seconds); each stage waits ``round-timeout``.
+    Waits for ``min-available-nodes`` (at most ``node-wait`` seconds); each stage waits ``round-timeout``. A node
+    lost on the way (the SuperLink answers for it, or it does not answer) is left out while at least
+    ``min-available-nodes`` answer; it gets the plans before its first instruction should it come back
+    (:class:`PlansForLateSites`).
 
     Raises
     ------
     PlanningPhaseError
-        If too few nodes connect, a site fails or does not answer, or the sites' datasets disagree
-        (naming sites and fields).
+        If too few nodes connect or answer, a site fails, or the sites' datasets disagree (naming sites and fields).
     """
     check_planning_settings(settings)
     return plan_with_sites(_grid_ask(grid, settings), settings, options)
 
 
-def resend_plans(grid: Any, settings: Any) -> Path:
+def _read_plans(settings: Any) -> tuple[dict, dict, dict]:
+    """``(plans, dataset_json, fingerprint)`` in the server's dataset folder (those of an earlier planning)."""
+    folder = settings.server_dataset_folder
+    return tuple(
+        json.loads((folder / name).read_text())
+        for name in (f"{settings.plans}.json", "dataset.json", "dataset_fingerprint.json")
+    )
+
+
+def resend_plans(grid: Any, settings: Any) -> PlanningResult:
     """For a resumed run: the plans already in the server's dataset folder to every site (no new planning).
 
-    The sites preprocess with them where they have not yet. Returns the plans file.
+    The sites preprocess with them where they have not yet; a lost site is left out as in
+    :func:`run_planning_phase`. Returns them with the nodes that installed them.
 
     Raises
     ------
     PlanningPhaseError
-        If a site fails or does not answer, or installed other plans.
+        If too few sites answer, a site fails, or one installed other plans.
     """
+    plans, dataset_json, fingerprint = _read_plans(settings)
+    holders = _send_plans(_grid_ask(grid, settings), plans, dataset_json, fingerprint, settings.configuration)
     folder = settings.server_dataset_folder
-    plans_file = folder / f"{settings.plans}.json"
-    plans, dataset_json, fingerprint = (
-        json.loads((folder / name).read_text())
-        for name in (plans_file.name, "dataset.json", "dataset_fingerprint.json")
-    )
-    _send_plans(_grid_ask(grid, settings), plans, dataset_json, fingerprint, settings.configuration)
-    return plans_file
+    return PlanningResult(plans, dataset_json, fingerprint, folder, holders, with_plans=frozenset(holders))
+
+
+class PlansForLateSites:
+    """A grid that gives a node the run's plans before its first train or evaluate instruction, where the planning
+    phase did not reach it (it was lost, or it joined later); every other call goes to ``grid`` as it is.
+
+    A node is asked once (the ``plans`` stage, waiting ``round-timeout``); one that does not install the plans
+    is logged, and its instruction still goes out: the site refuses an instruction whose ``plans-sha256`` it
+    does not hold, as a failure of that round.
+    """
+
+    def __init__(self, grid: Any, planned: PlanningResult, settings: Any):
+        self._grid = grid
+        self._asked = set(planned.with_plans)
+        self._query = plans_query(planned.plans, planned.dataset_json, planned.fingerprint, settings.configuration)
+        self._timeout = float(settings.round_timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+        """Flower's ``Grid.push_messages``, after the plans went to the nodes that lack them."""
+        messages = list(messages)
+        self._plan_late_nodes(messages)
+        return self._grid.push_messages(messages)
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
+        """Flower's ``Grid.send_and_receive``, after the plans went to the nodes that lack them."""
+        messages = list(messages)
+        self._plan_late_nodes(messages)
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def _plan_late_nodes(self, messages: list[Any]) -> None:
+        from flwr.app import MessageType
+
+        instructed = (MessageType.TRAIN, MessageType.EVALUATE)
+        late = sorted(
+            {int(m.metadata.dst_node_id) for m in messages if m.metadata.message_type in instructed} - self._asked
+        )
+        if not late:
+            return
+        self._asked.update(late)
+        log(INFO, "flwr-nnunet: node(s) %s missed the planning phase: the run's plans go to them first", late)
+        answers, problems, lost = _query(self._grid, late, "plans", self._query, self._timeout)
+        for node, (name, answer) in answers.items():
+            log(INFO, "flwr-nnunet: %s (node %d) installed the plans %s", name, node, answer.get("plans-sha256"))
+        for node, why in {**problems, **lost}.items():
+            log(
+                WARNING,
+                "flwr-nnunet: node %d did not install the plans (%s); its instruction goes out all the "
+                "same and is refused",
+                node,
+                why,
+            )

@@ -120,7 +120,12 @@ RUN_CONFIG: tuple[Setting, ...] = (
     Setting("fraction-evaluate", float, 1.0, "fraction of connected nodes sampled for evaluation each round"),
     Setting("min-train-nodes", int, 2, "minimum nodes per training round"),
     Setting("min-evaluate-nodes", int, 2, "minimum nodes per evaluation round"),
-    Setting("min-available-nodes", int, 2, "nodes to wait for before a round starts"),
+    Setting(
+        "min-available-nodes",
+        int,
+        2,
+        "nodes to wait for before a round starts; federated planning goes on without lost sites while this many answer",
+    ),
     Setting(
         "node-wait",
         float,

@@ -166,7 +166,8 @@ def plan_before_training(
     the checkpoints were trained with, checked by the resume) go to every site, which preprocesses with them
     where it has not. ``check_only`` checks ``planning`` / ``planner`` / ``plans`` and asks no site; ``data``
     gives the planning options with ``make-demo`` (:func:`planning_options`). Returns the
-    :class:`~flwr_nnunet.apps.planning_phase.PlanningResult` of a planning phase, else None.
+    :class:`~flwr_nnunet.apps.planning_phase.PlanningResult` of a planning phase or of the plans sent again,
+    else None.
 
     Raises
     ------
@@ -187,8 +188,7 @@ def plan_before_training(
             return None
         if _resumes_with_plans(settings):
             log(INFO, "flwr-nnunet: resume: the run's plans in %s, not planned again", settings.server_dataset_folder)
-            resend_plans(grid, settings)
-            return None
+            return resend_plans(grid, settings)
         return run_planning_phase(grid, settings, planning_options(settings, data))
     except PlanningPhaseError as error:
         raise ServerConfigError(str(error)) from None
@@ -399,7 +399,7 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
         history.load()
         _resume(strategy, context.run_config)
         if planned_before:  # the checkpoint's plans digest checked: these plans to every site
-            plan_before_training(grid, settings, data=data)
+            planned = plan_before_training(grid, settings, data=data)
     log(
         INFO,
         "flwr-nnunet: %s, %s, %d round(s) x %d local epoch(s), strategy %s; global model in %s",
@@ -412,6 +412,10 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
     )
     if settings.crossval:
         forget_fold(core.model_folder, int(settings.fold))
+    if planned is not None:  # a site lost during planning gets the plans before its first instruction
+        from flwr_nnunet.apps.planning_phase import PlansForLateSites
+
+        grid = PlansForLateSites(grid, planned, settings)
     config = ConfigRecord(settings.train_config())
     result = strategy.start(
         grid,
