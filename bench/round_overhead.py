@@ -1,0 +1,276 @@
+"""Round overhead of a deployment: E federated rounds of one local epoch against E plain nnU-Net epochs.
+
+A SuperLink and one SuperNode run on 127.0.0.1 (``tests/deployment_support.py``, insecure; the SuperExec polls
+every 0.2 s as in the deployment tests) and train E rounds of one local epoch on the 2D demo's site-0, once
+cold (node-config ``warm-site=false``: every message a fresh ``flwr-clientapp`` process that rebuilds the trainer
+from the round-state file) and once warm (the site's warm worker, started beside the SuperNode as
+``configs/deployment/supernode.sh`` does). The same site's preprocessed data then trains E epochs of plain nnU-Net
+in this process (the trainer's own epoch hooks, the same iterations). Overhead per round is
+(federated round - plain epoch), over the rounds after the first (round 1 also pays the planning and the
+first trainer build).
+
+A watcher samples every 10 ms: the start of each ``flwr-clientapp`` process under the SuperNode
+(``/proc``), the site's round-state token (written when a round's training is saved) and the server's
+``checkpoint_latest.pth`` (written once a round is aggregated). A round splits into
+- site (message): from the ClientApp process's start to the site's round state saved; less the plain epoch, it
+  is the site's overhead: process start and imports (measured alone: ``python -c "import client_app"``), trainer
+  build and data loader start (measured alone in this process, from the round state), the rest (the round
+  state written, the instruction checked, decode / encode);
+- reply to aggregated: the reply's way to the server and its aggregation and checkpoint (server time, with the
+  transfer and Flower's polling);
+- aggregated to next message: the next instruction's way to the SuperNode and the process it starts (Flower's
+  polling, with the transfer).
+Transfer itself is measured alone: the model encoded and decoded both ways (``core/codec`` and Flower's protobuf).
+
+Run: ``python bench/round_overhead.py [--rounds 4] [--iterations 10]`` (about 6 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TICK_S = 0.01
+
+
+def _boot_time() -> float:
+    return float(next(line.split()[1] for line in open("/proc/stat") if line.startswith("btime")))
+
+
+def _process_start(pid: int) -> float | None:
+    """A process's start as a wall-clock time (from /proc: clock ticks after boot)."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Watcher(threading.Thread):
+    """Samples the ClientApp processes' starts, the site's saved rounds and the server's checkpoints."""
+
+    def __init__(self, supernode_pid: int, token_file: Path, checkpoint: Path):
+        super().__init__(daemon=True)
+        self.supernode_pid, self.token_file, self.checkpoint = supernode_pid, token_file, checkpoint
+        self.starts: dict[int, float] = {}
+        self.saved: dict[int, float] = {}
+        self.aggregated: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from deployment_support import descendants
+
+        last_checkpoint = None
+        while not self.done.is_set():
+            for pid in descendants(self.supernode_pid):
+                if pid not in self.starts:
+                    try:
+                        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    except OSError:  # it ended meanwhile
+                        continue
+                    if b"flwr-clientapp" in command and (started := _process_start(pid)) is not None:
+                        self.starts[pid] = started
+            if self.token_file.is_file():
+                try:
+                    saved = json.loads(self.token_file.read_text()).get("round")
+                except ValueError:
+                    saved = None
+                if isinstance(saved, int) and saved not in self.saved:
+                    self.saved[saved] = self.token_file.stat().st_mtime
+            if self.checkpoint.is_file() and (mtime := self.checkpoint.stat().st_mtime) != last_checkpoint:
+                last_checkpoint = mtime
+                self.aggregated.append(mtime)
+            time.sleep(TICK_S)
+
+
+def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> dict[str, float]:
+    """E rounds in a loopback deployment; the mean phases of rounds 2..E (seconds)."""
+    from deployment_support import Deployment, model_folder, run_config
+
+    from flwr_nnunet.site.spec import SiteSpec
+    from flwr_nnunet.site.warm_channel import socket_path
+    from flwr_nnunet.site.warm_worker import start_warm_site
+
+    deployment = Deployment(root)
+    worker = None
+    try:
+        deployment.start_superlink()
+        deployment.write_connection()
+        site = demo.sites[0]
+        node = deployment.start_supernode(site, node_config=f"warm-site={'true' if warm else 'false'}")
+        results = deployment.site_results(site)
+        if warm:  # as supernode.sh starts it: beside the SuperNode, before the first message
+            worker = start_warm_site(results, node.process.pid)
+            while not socket_path(results).exists():
+                time.sleep(0.1)
+        folder = model_folder(demo)
+        spec = SiteSpec(
+            name=site.name,
+            dataset=demo.dataset_name,
+            nnunet_preprocessed=site.nnunet_preprocessed,
+            nnunet_results=results,
+            configuration=demo.configuration,
+        )
+        watcher = Watcher(node.process.pid, spec.state_token_file, folder.checkpoint_path("latest"))
+        budget = {"min-train-nodes": 1, "min-evaluate-nodes": 1, "min-available-nodes": 1}
+        config = run_config(
+            demo,
+            num_server_rounds=rounds,
+            fraction_evaluate=0.0,
+            iterations_per_epoch=iterations,
+            val_iterations_per_epoch=2,
+            seed=1,
+            **budget,
+        )
+        watcher.start()
+        run_id = deployment.submit(config)
+        status = deployment.wait_until_finished(run_id, folder.checkpoint_path("final"))
+        watcher.done.set()
+        watcher.join()
+        assert status == "finished:completed", f"{status}\n{deployment.logs()}"
+    finally:
+        deployment.stop()
+        if worker is not None:
+            worker.wait(timeout=30)
+    starts = sorted(watcher.starts.values())
+    phases: dict[str, list[float]] = {"round": [], "site": [], "reply": [], "next": []}
+    for server_round in range(2, rounds + 1):
+        saved, before = watcher.saved[server_round], watcher.saved[server_round - 1]
+        start = max(s for s in starts if s <= saved)
+        aggregated_before = min(a for a in watcher.aggregated if a >= before)
+        phases["round"].append(saved - before)
+        phases["site"].append(saved - start)
+        phases["reply"].append(aggregated_before - before)
+        phases["next"].append(start - aggregated_before)
+    return {key: statistics.mean(values) for key, values in phases.items()}
+
+
+def plain(demo, rounds: int, iterations: int, root: Path) -> dict[str, float]:
+    """E epochs of nnU-Net's own trainer in this process; the trainer build (from a round state) and the data
+    loader start, measured alone."""
+    import torch
+
+    from flwr_nnunet.site.runtime import cpu_worker_defaults, run_epoch
+    from flwr_nnunet.site.site import Site
+    from flwr_nnunet.site.spec import SiteSpec, TrainOptions
+
+    site_data = demo.sites[0]
+    spec = SiteSpec(
+        name=site_data.name,
+        dataset=demo.dataset_name,
+        nnunet_preprocessed=site_data.nnunet_preprocessed,
+        nnunet_results=root / "plain-results",
+        configuration=demo.configuration,
+        device="cpu",
+    )
+    options = TrainOptions(num_epochs=rounds, iterations_per_epoch=iterations, val_iterations_per_epoch=2)
+    site = Site(spec)
+    site.start(options)
+    trainer = site.trainer
+    trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = iterations, 2
+    started = time.perf_counter()
+    with cpu_worker_defaults(trainer.device):
+        trainer.on_train_start()
+    loaders = time.perf_counter() - started
+    torch.manual_seed(1)
+    epochs = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run_epoch(trainer)
+        epochs.append(time.perf_counter() - started)
+    site.save_state(1)
+    rebuilt = Site(spec)
+    started = time.perf_counter()
+    rebuilt.start(TrainOptions(num_epochs=rounds, server_round=2))
+    build = time.perf_counter() - started
+    return {"epoch": statistics.mean(epochs[1:]), "build": build, "loaders": loaders}
+
+
+def imports(statement: str) -> float:
+    """Wall seconds of a fresh Python running ``statement`` (an import), median of 3."""
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], cwd=REPO, check=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def transfer(demo) -> float:
+    """Seconds to encode and decode the demo's model both ways (codec and Flower's protobuf), as a round does."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from flwr.app import RecordDict
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    from test_site import initial_weights
+
+    from flwr_nnunet.core.codec import from_array_record, to_array_record
+
+    weights = initial_weights(demo)
+    started = time.perf_counter()
+    for _ in range(2):  # the instruction and the reply
+        data = recorddict_to_proto(RecordDict({"arrays": to_array_record(weights)})).SerializeToString()
+        from_array_record(recorddict_from_proto(ProtoRecordDict.FromString(data))["arrays"])
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4, help="E: rounds (and plain epochs)")
+    parser.add_argument("--iterations", type=int, default=10, help="training batches per epoch")
+    arguments = parser.parse_args()
+    sys.path.insert(0, str(REPO / "tests"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)  # as the SuperNode's processes run (deployment_support: OMP_NUM_THREADS=1)
+    from flwr_nnunet.demo.data import make_demo_dataset
+
+    with tempfile.TemporaryDirectory(prefix="round-overhead-") as folder:
+        root = Path(folder)
+        demo = make_demo_dataset(root / "data", num_sites=2)
+        base = plain(demo, arguments.rounds, arguments.iterations, root)
+        moved = transfer(demo)
+        imported, flower = imports("import client_app"), imports("import flwr.app, flwr.clientapp")
+        runs = {}
+        for warm in (False, True):
+            (root / ("warm" if warm else "cold")).mkdir()
+            runs[warm] = federated(
+                demo, arguments.rounds, arguments.iterations, warm=warm, root=root / ("warm" if warm else "cold")
+            )
+    rounds = arguments.rounds
+    print(
+        f"\nRound overhead, 2D demo site-0, {arguments.iterations} training + 2 validation batches per epoch, "
+        f"E = {rounds} rounds (means of rounds 2..{rounds}); plain nnU-Net epoch {base['epoch']:.2f} s\n"
+    )
+    print(
+        "| path | round | overhead per round | site: message - epoch | reply to aggregated | aggregated to next message |"
+    )
+    print("|---|---|---|---|---|---|")
+    for warm, label in ((False, "cold (a process per message)"), (True, "warm (the site's warm worker)")):
+        run = runs[warm]
+        print(
+            f"| {label} | {run['round']:.2f} s | {run['round'] - base['epoch']:.2f} s | "
+            f"{run['site'] - base['epoch']:.2f} s | {run['reply']:.2f} s | {run['next']:.2f} s |"
+        )
+    print("\nMeasured alone (this machine, the same moment):\n")
+    print("| part | seconds | paid per round |")
+    print("|---|---|---|")
+    print(f"| process start and imports (`python -c 'import client_app'`) | {imported:.2f} | cold and warm |")
+    print(f"| of which Flower's own (`python -c 'import flwr.app, flwr.clientapp'`) | {flower:.2f} | cold and warm |")
+    print(f"| trainer build from the round state | {base['build']:.2f} | cold |")
+    print(f"| data loader start (`on_train_start`) | {base['loaders']:.2f} | cold |")
+    print(f"| transfer: the model encoded and decoded both ways | {moved:.3f} | cold and warm |")
+
+
+if __name__ == "__main__":
+    main()
