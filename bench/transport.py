@@ -5,7 +5,15 @@ SuperLink through a TCP forwarder in this script that counts the bytes in each d
 framing, heartbeats and all). One round of Flower's own ``FedAvg`` runs through ``flwr run`` on the 3d_fullres
 PlainConvUNet, once with stock records (``ArrayRecord(state_dict)``, every key: 292 arrays) and once with
 canonical ones (``to_array_record``, one per alias group: 108 arrays), both ways (instruction and reply).
-Prints a markdown table. Run: ``python bench/transport.py`` (about 2 minutes).
+
+Then, per run-config ``compression`` mode (``none`` included), two rounds of :class:`NnUNetFedAvg` (train and
+evaluate, as a run does) with a client that keeps its held model and residual as a site does
+(:mod:`flwr_nnunet.site.compressed_updates`) and replies its received model plus a small random update; the
+bytes of round 2 (the steady state: round 1 sends every site the whole model) are read from the forwarder's
+counts at each round's end. Last, the CPU time to compress an update at the site and to decompress it at the
+server (in this process), and what zlib on top of the codes would save and cost.
+Prints markdown tables. Run: ``python bench/transport.py [variant ...]`` (all six: about 8 minutes on an idle
+machine; e.g. ``none int4-block`` for two of them).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ clientapp = "wire_client:app"
 
 [tool.flwr.app.config]
 variant = "stock"
+workdir = ""
 """,
     "wire_common.py": '''"""The 3d_fullres PlainConvUNet as stock (every key) or canonical records."""
 import torch
@@ -71,34 +80,96 @@ def load(net, arrays):
         for key, target in amap.collapse(net.state_dict()).items():
             target.copy_(tensors[key])
 ''',
-    "wire_server.py": """from flwr.app import Context
+    "wire_server.py": """import json
+import time
+from pathlib import Path
+
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from wire_common import network, record
+
+from flwr_nnunet import NnUNetFedAvg
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
-    strategy.start(grid, initial_arrays=record(network(), str(context.run_config["variant"])), num_rounds=1)
+    variant = str(context.run_config["variant"])
+    if variant in ("stock", "canonical"):
+        strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+        strategy.start(grid, initial_arrays=record(network(), variant), num_rounds=1)
+        return
+    workdir, rounds = Path(str(context.run_config["workdir"])), {}
+
+    def counts_at_round_end(server_round, strategy):
+        time.sleep(1.5)  # the forwarder writes its counts twice a second
+        rounds[server_round] = json.loads((workdir / "counts.json").read_text())
+        (workdir / "rounds.json").write_text(json.dumps(rounds))
+
+    strategy = NnUNetFedAvg(
+        network(),
+        compression=variant,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        post_round_fn=counts_at_round_end,
+    )
+    strategy.start(grid, num_rounds=2)
 """,
-    "wire_client.py": """from flwr.app import Context, Message, MetricRecord, RecordDict
+    "wire_client.py": """from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from wire_common import load, network, record
+
+from flwr_nnunet import from_array_record, to_array_record
+from flwr_nnunet.core.delta_codec import COMPRESSION_KEY
+from flwr_nnunet.site.compressed_updates import compress_reply_content, received_model
 
 app = ClientApp()
 
 
+def answer(message, context, reply):
+    config, folder = message.content["config"], Path(str(context.run_config["workdir"])) / "site"
+    if COMPRESSION_KEY in config:
+        received = received_model(folder, config, dict(message.content.items()))
+    else:
+        received = OrderedDict((k, v.clone()) for k, v in from_array_record(message.content["arrays"]).items())
+    content = {"metrics": MetricRecord({"num-examples": 4}), "config": ConfigRecord()}
+    if reply:
+        generator = torch.Generator().manual_seed(int(config["server-round"]))
+        content["arrays"] = to_array_record(
+            OrderedDict(
+                (k, v + 1e-3 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v)
+                for k, v in received.items()
+            )
+        )
+    if COMPRESSION_KEY in config:
+        compress_reply_content(folder, int(config["server-round"]), content, received, config)
+    return Message(RecordDict(content), reply_to=message)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    variant = str(context.run_config["variant"])
+    if variant not in ("stock", "canonical"):
+        return answer(message, context, reply=True)
     net = network()
     load(net, message.content["arrays"])
-    arrays = record(net, str(context.run_config["variant"]), scale=1.001)
+    arrays = record(net, variant, scale=1.001)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 4})}), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    return answer(message, context, reply=False)
 """,
 }
+MODES = ("none", "fp16", "int8-block", "int4-block")
 
 
 def forward(listen: int, target: int, out: Path) -> None:
@@ -136,7 +207,7 @@ def forward(listen: int, target: int, out: Path) -> None:
     asyncio.run(main())
 
 
-def one_round(variant: str, root: Path, app: Path) -> dict:
+def one_run(variant: str, root: Path, app: Path) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from deployment_support import BIN, CONNECTION, HOST, Deployment, free_port, wait_for_port
 
@@ -157,13 +228,12 @@ def one_round(variant: str, root: Path, app: Path) -> dict:
         deployment.write_connection()
         time.sleep(3)
         before = json.loads(counts.read_text())
-        submitted = deployment.flwr(
-            "run", str(app), CONNECTION, "--run-config", f"variant='{variant}'", "--format=json", timeout=300
-        )
+        config = f"variant='{variant}' workdir='{root}'"
+        submitted = deployment.flwr("run", str(app), CONNECTION, "--run-config", config, "--format=json", timeout=300)
         if submitted.returncode:
             raise RuntimeError(f"flwr run failed:\n{submitted.stdout}\n{submitted.stderr}")
         run_id = json.loads(submitted.stdout)["run-id"]
-        status, deadline = "", time.monotonic() + 600
+        status, deadline = "", time.monotonic() + 1800
         while not status.startswith("finished") and time.monotonic() < deadline:
             time.sleep(2)
             listed = deployment.flwr("ls", CONNECTION, "--format=json", "--run-id", str(run_id))
@@ -173,7 +243,15 @@ def one_round(variant: str, root: Path, app: Path) -> dict:
                 status = ""
         time.sleep(1.5)
         after = json.loads(counts.read_text())
-        return {"status": status, **{key: after[key] - before[key] for key in after}}
+        rounds = json.loads((root / "rounds.json").read_text()) if (root / "rounds.json").is_file() else {}
+        if status != "finished:completed":
+            print(deployment.logs(), file=sys.stderr)
+        return {
+            "status": status,
+            "rounds": rounds,
+            "before": before,
+            **{key: after[key] - before[key] for key in after},
+        }
     except BaseException:
         print(deployment.logs(), file=sys.stderr)
         raise
@@ -196,23 +274,98 @@ def main() -> None:
         "stock": sum(len(a.data) for a in ArrayRecord(net.state_dict()).values()),
         "canonical": sum(len(a.data) for a in to_array_record(amap.collapse(net.state_dict())).values()),
     }
-    mb = 1e6
+    variants = sys.argv[1:] or ["stock", "canonical", *MODES]
     with tempfile.TemporaryDirectory() as tmp:
         app = Path(tmp) / "app"
         app.mkdir()
         for name, text in APP_FILES.items():
             (app / name).write_text(text)
-        rows = {variant: one_round(variant, Path(tmp) / variant, app) for variant in ("stock", "canonical")}
+        rows = {variant: one_run(variant, Path(tmp) / variant, app) for variant in variants}
+    if "stock" in rows and "canonical" in rows:
+        print_records(rows, held)
+    if "none" in rows:
+        print_compressed(rows, net)
+
+
+def print_records(rows: dict, held: dict) -> None:
+    """The stock and canonical records' bytes, one round each way."""
+    mb = 1e6
     print("3d_fullres PlainConvUNet, one round, one SuperNode, loopback\n")
     print(
         "| records | bytes a record holds | SuperLink -> SuperNode (instruction) | SuperNode -> SuperLink (reply) | run |"
     )
     print("|---|---|---|---|---|")
-    for variant, row in rows.items():
+    for variant in ("stock", "canonical"):
+        row = rows[variant]
         label = "stock `ArrayRecord(state_dict)`" if variant == "stock" else "canonical `to_array_record`"
         print(
             f"| {label} | {held[variant] / mb:.1f} MB | {row['to_supernode'] / mb:.1f} MB | "
             f"{row['to_superlink'] / mb:.1f} MB | {row['status']} |"
+        )
+
+
+def round_bytes(row: dict, server_round: int) -> dict[str, int]:
+    """Bytes each way during ``server_round`` (from the counts at the end of the round before, or the start)."""
+    end = row["rounds"][str(server_round)]
+    start = row["rounds"][str(server_round - 1)] if server_round > 1 else row["before"]
+    return {key: end[key] - start[key] for key in end}
+
+
+def print_compressed(rows: dict, net) -> None:
+    """Round 2's bytes per mode (train and evaluate), against ``none``'s."""
+    mb, plain = 1e6, round_bytes(rows["none"], 2)
+    print("\n3d_fullres PlainConvUNet, NnUNetFedAvg, round 2 of 2 (train and evaluate), one SuperNode, loopback\n")
+    print(
+        "| compression | SuperLink -> SuperNode | fewer bytes | SuperNode -> SuperLink | fewer bytes | round 1 down | run |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode in (m for m in MODES if m in rows):
+        row = rows[mode]
+        if "2" not in row["rounds"]:
+            print(f"| `{mode}` | | | | | | {row['status']}, round 2 not counted |")
+            continue
+        second = round_bytes(row, 2)
+        down, up = second["to_supernode"], second["to_superlink"]
+        print(
+            f"| `{mode}` | {down / mb:.1f} MB | {plain['to_supernode'] / down:.1f}x | {up / mb:.1f} MB | "
+            f"{plain['to_superlink'] / up:.1f}x | {round_bytes(row, 1)['to_supernode'] / mb:.1f} MB | {row['status']} |"
+        )
+    print_cpu(net)
+
+
+def print_cpu(net) -> None:
+    """CPU time to compress an update (site) and decompress it (server), and zlib on top of the codes."""
+    import zlib
+    from collections import OrderedDict
+
+    import torch
+
+    from flwr_nnunet import AliasMap
+    from flwr_nnunet.core.delta_codec import apply_delta, decode_delta, encode_delta
+    from flwr_nnunet.core.quantize import SCHEMES
+
+    torch.manual_seed(0)
+    base = AliasMap.from_module(net).collapse(net.state_dict())
+    trained = OrderedDict((k, v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in base.items())
+    print("\nCPU seconds (one thread) per update of the 3d_fullres network; zlib level 1 on the codes and scales\n")
+    print("| compression | compress (site) | decompress (server) | zlib size | zlib compress | zlib decompress |")
+    print("|---|---|---|---|---|---|")
+    torch.set_num_threads(1)
+    for name, scheme in SCHEMES.items():
+        _, residual = encode_delta(trained, base, scheme)  # the residual of a round before: error feedback
+        start = time.process_time()
+        (codes, scales), _ = encode_delta(trained, base, scheme, residual)
+        encoded = time.process_time()
+        apply_delta(base, decode_delta((codes, scales), base, scheme))
+        decoded = time.process_time()
+        payload = b"".join(bytes(a.data) for record in (codes, scales) for a in record.values())
+        packed = zlib.compress(payload, 1)
+        zipped = time.process_time()
+        zlib.decompress(packed)
+        unzipped = time.process_time()
+        print(
+            f"| `{name}` | {encoded - start:.2f} s | {decoded - encoded:.2f} s | {len(packed) / len(payload):.0%} of "
+            f"{len(payload) / 1e6:.1f} MB | {zipped - decoded:.2f} s | {unzipped - zipped:.2f} s |"
         )
 
 

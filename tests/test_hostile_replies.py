@@ -58,15 +58,21 @@ STRATEGIES: dict[str, Callable[[], object]] = {
         "qfedavg", network=_tiny_network(), plans=PLANS, client_learning_rate=0.1, min_train_nodes=2
     ),
     "krum": lambda: strategy_from_name("krum", network=_tiny_network(), plans=PLANS, min_train_nodes=2),
-    "dp": lambda: strategy_from_name(
+    "dp": lambda: dp_strategy(),
+}
+
+
+def dp_strategy(**options):
+    """FedAvg in server-side fixed-clipping DP without noise (a clip no honest reply reaches)."""
+    return strategy_from_name(
         "fedavg",
         network=_tiny_network(),
         plans=PLANS,
         min_train_nodes=2,
         dp="server-fixed",
         dp_options={"noise_multiplier": 0.0, "clipping_norm": 100.0, "num_sampled_clients": 3},
-    ),
-}
+        **options,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -468,15 +474,7 @@ COMPRESSED = {
     "fedavg int8-block": lambda: strategy_from_name(
         "fedavg", network=_tiny_network(), plans=PLANS, min_train_nodes=2, compression="int8-block"
     ),
-    "dp int8-block": lambda: strategy_from_name(
-        "fedavg",
-        network=_tiny_network(),
-        plans=PLANS,
-        min_train_nodes=2,
-        dp="server-fixed",
-        dp_options={"noise_multiplier": 0.0, "clipping_norm": 100.0, "num_sampled_clients": 3},
-        compression="int8-block",
-    ),
+    "dp int8-block": lambda: dp_strategy(compression="int8-block"),
 }
 INT8 = SCHEMES["int8-block"]
 

@@ -283,8 +283,9 @@ class ReplyValidator:
         reason = self.check_tensors(tensors, check_finite=check_finite)
         if reason:
             return Rejection(node, reason)
-        if scheme is not None:
+        if scheme is not None:  # the reply holds its decoded model once: the tensors view the new record's bytes
             message = decompressed_message(message, tensors, self.arrayrecord_key)
+            tensors = from_array_record(message.content[self.arrayrecord_key])
         return AcceptedReply(message, tensors, metrics, weight)
 
     def _compression_problem(self, scheme: object, base: object) -> str | None:
