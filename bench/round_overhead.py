@@ -13,9 +13,9 @@ A watcher samples every 10 ms: the start of each ``flwr-clientapp`` process unde
 (``/proc``), the site's round-state token (written when a round's training is saved) and the server's
 ``checkpoint_latest.pth`` (written once a round is aggregated). A round splits into
 - site (message): from the ClientApp process's start to the site's round state saved; less the plain epoch, it
-  is the site's overhead: process start and imports (measured alone: ``python -c "import client_app"``), trainer
-  build and data loader start (measured alone in this process, from the round state), the rest (the round
-  state written, the instruction checked, decode / encode);
+  is the site's overhead: process start and imports, trainer build, data loader start and the first epoch's
+  warm-up, measured alone in a fresh process as a cold message runs them (:data:`FRESH_PROCESS`), and the rest
+  (the round state written, the instruction checked, decode / encode);
 - reply to aggregated: the reply's way to the server and its aggregation and checkpoint (server time, with the
   transfer and Flower's polling);
 - aggregated to next message: the next instruction's way to the SuperNode and the process it starts (Flower's
@@ -177,10 +177,8 @@ def plain(demo, rounds: int, iterations: int, root: Path) -> dict[str, float]:
     site.start(options)
     trainer = site.trainer
     trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = iterations, 2
-    started = time.perf_counter()
     with cpu_worker_defaults(trainer.device):
         trainer.on_train_start()
-    loaders = time.perf_counter() - started
     torch.manual_seed(1)
     epochs = []
     for _ in range(rounds):
@@ -188,11 +186,48 @@ def plain(demo, rounds: int, iterations: int, root: Path) -> dict[str, float]:
         run_epoch(trainer)
         epochs.append(time.perf_counter() - started)
     site.save_state(1)
-    rebuilt = Site(spec)
-    started = time.perf_counter()
-    rebuilt.start(TrainOptions(num_epochs=rounds, server_round=2))
-    build = time.perf_counter() - started
-    return {"epoch": statistics.mean(epochs[1:]), "build": build, "loaders": loaders}
+    return {"epoch": statistics.mean(epochs[1:]), "spec": spec}
+
+
+FRESH_PROCESS = """
+import json, sys, time
+started = time.perf_counter()
+import client_app  # noqa: F401 - what a flwr-clientapp process imports
+imported = time.perf_counter()
+from pathlib import Path
+from flwr_nnunet.site.runtime import cpu_worker_defaults, run_epoch
+from flwr_nnunet.site.site import Site
+from flwr_nnunet.site.spec import SiteSpec, TrainOptions
+entries, rounds, iterations = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+folders = {key: Path(entries[key]) for key in ("nnunet_preprocessed", "nnunet_results")}
+spec = SiteSpec(**{**entries, **folders})
+site = Site(spec)
+site.start(TrainOptions(num_epochs=rounds + 2, server_round=2))  # two epochs past the saved state
+trainer = site.trainer
+trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = iterations, 2
+built = time.perf_counter()
+with cpu_worker_defaults(trainer.device):
+    trainer.on_train_start()
+loaders = time.perf_counter()
+run_epoch(trainer)
+first = time.perf_counter()
+run_epoch(trainer)
+second = time.perf_counter()
+print(json.dumps({"imports": imported - started, "build": built - imported, "loaders": loaders - built,
+                  "first": first - loaders, "second": second - first}))
+"""
+"""A fresh process as a cold message is: imports, the trainer rebuilt from the round state, its data loaders
+started, then two epochs (the first pays the warm-up of a fresh process)."""
+
+
+def fresh_process(spec, rounds: int, iterations: int) -> dict[str, float]:
+    """:data:`FRESH_PROCESS`'s seconds for ``spec``'s round state (in the environment of the SuperNode's processes)."""
+    entries = {key: str(value) if isinstance(value, Path) else value for key, value in vars(spec).items()}
+    command = [sys.executable, "-c", FRESH_PROCESS, json.dumps(entries), str(rounds), str(iterations)]
+    done = subprocess.run(command, cwd=REPO, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the fresh process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def imports(statement: str) -> float:
@@ -240,7 +275,8 @@ def main() -> None:
         demo = make_demo_dataset(root / "data", num_sites=2)
         base = plain(demo, arguments.rounds, arguments.iterations, root)
         moved = transfer(demo)
-        imported, flower = imports("import client_app"), imports("import flwr.app, flwr.clientapp")
+        fresh = fresh_process(base["spec"], arguments.rounds, arguments.iterations)
+        flower = imports("import flwr.app, flwr.clientapp")
         runs = {}
         for warm in (False, True):
             (root / ("warm" if warm else "cold")).mkdir()
@@ -262,13 +298,16 @@ def main() -> None:
             f"| {label} | {run['round']:.2f} s | {run['round'] - base['epoch']:.2f} s | "
             f"{run['site'] - base['epoch']:.2f} s | {run['reply']:.2f} s | {run['next']:.2f} s |"
         )
-    print("\nMeasured alone (this machine, the same moment):\n")
+    print("\nMeasured alone at the same time: a fresh process as a cold message runs, then Flower's own imports\n")
     print("| part | seconds | paid per round |")
     print("|---|---|---|")
-    print(f"| process start and imports (`python -c 'import client_app'`) | {imported:.2f} | cold and warm |")
-    print(f"| of which Flower's own (`python -c 'import flwr.app, flwr.clientapp'`) | {flower:.2f} | cold and warm |")
-    print(f"| trainer build from the round state | {base['build']:.2f} | cold |")
-    print(f"| data loader start (`on_train_start`) | {base['loaders']:.2f} | cold |")
+    print(f"| process start and imports (`import client_app`) | {fresh['imports']:.2f} | cold and warm |")
+    print(
+        f"| of which Flower's own (`import flwr.app, flwr.clientapp`, a process alone) | {flower:.2f} | cold and warm |"
+    )
+    print(f"| trainer build from the round state | {fresh['build']:.2f} | cold |")
+    print(f"| data loader start (`on_train_start`) | {fresh['loaders']:.2f} | cold |")
+    print(f"| first epoch in a fresh process - its second epoch | {fresh['first'] - fresh['second']:.2f} | cold |")
     print(f"| transfer: the model encoded and decoded both ways | {moved:.3f} | cold and warm |")
 
 
