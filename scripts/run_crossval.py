@@ -38,28 +38,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import (
-    add_budget_arguments,
-    demo_data_config,
-    free_port,
-    preflight,
-    stream_flwr_run,
-    with_budget_defaults,
-)
+from run_demo import budget_config, demo_data_config, flwr_run_with, preflight, script_parser, with_budget_defaults
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; budget options left out take the 2D demo's defaults, or configs/demo-3d.toml's with --3d."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "crossval_data", help="where everything is written")
-    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="the 3D demo")
+    parser = script_parser(__doc__.splitlines()[0], "crossval_data", per=" per fold")
     parser.add_argument(
         "--configurations", nargs="+", help="configurations to cross-validate (2D: 2d; 3D: 2d 3d_fullres)"
     )
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="folds to train, in turn")
-    add_budget_arguments(parser, " per fold")
     parser.add_argument("--sites", type=int, default=3, help="demo sites (2 or 3); with --data-root: site-K folders")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data, the initial model, the rounds")
     parser.add_argument("--data-root", type=Path, help="your sites' data (site-K/nnUNet_raw/...): no demo is made")
     parser.add_argument("--config", default="", help="more run config, 'key=value ...' (e.g. dataset)")
     parser.add_argument("--no-fold-all", action="store_true", help="skip the demo's fold-all model and held-out Dice")
@@ -74,16 +63,7 @@ def run_overrides(args: argparse.Namespace, data_root: Path, demo=None) -> dict:
     script made (every configuration planned, so not ``make-demo=true``, which plans the demo's only)."""
     from flwr.common.config import parse_config_args
 
-    overrides = {
-        "data-root": str(data_root),
-        "num-server-rounds": args.rounds,
-        "local-epochs": args.local_epochs,
-        "iterations-per-epoch": args.iterations,
-        "val-iterations-per-epoch": args.val_iterations,
-        "seed": args.seed,
-        "crossval": True,
-        "resume": True,
-    }
+    overrides = {"data-root": str(data_root), **budget_config(args), "crossval": True, "resume": True}
     overrides.update(demo_data_config(demo, len(demo.sites)) if demo is not None else {"make-demo": False})
     overrides.update(parse_config_args([args.config]) if args.config.strip() else {})
     return overrides
@@ -107,15 +87,6 @@ def model_folder(overrides: dict) -> Path:
     return settings.results_dir / settings.dataset / model
 
 
-def run(config: dict, num_sites: int, flwr_home: Path) -> str:
-    """`flwr run .` with this run config on its own local SuperLink (stopped by PID afterwards); its final status."""
-    ports = (free_port(), free_port())
-    while ports[1] == ports[0]:
-        ports = (ports[0], free_port())
-    run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
-    return stream_flwr_run(run_config, num_sites, flwr_home, ports)
-
-
 def cross_validate(overrides: dict, folds: list[int], num_sites: int, flwr_home: Path, started: float) -> Path:
     """Every fold of one configuration, in turn (a fold validated already is skipped), merged; the model folder.
 
@@ -131,7 +102,7 @@ def cross_validate(overrides: dict, folds: list[int], num_sites: int, flwr_home:
         if counts_file(model, fold).is_file():
             print(f"{model.name} fold {fold}: validated already ({counts_file(model, fold)}): skipped", flush=True)
             continue
-        status = run({**overrides, "fold": str(fold)}, num_sites, flwr_home)
+        status = flwr_run_with({**overrides, "fold": str(fold)}, num_sites, flwr_home)
         if status != "finished:completed" or not counts_file(model, fold).is_file():
             raise RuntimeError(f"{model.name} fold {fold} did not complete (status {status}); see its log above")
         print(f"{model.name} fold {fold} done ({time.monotonic() - started:.0f} s)", flush=True)
@@ -178,7 +149,7 @@ def compare_with_fold_all(args, overrides: dict, information: dict, demo, flwr_h
 
     configuration = information["best_model_or_ensemble"]["selected_model_or_models"][0]["configuration"]
     fold_all = {**overrides, "configuration": configuration, "crossval": False, "fold": "all"}
-    status = run(fold_all, len(demo.sites), flwr_home)
+    status = flwr_run_with(fold_all, len(demo.sites), flwr_home)
     if status != "finished:completed":
         raise RuntimeError(f"the fold-all run did not complete (status {status}); see its log above")
     torch.set_num_threads(1)
@@ -235,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ntotal wall time: {time.monotonic() - started:.0f} s (model selection needs folds 0-4)")
             return 0
         selection = {**overrides, "configuration": args.configurations[0]}
-        status = run({**selection, "find-best-configuration": " ".join(args.configurations)}, num_sites, flwr_home)
+        status = flwr_run_with(
+            {**selection, "find-best-configuration": " ".join(args.configurations)}, num_sites, flwr_home
+        )
         results = settings_of(selection).results_dir
         information_file = results / settings_of(selection).dataset / "inference_information.json"
         if status != "finished:completed" or not information_file.is_file():

@@ -229,6 +229,33 @@ def _row(name: str, own: dict[str, float], local: dict[str, float], others: floa
     return f"{name:<8}" + "".join(f"{value:>8.3f}" for value in cells) + f"{others:>14.3f}"
 
 
+def flwr_run_with(config: dict, num_sites: int, flwr_home: Path) -> str:
+    """`flwr run .` with ``config`` (run-config keys and values) on a local SuperLink of its own (two free ports,
+    stopped by its PID afterwards); the run's final status."""
+    ports = (free_port(), free_port())
+    while ports[1] == ports[0]:
+        ports = (ports[0], free_port())
+    run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
+    return stream_flwr_run(run_config, num_sites, flwr_home, ports)
+
+
+def budget_config(args: argparse.Namespace) -> dict:
+    """The budget options and the seed as run-config keys."""
+    names = {**_BUDGET_KEYS, "seed": "seed"}
+    return {key: getattr(args, name) for name, key in names.items()}
+
+
+def script_parser(description: str, workdir: str, *, per: str = "") -> argparse.ArgumentParser:
+    """A demo script's command line: ``--workdir`` (default ``<repo>/<workdir>``), ``--3d``, ``--seed`` and the
+    budget options (:func:`add_budget_arguments`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", type=Path, default=REPO / workdir, help="where everything is written")
+    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="the 3D demo")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data, the initial model, the rounds")
+    add_budget_arguments(parser, per)
+    return parser
+
+
 def demo_data_config(demo, num_sites: int) -> dict:
     """Run config for a run on demo data a script made (``make-demo=false``): the demo's dataset, every site
     required, and the demo's network widths (what ``make-demo=true`` plans with), every configuration planned."""
@@ -263,12 +290,8 @@ def with_budget_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; budget options left out take the 2D defaults, or configs/demo-3d.toml's with --3d."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "demo_data", help="where everything is written")
-    add_budget_arguments(parser)
+    parser = script_parser(__doc__.splitlines()[0], "demo_data")
     parser.add_argument("--sites", type=int, default=3, help="number of sites (2 or 3)")
-    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="small 3D volumes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial model and the rounds")
     return with_budget_defaults(parser.parse_args(argv))
 
 

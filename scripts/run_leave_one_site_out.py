@@ -19,7 +19,6 @@ budget defaults come from ``configs/demo-3d.toml``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,25 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import (
-    add_budget_arguments,
-    demo_data_config,
-    free_port,
-    preflight,
-    stream_flwr_run,
-    with_budget_defaults,
-)
+from run_demo import budget_config, demo_data_config, flwr_run_with, preflight, script_parser, with_budget_defaults
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; budget options left out take the 2D demo's defaults, or configs/demo-3d.toml's with --3d."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "loso_data", help="where everything is written")
-    parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="the 3D demo")
+    parser = script_parser(__doc__.splitlines()[0], "loso_data")
     parser.add_argument("--sites", type=int, default=3, help="demo sites (3: each federation left has 2)")
     parser.add_argument("--hold-out", nargs="+", help="the sites to hold out, one run each (default: every site)")
-    add_budget_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo data, the initial model, the rounds")
     return with_budget_defaults(parser.parse_args(argv))
 
 
@@ -55,17 +43,9 @@ def federated_run(args: argparse.Namespace, demo, data_root: Path, num_sites: in
         "data-root": str(data_root),
         **demo_data_config(demo, num_sites),
         "configuration": demo.configuration,
-        "num-server-rounds": args.rounds,
-        "local-epochs": args.local_epochs,
-        "iterations-per-epoch": args.iterations,
-        "val-iterations-per-epoch": args.val_iterations,
-        "seed": args.seed,
+        **budget_config(args),
     }
-    ports = (free_port(), free_port())
-    while ports[1] == ports[0]:
-        ports = (ports[0], free_port())
-    run_config = " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
-    return stream_flwr_run(run_config, num_sites, args.workdir / "flwr-home", ports)
+    return flwr_run_with(config, num_sites, args.workdir / "flwr-home")
 
 
 def main(argv: list[str] | None = None) -> int:
