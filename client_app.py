@@ -10,7 +10,9 @@ from flwr_nnunet.apps.client import (
     handle_message,
     handle_query,
 )
+from flwr_nnunet.apps.forked_children import default_signals_in_forked_children
 
+default_signals_in_forked_children()  # nnU-Net's augmentation workers must not report the ClientApp's task
 app = ClientApp(mods=[dp_clipping_mod])
 
 

@@ -30,6 +30,9 @@ register_signal_handlers(EventType.FLWR_SERVERAPP_RUN_LEAVE, exit_handlers=[repo
 if sys.argv[2] == "fixed":
     default_signals_in_forked_children()
     default_signals_in_forked_children()  # registered once
+elif sys.argv[2] == "client-app":  # the ClientApp's module registers it when its process imports it
+    sys.path.insert(0, sys.argv[3])
+    import client_app
 context = multiprocessing.get_context("fork")
 child = context.Process(target=time.sleep, args=(60,))
 child.start()
@@ -42,13 +45,19 @@ print(child.exitcode)
 """
 
 
-@pytest.mark.parametrize(("mode", "reports", "exitcode"), [("as-flower-leaves-it", 1, "0"), ("fixed", 0, "-15")])
+@pytest.mark.parametrize(
+    ("mode", "reports", "exitcode"), [("as-flower-leaves-it", 1, "0"), ("fixed", 0, "-15"), ("client-app", 0, "-15")]
+)
 def test_a_forked_child_sigtermed_never_reports_the_task_end(tmp_path: Path, mode, reports, exitcode) -> None:
     """As Flower leaves it, the forked child runs the exit handler (the failure); with
     default_signals_in_forked_children it dies of SIGTERM and nothing but the app process may report."""
     record = tmp_path / "reported-by"
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(record), mode], check=False, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", SCRIPT, str(record), mode, str(Path(__file__).resolve().parents[1])],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     pids = record.read_text().split() if record.exists() else []
