@@ -211,6 +211,7 @@ def test_supernode_sh_passes_the_raw_root_and_dataset_only_when_given(tmp_path):
         "PREPROCESSED": "/pp",
         "RESULTS": "/res",
         "SITE_NAME": "hospital-b",
+        "WARM_SITE": "false",  # no worker: it would hold the pipe this test reads open
     }
 
     def node_config(**extra):

@@ -185,9 +185,9 @@ def test_the_worker_ends_with_its_supernode_and_when_idle(tmp_path):
         results = tmp_path / "site"
         process = start_warm_site(results, supernode.pid)
         _wait(lambda: socket_path(results).exists(), what=_text(log_path(results)))
-        supernode.kill()
-        supernode.wait()
+        supernode.kill()  # not reaped yet: a zombie, as a SuperNode whose parent has not waited for it
         process.wait(timeout=30)  # gone within a tick of its SuperNode
+        supernode.wait()
         assert not socket_path(results).exists() and not token_path(results).exists()
 
         idle = subprocess.Popen(

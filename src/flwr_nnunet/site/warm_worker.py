@@ -70,9 +70,11 @@ def log_path(results: Path) -> Path:
 
 
 def _start_ticks(pid: int) -> int | None:
-    """A live process's start time (clock ticks since boot), ``None`` once it is gone."""
+    """A live process's start time (clock ticks since boot), ``None`` once it is gone: exited and not yet reaped
+    (a zombie) counts as gone."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
