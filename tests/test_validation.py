@@ -379,16 +379,17 @@ def test_lost_nodes_through_flowers_own_grid_and_linkstate_are_named(flwr_log):
     state.run_ids[7] = RunRecord(run=run)
     state.task_store[99] = Task(task_id=99, run_id=7)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 99
+    strategy = NnUNetFedAvg(tiny_network(), min_available_nodes=2, min_train_nodes=1)
     nodes = []
-    for index in range(2):
-        nodes.append(state.create_node("aid", "owner", f"key-{index}".encode(), heartbeat_interval=0.1))
-        state.activate_node(nodes[-1], heartbeat_interval=0.1)
+    for index in range(2):  # online for 2 s: sampled while online even on a busy machine (else Flower waits forever)
+        nodes.append(state.create_node("aid", "owner", f"key-{index}".encode(), heartbeat_interval=2.0))
+        state.activate_node(nodes[-1], heartbeat_interval=2.0)
+    activated = time.monotonic()
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
-    strategy = NnUNetFedAvg(tiny_network(), min_available_nodes=2, min_train_nodes=1)
 
     messages = strategy.configure_train(1, None, ConfigRecord(), grid)
-    time.sleep(0.5)  # no heartbeats: both nodes are lost
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - activated)))  # no heartbeats: both nodes are lost
     replies = list(grid.send_and_receive(messages, timeout=3))
 
     assert {r.metadata.src_node_id for r in replies} == {1} and all(r.has_error() for r in replies)
