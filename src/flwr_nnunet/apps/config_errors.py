@@ -7,8 +7,10 @@ exception out of the ServerApp with its traceback and an exit-code footer;
 
 from __future__ import annotations
 
+import json
 import logging
 from logging import ERROR
+from pathlib import Path
 from typing import Any
 
 from flwr.app.exception import AppExitException
@@ -17,7 +19,7 @@ from flwr.supercore.exit import ExitCode
 
 from flwr_nnunet.errors import FlwrNnUNetError
 
-__all__ = ["ServerConfigError", "install_one_line_errors"]
+__all__ = ["ServerConfigError", "install_one_line_errors", "read_required_json"]
 
 
 class ServerConfigError(FlwrNnUNetError, AppExitException, ValueError):
@@ -35,6 +37,13 @@ class ServerConfigError(FlwrNnUNetError, AppExitException, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def read_required_json(path: Path, fix: str) -> dict:
+    """The JSON file at ``path``; a :class:`ServerConfigError` naming it and ``fix`` when it is missing."""
+    if not path.is_file():
+        raise ServerConfigError(f"{path} not found; {fix}")
+    return json.loads(path.read_text())
 
 
 def _config_error(exc_info: Any) -> ServerConfigError | None:

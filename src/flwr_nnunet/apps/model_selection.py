@@ -17,7 +17,6 @@ A site's reply that is not only consistent counts is refused (logged) and the en
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from logging import INFO
@@ -26,7 +25,7 @@ from typing import Any
 
 from flwr.supercore import log
 
-from flwr_nnunet.apps.config_errors import ServerConfigError
+from flwr_nnunet.apps.config_errors import ServerConfigError, read_required_json
 from flwr_nnunet.apps.crossval_phase import checked_counts, keep_counts
 from flwr_nnunet.apps.crossval_results import (
     FOLDS,
@@ -59,19 +58,13 @@ ENSEMBLE_QUERY = "query.ensemble"
 """The message type a site answers with its ensemble's counts (``client_app.py``'s ``@app.query("ensemble")``)."""
 
 
-def _read_json(path: Path, fix: str) -> dict:
-    if not path.is_file():
-        raise ServerConfigError(f"find-best-configuration: {path} is missing; {fix}")
-    return json.loads(path.read_text())
-
-
 def _merged_results(model_folder: Path, configuration: str) -> dict:
     """The merged cross-validation's ``flwr_crossval.json`` of one configuration."""
     fix = (
-        f"cross-validate configuration {configuration!r} first (folds 0-4: python scripts/run_crossval.py "
+        f"find-best-configuration: cross-validate configuration {configuration!r} first (folds 0-4: python scripts/run_crossval.py "
         f"--config \"configuration='{configuration}'\")"
     )
-    return _read_json(merged_folder(model_folder) / MERGE_FILE, fix)
+    return read_required_json(merged_folder(model_folder) / MERGE_FILE, fix)
 
 
 def _reply_site(reply: Any, node: int) -> str:
@@ -150,9 +143,9 @@ def select_configuration(grid: Any, settings: Any) -> dict[str, Any]:
         could ensemble a pair.
     """
     configurations = settings.find_best_configuration.split()
-    fix = "the federation's plans come from planning (run a training run first)"
-    plans = _read_json(settings.server_dataset_folder / f"{settings.plans}.json", fix)
-    dataset_json = _read_json(settings.server_dataset_folder / "dataset.json", fix)
+    fix = "find-best-configuration needs the federation's plans, which planning writes (run a training run first)"
+    plans = read_required_json(settings.server_dataset_folder / f"{settings.plans}.json", fix)
+    dataset_json = read_required_json(settings.server_dataset_folder / "dataset.json", fix)
     try:
         check_configurations(configurations, list(plans.get("configurations", {})))
     except ModelSelectionError as error:
@@ -166,7 +159,8 @@ def select_configuration(grid: Any, settings: Any) -> dict[str, Any]:
     )
     scores: dict[str, float] = {}
     ensembles: dict[str, dict] = {}
-    for candidate in candidates(models, FOLDS):
+    compared = candidates(models, FOLDS)
+    for candidate in compared:
         name, members = candidate
         if len(members) == 1:
             scores[name] = float(merged[name]["foreground_dice"])
@@ -174,7 +168,7 @@ def select_configuration(grid: Any, settings: Any) -> dict[str, Any]:
         ensembles[name], scores[name] = _ensemble(
             grid, nodes, candidate, results / "ensembles" / name, labels, settings
         )
-    best = next(c for c in candidates(models, FOLDS) if c[0] == best_candidate(scores))
+    best = next(c for c in compared if c[0] == best_candidate(scores))
     if len(best[1]) == 1:
         source = merged_folder(results / best[0])
         decision = merged[best[0]]["postprocessing"]

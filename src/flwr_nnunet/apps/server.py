@@ -12,16 +12,14 @@ with ``flwr_history.json`` and ``flwr_progress.png`` (:mod:`flwr_nnunet.apps.his
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from logging import INFO
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from flwr.supercore import log
 
-from flwr_nnunet.apps.config_errors import ServerConfigError, install_one_line_errors
+from flwr_nnunet.apps.config_errors import ServerConfigError, install_one_line_errors, read_required_json
 from flwr_nnunet.apps.history import RunHistory
 from flwr_nnunet.apps.run_config import RunSettings
 from flwr_nnunet.nnunet.networks import build_trainer_network
@@ -57,12 +55,6 @@ class RunData(Protocol):
 
     def planning_options(self, settings: RunSettings) -> PlanningOptions:
         """The planning phase's options for these data."""
-
-
-def _read_json(path: Path, fix: str) -> dict:
-    if not path.is_file():
-        raise ServerConfigError(f"{path} not found; {fix}")
-    return json.loads(path.read_text())
 
 
 def read_settings(run_config: Mapping[str, Any]) -> RunSettings:
@@ -115,9 +107,9 @@ def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
     )
     if not folder.is_dir():
         raise ServerConfigError(f"no dataset {settings.dataset!r} on the server: {folder} does not exist; {fix}")
-    plans = _read_json(folder / f"{settings.plans}.json", fix)
-    dataset_json = _read_json(folder / "dataset.json", fix)
-    fingerprint = _read_json(folder / "dataset_fingerprint.json", fix)
+    plans = read_required_json(folder / f"{settings.plans}.json", fix)
+    dataset_json = read_required_json(folder / "dataset.json", fix)
+    fingerprint = read_required_json(folder / "dataset_fingerprint.json", fix)
     configurations = sorted(plans.get("configurations", {}))
     if settings.configuration not in configurations:
         raise ServerConfigError(
