@@ -2,8 +2,9 @@
 
 Every run is the project's whole ServerApp on the demo (federated planning, rounds, evaluation) with each message
 delivered in-process to ``client_app.py`` (:func:`site_quality.run`: no Ray, no SuperLink, one torch thread), with
-the demo's own network (run-config defaults, as ``scripts/run_demo.py``) and run-config ``compression`` set per
-mode; held-out test cases are predicted with ``nnUNetv2_predict`` and scored per site (:func:`site_quality.held_out`).
+the demo's own network and budget (as ``scripts/run_demo.py``; ``--3d``: ``configs/demo-3d.toml``'s) and run-config
+``compression`` set per mode; held-out test cases are predicted with ``nnUNetv2_predict`` and scored per site
+(:func:`site_quality.held_out`).
 Prints, per seed and mode, the held-out mean Dice of each site and their mean, then the aggregated validation Dice
 of every round (``flwr_history.json``), so a reader sees how many rounds each mode takes to reach the same Dice.
 
@@ -28,16 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", default=["none", "int8-block", "int4-block"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, help="server rounds (default: the demo's, 8 in 2D, 6 in 3D)")
     parser.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="the 3D demo")
     parser.add_argument("--workdir", type=Path, default=Path("compression_quality"))
     args = parser.parse_args(argv)
     from flwr_nnunet.demo.data import make_demo_dataset
+    from scripts.run_demo import budget_config, budget_defaults
 
     work = args.workdir.absolute()
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # as each simulated site trains
-    budget = {} if args.dims == 2 else {"iterations-per-epoch": 30, "val-iterations-per-epoch": 2}
+    budget = {**budget_defaults(args.dims), **({"rounds": args.rounds} if args.rounds else {})}
+    args.rounds = budget["rounds"]
     started, rows = time.monotonic(), []
     for seed in args.seeds:
         demo = make_demo_dataset(
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for mode in args.modes:
             name = f"{args.dims}d-{mode}-{seed}"
-            overrides = {**DEMO_NETWORK, **budget, "num-server-rounds": args.rounds, "seed": seed, "compression": mode}
+            overrides = {**DEMO_NETWORK, **budget_config(argparse.Namespace(**budget, seed=seed)), "compression": mode}
             done = run(demo, name, work, **overrides)
             scores = held_out(demo, done["results"], work / "pred" / name)
             rounds = [done["history"][str(r)]["evaluate"]["aggregated"]["dice"] for r in range(1, args.rounds + 1)]

@@ -12,8 +12,8 @@ evaluate, as a run does) with a client that keeps its held model and residual as
 bytes of round 2 (the steady state: round 1 sends every site the whole model) are read from the forwarder's
 counts at each round's end. Last, the CPU time to compress an update at the site and to decompress it at the
 server (in this process), and what zlib on top of the codes would save and cost.
-Prints markdown tables. Run: ``python bench/transport.py [variant ...]`` (all six: about 8 minutes on an idle
-machine; e.g. ``none int4-block`` for two of them).
+Prints markdown tables. Run: ``python bench/transport.py [variant ...]`` (all seven: about 9 minutes on an idle
+machine; e.g. ``none int3-block`` for two of them).
 """
 
 from __future__ import annotations
@@ -169,7 +169,6 @@ def evaluate(message: Message, context: Context) -> Message:
     return answer(message, context, reply=False)
 """,
 }
-MODES = ("none", "fp16", "int8-block", "int4-block")
 
 
 def forward(listen: int, target: int, out: Path) -> None:
@@ -266,6 +265,7 @@ def main() -> None:
     from flwr.app import ArrayRecord
 
     from flwr_nnunet import AliasMap, to_array_record
+    from flwr_nnunet.core.quantize import SCHEMES
     from flwr_nnunet.nnunet.networks import STOCK_ARCHITECTURES, build_network
 
     net = build_network(STOCK_ARCHITECTURES["3d_fullres PlainConvUNet"])
@@ -274,7 +274,7 @@ def main() -> None:
         "stock": sum(len(a.data) for a in ArrayRecord(net.state_dict()).values()),
         "canonical": sum(len(a.data) for a in to_array_record(amap.collapse(net.state_dict())).values()),
     }
-    variants = sys.argv[1:] or ["stock", "canonical", *MODES]
+    variants = sys.argv[1:] or ["stock", "canonical", "none", *SCHEMES]
     with tempfile.TemporaryDirectory() as tmp:
         app = Path(tmp) / "app"
         app.mkdir()
@@ -319,7 +319,7 @@ def print_compressed(rows: dict, net) -> None:
         "| compression | SuperLink -> SuperNode | fewer bytes | SuperNode -> SuperLink | fewer bytes | round 1 down | run |"
     )
     print("|---|---|---|---|---|---|---|")
-    for mode in (m for m in MODES if m in rows):
+    for mode in (m for m in rows if m not in ("stock", "canonical")):
         row = rows[mode]
         if "2" not in row["rounds"]:
             print(f"| `{mode}` | | | | | | {row['status']}, round 2 not counted |")

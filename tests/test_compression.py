@@ -20,6 +20,7 @@ from flwr_nnunet.core.quantize import (
     SCHEMES,
     Quantized,
     dequantize,
+    packed_length,
     quantize,
     quantize_with_feedback,
     quantized_problem,
@@ -72,9 +73,10 @@ def test_error_feedback_identity(name, data, shape):
     assert bool(((sent + left) - intended).abs().le(ulp).all())
 
 
-def test_error_feedback_telescopes_over_rounds():
+@pytest.mark.parametrize("name", SCHEME_NAMES)
+def test_error_feedback_telescopes_over_rounds(name):
     """What a sender sent over rounds sums to its true updates, less the last residual."""
-    scheme = SCHEMES["int4-block"]
+    scheme = SCHEMES[name]
     generator = torch.Generator().manual_seed(0)
     residual, sent_sum, true_sum = None, torch.zeros(1000, dtype=torch.float64), torch.zeros(1000, dtype=torch.float64)
     for _ in range(30):
@@ -84,7 +86,7 @@ def test_error_feedback_telescopes_over_rounds():
         true_sum += update.double()
     error = (sent_sum + residual.double() - true_sum).abs().max()
     assert float(error) < 1e-6
-    assert float((sent_sum - true_sum).abs().max()) > 1e-4  # the residual is what is missing, not zero
+    assert float((sent_sum - true_sum).abs().max()) > 1e-7  # the residual is what is missing, not zero
 
 
 def test_scheme_names():
@@ -182,18 +184,37 @@ def test_bad_delta_is_refused_with_a_reason(what, record, key, array):
     assert key in str(refused.value) or "record" in str(refused.value)
 
 
+PACKED = [name for name in SCHEME_NAMES if SCHEMES[name].packed]
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_codes_are_8_in_bits_bytes_first_code_lowest(name):
+    scheme = SCHEMES[name]
+    codes = torch.tensor([scheme.qmax, -scheme.qmax, 1, 0, 0, 0, 0, 0, -1], dtype=torch.float32)
+    packed = quantize(codes, scheme).codes
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_length(9, scheme.bits) == 2 * scheme.bits
+    word = int.from_bytes(bytes(packed[: scheme.bits].tolist()), "little")
+    offset = scheme.qmax + 1
+    fields = [(word >> (scheme.bits * i)) & ((1 << scheme.bits) - 1) for i in range(8)]
+    assert fields == [offset + scheme.qmax, offset - scheme.qmax, offset + 1] + [offset] * 5
+
+
+@pytest.mark.parametrize("name", PACKED)
 @pytest.mark.parametrize(
-    ("what", "codes"),
+    ("what", "change", "expected"),
     [
-        ("code -8", torch.tensor([0x08, 0x80], dtype=torch.uint8)),
-        ("padding not zero", torch.tensor([0x88, 0x98], dtype=torch.uint8)),
-        ("wrong length", torch.tensor([0x88], dtype=torch.uint8)),
+        ("code -qmax-1", lambda packed: torch.cat((packed[:1] & 0xF0, packed[1:])), "outside"),
+        ("padding not zero", lambda packed: torch.cat((packed[:-1], packed[-1:] ^ 0x40)), "padding"),
+        ("wrong length", lambda packed: packed[:-1], "bytes of"),
+        ("wrong dtype", lambda packed: packed.to(torch.int8), "bytes of"),
     ],
 )
-def test_bad_4bit_codes_are_refused(what, codes):
-    scheme = SCHEMES["int4-block"]
-    problem = quantized_problem(Quantized(codes, torch.ones(1)), scheme, (3,))
-    assert problem is not None, what
+def test_bad_packed_codes_are_refused(name, what, change, expected):
+    scheme = SCHEMES[name]
+    good = quantize(torch.tensor([0.5, -1.0, 0.25]), scheme)
+    assert quantized_problem(good, scheme, (3,)) is None
+    problem = quantized_problem(Quantized(change(good.codes), good.scales), scheme, (3,))
+    assert problem is not None and expected in problem, what
 
 
 def test_fp16_wrong_dtype_and_inf_are_refused():

@@ -105,22 +105,26 @@ def test_what_crosses_each_way(tmp_path):
     assert all(codes[k].dtype == "int8" for k in floating)
 
 
-@pytest.mark.parametrize("compression", ["fp16", "int8-block", "int4-block"])
+@pytest.mark.parametrize("compression", sorted(SCHEMES))
 def test_compressed_rounds_follow_the_uncompressed_ones(tmp_path, compression):
     plain = run(build("none"), Sites(tmp_path / "none"))
     compressed = run(build(compression), Sites(tmp_path / compression))
     start = canonical(tiny_network())
     moved = distance(plain, start)
-    bound = {"fp16": 1e-3, "int8-block": 0.02, "int4-block": 0.2}[compression]
+    bound = {"fp16": 1e-3, "int8-block": 0.02, "int4-block": 0.2, "int3-block": 0.3}[compression]
     assert distance(compressed, plain) < bound * moved
 
 
-def test_error_feedback_sums_to_the_true_updates(tmp_path):
+PACKED = [name for name, scheme in sorted(SCHEMES.items()) if scheme.packed]
+
+
+@pytest.mark.parametrize("compression", PACKED)
+def test_error_feedback_sums_to_the_true_updates(tmp_path, compression):
     """What a site sent over its rounds, plus its last residual, is what it trained."""
     sites = Sites(tmp_path)
-    scheme = SCHEMES["int4-block"]
+    scheme = SCHEMES[compression]
     grid = LoopbackGrid(NODES, handler=sites)
-    strategy = build("int4-block")
+    strategy = build(compression)
     sent_sum = None
 
     def capture(server_round, replies):
@@ -142,12 +146,13 @@ def test_error_feedback_sums_to_the_true_updates(tmp_path):
     assert max(float(v.abs().max()) for v in residual.values()) > 0
 
 
-def test_a_site_that_trains_a_round_again_adds_the_same_residual(tmp_path):
+@pytest.mark.parametrize("compression", PACKED)
+def test_a_site_that_trains_a_round_again_adds_the_same_residual(tmp_path, compression):
     """A restarted or rolled-back site: round r adds the residual kept after the round before r, whatever came after."""
     folder = tmp_path / "site"
     folder.mkdir()
     base = OrderedDict((k, v) for k, v in canonical(tiny_network()).items())
-    config = ConfigRecord({COMPRESSION_KEY: "int4-block", MODEL_KEY: "m"})
+    config = ConfigRecord({COMPRESSION_KEY: compression, MODEL_KEY: "m"})
     trained = [perturbed(base, seed, scale=0.01) for seed in (1, 2, 3)]
     first = [compressed_reply(folder, r, trained[r - 1], base, config)[0] for r in (1, 2, 3)]
     again = compressed_reply(folder, 2, trained[1], base, config)[0]  # round 2 again: the server resumed
@@ -189,35 +194,42 @@ def test_a_site_without_the_base_is_refused_and_then_gets_the_whole_model(tmp_pa
 DP = {"dp": "server-fixed", "dp_options": {"noise_multiplier": 0.0, "clipping_norm": 100.0, "num_sampled_clients": 3}}
 
 
+FOLLOWS = {"int8-block": 0.05, "int3-block": 0.5}
+"""How far a compressed run of 3 rounds may end from the plain one, over how far the plain one moved."""
+
+
+@pytest.mark.parametrize("compression", sorted(FOLLOWS))
 @pytest.mark.parametrize(
     ("name", "options"),
     [("fedavg", DP), ("fedadam", {}), ("fedmedian", {}), ("fedtrimmedavg", {}), ("krum", {})],
     ids=["dp-server-fixed", "fedadam", "fedmedian", "fedtrimmedavg", "krum"],
 )
-def test_strategies_and_dp_see_decompressed_floats(tmp_path, name, options):
+def test_strategies_and_dp_see_decompressed_floats(tmp_path, name, options, compression):
     start = canonical(tiny_network())
     plain = run(build("none", name, **options), Sites(tmp_path / "none"), rounds=3)
-    compressed = run(build("int8-block", name, **options), Sites(tmp_path / "int8"), rounds=3)
+    compressed = run(build(compression, name, **options), Sites(tmp_path / compression), rounds=3)
     assert all(torch.isfinite(v).all() for v in compressed.values() if v.is_floating_point())
     if name == "krum":  # it picks one reply: compression may change which, so it only has to move as far
         assert distance(compressed, start) > 0.5 * distance(plain, start)
     else:
-        assert distance(compressed, plain) < 0.05 * distance(plain, start)
+        assert distance(compressed, plain) < FOLLOWS[compression] * distance(plain, start)
 
 
-def test_dp_clips_the_decompressed_update(tmp_path, flwr_log):
+@pytest.mark.parametrize("compression", sorted(FOLLOWS))
+def test_dp_clips_the_decompressed_update(tmp_path, flwr_log, compression):
     options = {
         "dp": "server-fixed",
         "dp_options": {"noise_multiplier": 0.0, "clipping_norm": 0.01, "num_sampled_clients": 3},
     }
     start = canonical(tiny_network())
-    model = run(build("int8-block", **options), Sites(tmp_path), rounds=1)
+    model = run(build(compression, **options), Sites(tmp_path), rounds=1)
     change = torch.cat([(model[k] - start[k]).reshape(-1) for k in model if model[k].is_floating_point()])
     assert float(change.norm()) <= 0.01 * 1.001
 
 
-def test_streaming_folds_compressed_replies(tmp_path):
-    streamed, batch = build("int8-block"), build("int8-block")
+@pytest.mark.parametrize("compression", sorted(FOLLOWS))
+def test_streaming_folds_compressed_replies(tmp_path, compression):
+    streamed, batch = build(compression), build(compression)
     sites = {name: Sites(tmp_path / name) for name in ("stream", "batch")}
     for strategy, name in ((streamed, "stream"), (batch, "batch")):
         grid = LoopbackGrid(NODES, handler=sites[name])

@@ -38,7 +38,7 @@ from strategy_support import tiny_network as _tiny_network
 from test_codec import F4, hostile
 
 from flwr_nnunet import strategy_from_name, to_array_record
-from flwr_nnunet.core.codec import encode_tensor
+from flwr_nnunet.core.codec import decode_array, encode_tensor
 from flwr_nnunet.core.delta_codec import BASE_KEY, COMPRESSION_KEY, SCALES_RECORD, encode_delta
 from flwr_nnunet.core.quantize import SCHEMES
 from flwr_nnunet.nnunet.digests import plans_sha256
@@ -471,25 +471,33 @@ def test_an_evaluation_reply_with_a_list_dice_is_rejected(flwr_log, name):
 # ------------------------------------------------- compressed replies (run-config compression)
 
 COMPRESSED = {
-    "fedavg int8-block": lambda: strategy_from_name(
-        "fedavg", network=_tiny_network(), plans=PLANS, min_train_nodes=2, compression="int8-block"
-    ),
-    "dp int8-block": lambda: dp_strategy(compression="int8-block"),
+    f"{name} {scheme}": (lambda make=make, scheme=scheme: make(compression=scheme))
+    for scheme in ("int8-block", "int3-block")
+    for name, make in (
+        (
+            "fedavg",
+            lambda **options: strategy_from_name(
+                "fedavg", network=_tiny_network(), plans=PLANS, min_train_nodes=2, **options
+            ),
+        ),
+        ("dp", dp_strategy),
+    )
 }
-INT8 = SCHEMES["int8-block"]
 
 
 def compressed_reply(strategy, sent: OrderedDict, node: int, **change) -> Message:
-    """A site's compressed reply (its update ``perturbed - sent``), with ``change``: records or config replaced."""
-    (codes, scales), _ = encode_delta(perturbed(sent, node, scale=0.05), sent, INT8)
+    """A site's compressed reply (its update ``perturbed - sent``) in the scheme of ``strategy``'s run (int8-block
+    if it has none), with ``change``: records or config replaced; a callable gets the honest array of
+    :data:`KEY` (codes or scales) as a tensor."""
+    scheme = sender(strategy).scheme if sender(strategy) is not None else SCHEMES["int8-block"]
+    (codes, scales), _ = encode_delta(perturbed(sent, node, scale=0.05), sent, scheme)
     codes, scales = OrderedDict(codes.items()), OrderedDict(scales.items())
-    key = first_conv(sent)
-    for name, make in change.get("codes", {}).items():
-        codes[name] = make(sent[key]) if callable(make) else make
-    for name, make in change.get("scales", {}).items():
-        scales[name] = make(sent[key]) if callable(make) else make
+    for record, replaced in ((codes, change.get("codes", {})), (scales, change.get("scales", {}))):
+        honest = decode_array(record[KEY]).clone()
+        for name, make in replaced.items():
+            record[name] = make(honest) if callable(make) else make
     digest = sender(strategy).digest if sender(strategy) is not None else ""
-    config = {COMPRESSION_KEY: "int8-block", BASE_KEY: digest}
+    config = {COMPRESSION_KEY: scheme.name, BASE_KEY: digest}
     config.update(change.get("config", {}))
     message = reply(node, ArrayRecord(codes), 4, metrics=LOSS, config=config)
     if not change.get("no scales"):
@@ -501,36 +509,25 @@ def sender(strategy):
     return getattr(strategy, "strategy", strategy).model_sender
 
 
-def blocks(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.full((INT8.blocks(tensor.numel()),), 1e-3)
-
-
 def scale_at_end(value: float) -> Callable[[torch.Tensor], Array]:
-    return lambda t: encode_tensor(torch.cat((blocks(t)[:-1], torch.tensor([value]))))
+    return lambda scales: encode_tensor(torch.cat((scales[:-1], torch.tensor([value]))))
+
+
+def first_code_minus_qmax_minus_1(packed: torch.Tensor) -> Array:
+    """Packed codes whose first is ``-qmax - 1`` (stored as 0: the low bits of the first byte)."""
+    packed[0] &= 0xF8
+    return encode_tensor(packed)
 
 
 KEY = "encoder.stages.0.0.convs.0.conv.weight"
 COMPRESSED_KINDS: dict[str, tuple[dict, str]] = {
-    "too few block scales": ({"scales": {KEY: lambda t: encode_tensor(blocks(t)[:-1])}}, "block scales"),
-    "too many block scales": (
-        {"scales": {KEY: lambda t: encode_tensor(torch.cat((blocks(t), blocks(t))))}},
-        "block scales",
-    ),
+    "too few block scales": ({"scales": {KEY: lambda s: encode_tensor(s[:-1])}}, "block scales"),
+    "too many block scales": ({"scales": {KEY: lambda s: encode_tensor(torch.cat((s, s)))}}, "block scales"),
     "NaN scale": ({"scales": {KEY: scale_at_end(math.nan)}}, "NaN or Inf"),
     "Inf scale": ({"scales": {KEY: scale_at_end(math.inf)}}, "NaN or Inf"),
     "huge scale": ({"scales": {KEY: scale_at_end(1e30)}}, "block scales must be in [0, 1e+06]"),
     "negative scale": ({"scales": {KEY: scale_at_end(-1.0)}}, "block scales must be in"),
-    "float64 scales": ({"scales": {KEY: lambda t: encode_tensor(blocks(t).double())}}, "float32 block scales"),
-    "codes of another shape": (
-        {"codes": {KEY: lambda t: encode_tensor(torch.zeros(t.numel(), dtype=torch.int8))}},
-        "int8 codes of shape",
-    ),
-    "float32 codes": ({"codes": {KEY: lambda t: encode_tensor(torch.zeros(t.shape))}}, "int8 codes of shape"),
-    "int16 codes": ({"codes": {KEY: lambda t: encode_tensor(torch.zeros(t.shape, dtype=torch.int16))}}, "int8 codes"),
-    "code -128": (
-        {"codes": {KEY: lambda t: encode_tensor(torch.full(t.shape, -128, dtype=torch.int8))}},
-        "outside [-127, 127]",
-    ),
+    "float64 scales": ({"scales": {KEY: lambda s: encode_tensor(s.double())}}, "float32 block scales"),
     "extra array": (
         {"codes": {"decoder.extra": encode_tensor(torch.zeros(2, dtype=torch.int8))}},
         "record 'arrays' holds",
@@ -544,6 +541,30 @@ COMPRESSED_KINDS: dict[str, tuple[dict, str]] = {
     "another scheme": ({"config": {COMPRESSION_KEY: "int4-block"}}, "compressed with 'int4-block'"),
     "unknown scheme": ({"config": {COMPRESSION_KEY: "zip"}}, "compressed with 'zip'"),
 }
+"""Hostile changes of any blockwise scheme's reply, and the reason each is refused with."""
+CODE_KINDS: dict[str, dict[str, tuple[dict, str]]] = {
+    "int8-block": {
+        "codes of another shape": ({"codes": {KEY: lambda c: encode_tensor(c.reshape(-1))}}, "int8 codes of shape"),
+        "float32 codes": ({"codes": {KEY: lambda c: encode_tensor(c.float())}}, "int8 codes of shape"),
+        "int16 codes": ({"codes": {KEY: lambda c: encode_tensor(c.to(torch.int16))}}, "int8 codes"),
+        "code -128": ({"codes": {KEY: lambda c: encode_tensor(c.fill_(-128))}}, "outside [-127, 127]"),
+    },
+    "int3-block": {
+        "codes of another shape": (
+            {"codes": {KEY: lambda c: encode_tensor(c.reshape(3, -1))}},
+            "uint8 bytes of 3-bit codes",
+        ),
+        "one byte short": ({"codes": {KEY: lambda c: encode_tensor(c[:-1])}}, "uint8 bytes of 3-bit codes"),
+        "int8 bytes": ({"codes": {KEY: lambda c: encode_tensor(c.to(torch.int8))}}, "uint8 bytes of 3-bit codes"),
+        "code -4": ({"codes": {KEY: first_code_minus_qmax_minus_1}}, "outside [-3, 3]"),
+    },
+}
+"""Hostile codes of each scheme, and the reason each is refused with."""
+
+
+def kinds_of(name: str) -> dict[str, tuple[dict, str]]:
+    """The hostile kinds for the strategy ``name`` of :data:`COMPRESSED`: its scheme's codes, and every other."""
+    return {**COMPRESSED_KINDS, **CODE_KINDS[name.split()[1]]}
 
 
 def honest_compressed(strategy, sent: OrderedDict) -> list[Message]:
@@ -562,10 +583,11 @@ def honest_compressed_result(name: str) -> dict[str, torch.Tensor]:
     return _compressed_reference[name]
 
 
-@pytest.mark.parametrize("name", sorted(COMPRESSED))
-@pytest.mark.parametrize("kind", sorted(COMPRESSED_KINDS))
+@pytest.mark.parametrize(
+    ("name", "kind"), [(name, kind) for name in sorted(COMPRESSED) for kind in sorted(kinds_of(name))]
+)
 def test_a_hostile_compressed_reply_is_refused_with_its_reason(flwr_log, kind, name):
-    change, reason = COMPRESSED_KINDS[kind]
+    change, reason = kinds_of(name)[kind]
     strategy = COMPRESSED[name]()
     sent, _ = configure(strategy)
     replies = honest_compressed(strategy, sent)
@@ -598,7 +620,7 @@ def test_a_round_of_hostile_compressed_replies_only_leaves_the_model_bit_identic
     sent, _ = configure(strategy)
     before = state(strategy)
     replies = [
-        compressed_reply(strategy, sent, 200 + i, **change) for i, (change, _) in enumerate(COMPRESSED_KINDS.values())
+        compressed_reply(strategy, sent, 200 + i, **change) for i, (change, _) in enumerate(kinds_of(name).values())
     ]
 
     assert strategy.aggregate_train(1, replies) == (None, None)

@@ -1,9 +1,10 @@
-"""Lossy compression of floating-point updates: 16-bit, and blockwise 8-bit and 4-bit with a scale per block.
+"""Lossy compression of floating-point updates: 16-bit, and blockwise 8-, 4- and 3-bit with a scale per block.
 
 A tensor is flattened in C order and cut into blocks of ``block_size`` values (the last one zero-padded); each
 block gets one float32 scale, its largest magnitude over the largest code (absmax), and each value the nearest
-integer code in ``[-qmax, qmax]``. Dequantizing multiplies code and scale in float32, so the sender and the
-receiver compute bit-identical values from the same codes.
+integer code in ``[-qmax, qmax]`` (codes of fewer than 8 bits packed, 8 codes in ``bits`` bytes). Dequantizing
+multiplies code and scale in float32, so the sender and the receiver compute bit-identical values from the same
+codes.
 
 Error feedback: :func:`quantize_with_feedback` sends ``intended = update + residual`` and keeps
 ``residual' = intended - dequantized``, both in float32; ``dequantized + residual'`` equals ``intended`` up to one
@@ -42,9 +43,9 @@ class Scheme:
     Attributes
     ----------
     name
-        The run-config value (``fp16``, ``int8-block``, ``int4-block``).
+        The run-config value (``fp16``, ``int8-block``, ``int4-block``, ``int3-block``).
     bits
-        Bits per value: 16 (float16, no scales), 8 or 4 (integer codes with a float32 scale per block).
+        Bits per value: 16 (float16, no scales), 8, 4 or 3 (integer codes with a float32 scale per block).
     block_size
         Values per scale (blockwise modes).
     """
@@ -67,9 +68,20 @@ class Scheme:
         """Scales of a tensor of ``numel`` values."""
         return math.ceil(numel / self.block_size) if self.blockwise else 0
 
+    @property
+    def packed(self) -> bool:
+        """Whether the codes are packed, 8 in ``bits`` bytes (fewer than 8 bits a code)."""
+        return self.bits < 8
+
 
 SCHEMES: dict[str, Scheme] = {
-    scheme.name: scheme for scheme in (Scheme("fp16", 16), Scheme("int8-block", 8, 256), Scheme("int4-block", 4, 128))
+    scheme.name: scheme
+    for scheme in (
+        Scheme("fp16", 16),
+        Scheme("int8-block", 8, 256),
+        Scheme("int4-block", 4, 128),
+        Scheme("int3-block", 3, 128),
+    )
 }
 """Every lossy mode by its run-config name (``none`` sends float32 as it is)."""
 
@@ -97,7 +109,8 @@ class Quantized:
     ----------
     codes
         ``float16`` in the tensor's shape (16-bit), ``int8`` in its shape (8-bit), or ``uint8`` of
-        :func:`packed_length` bytes, two codes a byte, low nibble first, each stored as ``code + 8`` (4-bit).
+        :func:`packed_length` bytes (fewer bits): each 8 codes, stored as ``code + qmax + 1`` in ``bits`` bits
+        each, first code lowest, as one little-endian word of ``bits`` bytes; the last 8 padded with the zero code.
     scales
         ``float32`` of one scale per block (blockwise modes), else None.
     """
@@ -106,9 +119,24 @@ class Quantized:
     scales: torch.Tensor | None = None
 
 
-def packed_length(numel: int) -> int:
-    """Bytes of ``numel`` 4-bit codes."""
-    return (numel + 1) // 2
+def packed_length(numel: int, bits: int) -> int:
+    """Bytes of ``numel`` packed codes of ``bits`` bits."""
+    return bits * math.ceil(numel / 8)
+
+
+def _pack(codes: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Flat integer ``codes`` (in ``[-qmax, qmax]``) packed as :class:`Quantized` describes."""
+    bits, zero = scheme.bits, scheme.qmax + 1
+    stored = codes.to(torch.int64) + zero
+    stored = torch.cat((stored, stored.new_full((-stored.numel() % 8,), zero)))
+    words = (stored.view(-1, 8) << (torch.arange(8) * bits)).sum(dim=1)  # the fields do not overlap: sum is or
+    return ((words[:, None] >> (torch.arange(bits) * 8)) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The stored codes (``code + qmax + 1``, int64) of ``packed``, the padding included."""
+    words = (packed.reshape(-1, bits).to(torch.int64) << (torch.arange(bits) * 8)).sum(dim=1)
+    return ((words[:, None] >> (torch.arange(8) * bits)) & ((1 << bits) - 1)).reshape(-1)
 
 
 def _blocks(values: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -143,22 +171,16 @@ def quantize(values: torch.Tensor, scheme: Scheme) -> Quantized:
         raise ValueError(f"a block scale exceeds {MAX_SCALE:g}: the values are too large to compress")
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = torch.round(blocks / safe[:, None]).clamp_(-scheme.qmax, scheme.qmax).reshape(-1)[: values.numel()]
-    if scheme.bits == 8:
-        return Quantized(codes.to(torch.int8).reshape(values.shape), scales)
-    nibbles = (codes + 8).to(torch.uint8)
-    if nibbles.numel() % 2:
-        nibbles = torch.cat((nibbles, nibbles.new_full((1,), 8)))
-    pairs = nibbles.view(-1, 2)
-    return Quantized(pairs[:, 0] | (pairs[:, 1] << 4), scales)
+    if scheme.packed:
+        return Quantized(_pack(codes, scheme), scales)
+    return Quantized(codes.to(torch.int8).reshape(values.shape), scales)
 
 
 def _codes(quantized: Quantized, scheme: Scheme, numel: int) -> torch.Tensor:
     """The integer codes as a flat float32 tensor of ``numel`` values."""
-    if scheme.bits == 8:
+    if not scheme.packed:
         return quantized.codes.reshape(-1).to(torch.float32)
-    packed = quantized.codes
-    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=1).reshape(-1)[:numel]
-    return nibbles.to(torch.float32) - 8
+    return (_unpack(quantized.codes, scheme.bits)[:numel] - (scheme.qmax + 1)).to(torch.float32)
 
 
 def dequantize(quantized: Quantized, scheme: Scheme, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -191,27 +213,30 @@ def quantize_with_feedback(
 def quantized_problem(quantized: Quantized, scheme: Scheme, shape: tuple[int, ...]) -> str | None:
     """Why ``quantized`` is not a well-formed compression of a tensor of ``shape`` by ``scheme``, or None.
 
-    Checked: the codes' dtype and shape (4-bit: :func:`packed_length` bytes, every nibble a code in
-    ``[-qmax, qmax]``, the padding nibble 0), the 8-bit codes in ``[-qmax, qmax]``, float16 values finite; the
-    scales float32, one per block, finite, ``>= 0`` and at most :data:`MAX_SCALE`.
+    Checked: the codes' dtype and shape (packed: :func:`packed_length` bytes), every code in ``[-qmax, qmax]``
+    and the padding codes 0, float16 values finite; the scales float32, one per block, finite, ``>= 0`` and at
+    most :data:`MAX_SCALE`.
     """
     codes, scales, numel = quantized.codes, quantized.scales, math.prod(shape)
     if not scheme.blockwise:
         if codes.dtype != torch.float16 or tuple(codes.shape) != tuple(shape):
             return f"expected float16 values of shape {tuple(shape)}, got {codes.dtype} {tuple(codes.shape)}"
         return None if bool(torch.isfinite(codes).all()) else "holds NaN or Inf values"
-    if scheme.bits == 8:
+    if not scheme.packed:
         if codes.dtype != torch.int8 or tuple(codes.shape) != tuple(shape):
             return f"expected int8 codes of shape {tuple(shape)}, got {codes.dtype} {tuple(codes.shape)}"
         if numel and int(codes.min()) < -scheme.qmax:
             return f"holds code {int(codes.min())}, outside [-{scheme.qmax}, {scheme.qmax}]"
     else:
-        if codes.dtype != torch.uint8 or tuple(codes.shape) != (packed_length(numel),):
-            return f"expected {packed_length(numel)} uint8 bytes of 4-bit codes, got {codes.dtype} {tuple(codes.shape)}"
-        if numel and bool(((codes & 0xF) == 0).any() | ((codes >> 4) == 0).any()):
-            return "holds the 4-bit code -8, outside [-7, 7]"
-        if numel % 2 and int(codes[-1] >> 4) != 8:
-            return "the padding nibble of the last byte is not the zero code"
+        length = packed_length(numel, scheme.bits)
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (length,):
+            found = f"{codes.dtype} {tuple(codes.shape)}"
+            return f"expected {length} uint8 bytes of {scheme.bits}-bit codes, got {found}"
+        stored = _unpack(codes, scheme.bits)
+        if bool((stored[:numel] == 0).any()):
+            return f"holds the {scheme.bits}-bit code {-scheme.qmax - 1}, outside [-{scheme.qmax}, {scheme.qmax}]"
+        if bool((stored[numel:] != scheme.qmax + 1).any()):
+            return "the padding codes after the last value are not the zero code"
     blocks = scheme.blocks(numel)
     if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (blocks,):
         found = "none" if scales is None else f"{scales.dtype} {tuple(scales.shape)}"
