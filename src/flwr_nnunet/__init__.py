@@ -3,81 +3,64 @@
 The public face: the core (alias groups, codec, reducers), the nnU-Net model
 folder, the alias-aware strategy family with the types its hooks take, and a
 site. Layers: ``core`` < ``nnunet`` < ``strategy`` | ``site`` < ``apps``.
+
+Each name is imported on first use (PEP 562), so that importing one submodule,
+as a ClientApp handing its message to a warm site does, does not import torch
+and nnU-Net through the package.
 """
 
-from flwr_nnunet.core.aliasing import (
-    AliasConflictError,
-    AliasMap,
-    KeyMismatchError,
-    PartialOverlapError,
-    find_alias_groups,
-    strip_wrapper_prefixes,
-)
-from flwr_nnunet.core.codec import PayloadError, from_array_record, to_array_record
-from flwr_nnunet.core.reduce import median_, trimmed_mean_, weighted_mean_
-from flwr_nnunet.errors import FlwrNnUNetError
-from flwr_nnunet.nnunet.model_folder import CheckpointError, NnUNetModelFolder
-from flwr_nnunet.site.site import Site
-from flwr_nnunet.site.spec import SiteError, SiteSpec, TrainOptions
-from flwr_nnunet.strategy.checkpoints import ResumeError, RunCheckpoints
-from flwr_nnunet.strategy.fedavg import NnUNetFedAvg, NnUNetFedProx
-from flwr_nnunet.strategy.flower_adapted import NnUNetBulyan, NnUNetKrum, NnUNetMultiKrum, NnUNetQFedAvg
-from flwr_nnunet.strategy.global_model import GlobalModel
-from flwr_nnunet.strategy.privacy import (
-    AliasAwareDP,
-    NnUNetDPClientSideAdaptiveClipping,
-    NnUNetDPClientSideFixedClipping,
-    NnUNetDPServerSideAdaptiveClipping,
-    NnUNetDPServerSideFixedClipping,
-)
-from flwr_nnunet.strategy.registry import strategy_from_name
-from flwr_nnunet.strategy.replies import AcceptedReply, Rejection
-from flwr_nnunet.strategy.robust import NnUNetFedMedian, NnUNetFedTrimmedAvg
-from flwr_nnunet.strategy.server_optimizers import NnUNetFedAdagrad, NnUNetFedAdam, NnUNetFedAvgM, NnUNetFedYogi
+from __future__ import annotations
 
-__all__ = [
-    "AcceptedReply",
-    "AliasAwareDP",
-    "AliasConflictError",
-    "AliasMap",
-    "CheckpointError",
-    "FlwrNnUNetError",
-    "GlobalModel",
-    "KeyMismatchError",
-    "NnUNetBulyan",
-    "NnUNetDPClientSideAdaptiveClipping",
-    "NnUNetDPClientSideFixedClipping",
-    "NnUNetDPServerSideAdaptiveClipping",
-    "NnUNetDPServerSideFixedClipping",
-    "NnUNetFedAdagrad",
-    "NnUNetFedAdam",
-    "NnUNetFedAvg",
-    "NnUNetFedAvgM",
-    "NnUNetFedMedian",
-    "NnUNetFedProx",
-    "NnUNetFedTrimmedAvg",
-    "NnUNetFedYogi",
-    "NnUNetKrum",
-    "NnUNetModelFolder",
-    "NnUNetMultiKrum",
-    "NnUNetQFedAvg",
-    "PartialOverlapError",
-    "PayloadError",
-    "Rejection",
-    "ResumeError",
-    "RunCheckpoints",
-    "Site",
-    "SiteError",
-    "SiteSpec",
-    "TrainOptions",
-    "find_alias_groups",
-    "from_array_record",
-    "median_",
-    "strategy_from_name",
-    "strip_wrapper_prefixes",
-    "to_array_record",
-    "trimmed_mean_",
-    "weighted_mean_",
-]
+import importlib
+from typing import Any
+
+_FACE = {
+    "flwr_nnunet.core.aliasing": (
+        "AliasConflictError",
+        "AliasMap",
+        "KeyMismatchError",
+        "PartialOverlapError",
+        "find_alias_groups",
+        "strip_wrapper_prefixes",
+    ),
+    "flwr_nnunet.core.codec": ("PayloadError", "from_array_record", "to_array_record"),
+    "flwr_nnunet.core.reduce": ("median_", "trimmed_mean_", "weighted_mean_"),
+    "flwr_nnunet.errors": ("FlwrNnUNetError",),
+    "flwr_nnunet.nnunet.model_folder": ("CheckpointError", "NnUNetModelFolder"),
+    "flwr_nnunet.site.site": ("Site",),
+    "flwr_nnunet.site.spec": ("SiteError", "SiteSpec", "TrainOptions"),
+    "flwr_nnunet.strategy.checkpoints": ("ResumeError", "RunCheckpoints"),
+    "flwr_nnunet.strategy.fedavg": ("NnUNetFedAvg", "NnUNetFedProx"),
+    "flwr_nnunet.strategy.flower_adapted": ("NnUNetBulyan", "NnUNetKrum", "NnUNetMultiKrum", "NnUNetQFedAvg"),
+    "flwr_nnunet.strategy.global_model": ("GlobalModel",),
+    "flwr_nnunet.strategy.privacy": (
+        "AliasAwareDP",
+        "NnUNetDPClientSideAdaptiveClipping",
+        "NnUNetDPClientSideFixedClipping",
+        "NnUNetDPServerSideAdaptiveClipping",
+        "NnUNetDPServerSideFixedClipping",
+    ),
+    "flwr_nnunet.strategy.registry": ("strategy_from_name",),
+    "flwr_nnunet.strategy.replies": ("AcceptedReply", "Rejection"),
+    "flwr_nnunet.strategy.robust": ("NnUNetFedMedian", "NnUNetFedTrimmedAvg"),
+    "flwr_nnunet.strategy.server_optimizers": ("NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi"),
+}
+"""The module of each public name."""
+_MODULE_OF = {name: module for module, names in _FACE.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)  # noqa: PLE0605 - built from _FACE, the one list of the public names
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """The public name ``name``, imported from its module on first use."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'flwr_nnunet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
