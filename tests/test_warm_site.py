@@ -1,12 +1,15 @@
 """The warm site: a real worker process keeps the site's trainer; this test process plays the SuperNode.
 
-The ClientApp (``client_app.app``, as Flower calls it) hands each checked instruction to the worker over its
-Unix socket; the same instructions answered in-process (node-config ``warm-site=false``) give the same bytes.
+The ClientApp (``client_app.app``, as Flower calls it) hands each message, unread, to the worker over its Unix
+socket; the worker checks and answers it, and the same instructions answered in-process (node-config
+``warm-site=false``) give the same bytes. A ClientApp process whose worker answers never imports torch.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -16,22 +19,26 @@ import time
 
 import pytest
 import torch
-from test_client_hardening import Federation, _context, send
+from flwr.app import Context, RecordDict
+from flwr.app.message.message import make_message
+from test_client_hardening import REPO, Federation, _context, _metadata, send
 from test_site import demo  # noqa: F401 - the module-scoped demo fixture
 
 from flwr_nnunet.apps import client
+from flwr_nnunet.apps.warm_forwarding import encode_forwarded, forwarded
 from flwr_nnunet.core.codec import from_array_record
-from flwr_nnunet.site.request import SiteRequest, encode
-from flwr_nnunet.site.spec import SiteError, TrainOptions
 from flwr_nnunet.site.warm_channel import (
+    WORKER_COMMAND,
+    WarmSiteRefused,
     WarmSiteUnavailable,
     ask_warm_site,
+    log_path,
     receive_status,
     send_frame,
     socket_path,
+    start_warm_site,
     token_path,
 )
-from flwr_nnunet.site.warm_worker import log_path, start_warm_site
 
 _RUN_IDS = iter(range(9000, 9100))
 
@@ -147,36 +154,82 @@ def test_a_stranger_is_refused(demo, tmp_path, worker):  # noqa: F811
         assert receive_status(sock) == ("refused", "wrong token")
     assert "refused a connection with a wrong token" in _text(log_path(results))
 
-    options = TrainOptions(server_round=1, iterations_per_epoch=1, val_iterations_per_epoch=1)
-    spec = _spec_for(demo, tmp_path / "elsewhere")
-    stranger = SiteRequest("train", 1, spec, options, Federation(demo).weights)
+    federation = Federation(demo)
+    run_id = next(_RUN_IDS)
+
+    def frames(results_of_request, **weights):
+        message = make_message(_metadata("train"), content=federation.content(1, **weights))
+        return encode_forwarded(message, _context(demo, results_of_request, run_id))
+
     with pytest.raises(WarmSiteUnavailable, match="no warm site runs"):  # a wrong path: nothing listens there
-        ask_warm_site(stranger)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # the right token, another site's folder
-        sock.connect(str(socket_path(results)))
-        send_frame(sock, token_path(results).read_bytes())
-        assert receive_status(sock)[0] == "ready"
-        send_frame(sock, encode(stranger))
-        status, reason = receive_status(sock)
-    assert status == "refused" and f"this warm site serves {results}" in reason
+        ask_warm_site(tmp_path / "elsewhere", frames(tmp_path / "elsewhere"))
+    with pytest.raises(
+        WarmSiteRefused, match=re.escape(f"this warm site serves {results}")
+    ):  # the right token, another site
+        ask_warm_site(results, frames(tmp_path / "elsewhere"))
     assert not (tmp_path / "elsewhere").exists()
 
     os.chmod(token_path(results), 0o644)  # a token others could read: the ClientApp does not use it
     with pytest.raises(WarmSiteUnavailable, match="open to other users"):
-        ask_warm_site(SiteRequest("train", 1, _spec_for(demo, results), options, Federation(demo).weights))
+        ask_warm_site(results, frames(results))
     os.chmod(token_path(results), 0o600)
-    with pytest.raises(SiteError, match="the server's model is not finite"):  # refused by the site, as in-process
-        bad = {
-            key: torch.full_like(value, float("nan")) if value.is_floating_point() else value
-            for key, value in Federation(demo).weights.items()
-        }
-        ask_warm_site(SiteRequest("train", 1, _spec_for(demo, results), options, bad))
+    nan = {
+        key: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+        for key, value in federation.weights.items()
+    }
+    with pytest.raises(WarmSiteRefused, match="the server's model is not finite"):  # refused by the site, as in-process
+        ask_warm_site(results, frames(results, weights=nan))
 
 
-def _spec_for(demo, results):  # noqa: F811
-    from test_site import spec_for
+_FORWARD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import client_app
+from flwr_nnunet.apps.warm_forwarding import decode_forwarded
 
-    return spec_for(demo, results)
+message, context = decode_forwarded([open(path, "rb").read() for path in sys.argv[2:]])
+reply = client_app.app(message, context)
+print(json.dumps({
+    "error": reply.error.reason if reply.has_error() else None,
+    "records": sorted(reply.content.keys()) if reply.has_content() else [],
+    "heavy": sorted(name for name in ("torch", "nnunetv2") if name in sys.modules),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_clientapp_whose_worker_answers_imports_neither_torch_nor_nnunet(demo, tmp_path, worker):  # noqa: F811
+    results, _ = worker
+    message = make_message(_metadata("train"), content=Federation(demo).content(1))
+    paths = [tmp_path / "context.pb", tmp_path / "message.pb"]
+    for path, frame in zip(paths, encode_forwarded(message, _context(demo, results, next(_RUN_IDS))), strict=True):
+        path.write_bytes(frame)
+    done = subprocess.run(
+        [sys.executable, "-c", _FORWARD, str(REPO), *map(str, paths)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reply == {"error": None, "records": ["arrays", "config", "metrics"], "heavy": []}, done.stderr
+    assert "site-0: round 1 trained" in _text(log_path(results))  # the worker trained it
+
+
+def test_the_clientapp_asks_a_worker_only_where_one_may_answer(tmp_path):
+    message = make_message(_metadata("train"), content=RecordDict())
+
+    def context(**node_config):
+        node_config = {"nnunet-results": str(tmp_path), **node_config}
+        return Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(), run_config={})
+
+    assert forwarded(message, context(**{"partition-id": 0})) is None  # a simulation's site lives in its actor
+    assert forwarded(message, context(**{"warm-site": False})) is None
+    assert forwarded(message, context()) is None  # no worker runs: answered in-process
+    refused = forwarded(message, context(**{"warm-site": "maybe"}))
+    assert refused.has_error() and "node-config 'warm-site' must be true or false, not 'maybe'" in refused.error.reason
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
 def test_the_worker_ends_with_its_supernode_and_when_idle(tmp_path):
@@ -191,7 +244,7 @@ def test_the_worker_ends_with_its_supernode_and_when_idle(tmp_path):
         assert not socket_path(results).exists() and not token_path(results).exists()
 
         idle = subprocess.Popen(
-            [sys.executable, "-m", "flwr_nnunet.site.warm_worker", "--results", str(tmp_path / "idle"),
+            [sys.executable, *WORKER_COMMAND, "--results", str(tmp_path / "idle"),
              "--parent", str(os.getpid()), "--idle-timeout", "1"],
         )  # fmt: skip
         idle.wait(timeout=60)

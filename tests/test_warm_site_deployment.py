@@ -17,7 +17,7 @@ import pytest
 from deployment_support import Deployment, _stat, model_folder, run_config, running_deployment, wait_for
 
 from flwr_nnunet.demo.data import make_demo_dataset
-from flwr_nnunet.site.warm_worker import log_path
+from flwr_nnunet.site.warm_channel import log_path
 
 ROUNDS = 4
 

@@ -36,7 +36,7 @@ node_config="nnunet-preprocessed='$PREPROCESSED' nnunet-results='$RESULTS' site-
 if [[ "${WARM_SITE:-true}" != false ]]; then
     mkdir -p "$RESULTS"
     # $$ stays this process's id through `exec`: the worker watches the SuperNode itself
-    "${PYTHON:-python3}" -m flwr_nnunet.site.warm_worker --results "$RESULTS" --parent $$ &   # logs with the SuperNode
+    "${PYTHON:-python3}" -m flwr_nnunet.cli warm-site --results "$RESULTS" --parent $$ &   # logs with the SuperNode
 fi
 exec flower-supernode \
     --superlink "$SUPERLINK" \

@@ -1,4 +1,4 @@
-"""The ``flwr-nnunet`` command: inspect and repair nnU-Net checkpoints, make the demo dataset.
+"""The ``flwr-nnunet`` command: inspect and repair nnU-Net checkpoints, make the demo dataset, serve a warm site.
 
 Exit status: 0 success; 1 a repair refused (aliases disagree, the network does
 not match); 2 bad usage or an unreadable or non-nnU-Net file. Errors are one
@@ -12,12 +12,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused
 from flwr_nnunet.repair.inspection import InspectReport, inspect_checkpoint
 from flwr_nnunet.repair.network_source import NetworkHints
 from flwr_nnunet.repair.repair import RepairReport, repair_checkpoint
+from flwr_nnunet.site.warm_worker import DEFAULT_IDLE_TIMEOUT_S
 
 __all__ = ["main"]
 
@@ -87,9 +89,19 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_warm_site(args: argparse.Namespace) -> int:
+    """``flwr-nnunet warm-site --results DIR [--parent PID] [--idle-timeout S]``."""
+    from flwr_nnunet.apps.client import answer_forwarded
+    from flwr_nnunet.site.warm_worker import serve
+
+    serve(args.results, args.parent, answer_forwarded, args.idle_timeout)
+    return EXIT_OK
+
+
 def _command(commands: Any, handler: Callable[[argparse.Namespace], int], summary: str, description: str):
-    """A subcommand named after its handler (``run_NAME``)."""
-    parser = commands.add_parser(handler.__name__.removeprefix("run_"), help=summary, description=description)
+    """A subcommand named after its handler (``run_NAME``, ``_`` written ``-``)."""
+    name = handler.__name__.removeprefix("run_").replace("_", "-")
+    parser = commands.add_parser(name, help=summary, description=description)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -153,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--3d", dest="dims", action="store_const", const=3, default=2, help="small 3D volumes")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace a demo made with other parameters")
+
+    warm = _command(
+        commands,
+        run_warm_site,
+        "keep a deployed site's trainer across a run's rounds (configs/deployment/supernode.sh starts it)",
+        "Serve the ClientApps of the site whose results folder is DIR over a Unix socket there (mode 0600, with "
+        "a 0600 token), keeping one nnU-Net trainer per run; exit when the SuperNode PID is gone or after S idle "
+        "seconds.",
+    )
+    warm.add_argument("--results", type=Path, required=True, help="the site's node-config 'nnunet-results'")
+    warm.add_argument("--parent", type=int, default=os.getppid(), help="exit when this process (the SuperNode) does")
+    warm.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S, help="exit after S idle seconds")
     return parser
 
 

@@ -4,9 +4,10 @@ In simulation, the node's ``partition-id`` K picks ``<data-root>/site-K``; in
 deployment the SuperNode's ``--node-config`` names the site's folders
 (:data:`NODE_CONFIG_KEYS`). :func:`handle_message` routes ``train`` and
 ``evaluate`` messages to the node's :class:`~flwr_nnunet.site.site.Site`, kept
-alive between rounds where the process survives. In deployment it hands them to
-the site's warm worker (:mod:`flwr_nnunet.site.warm_worker`) where one runs, and
-answers in its own process where none can take them (:func:`answer`).
+alive between rounds where the process survives. In deployment the ClientApp
+first hands them, unread, to the site's warm worker where one runs
+(:mod:`flwr_nnunet.apps.warm_forwarding`, without importing this module), which
+answers them with :func:`answer_forwarded`: the same checks and reply.
 
 Every instruction is checked whole before the site's trainer is touched (its
 records, every config entry, the decoded arrays, then the site's own checks):
@@ -20,15 +21,23 @@ import json
 import os
 import traceback
 from collections import OrderedDict
-from collections.abc import Mapping
-from logging import ERROR, INFO, WARNING
+from collections.abc import Callable, Mapping
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.supercore import log
 
+from flwr_nnunet.apps.dp_clipping import CLIENT_DP_MODES, dp_clipping_mod
 from flwr_nnunet.apps.run_config import data_root, run_config_value
+from flwr_nnunet.apps.warm_forwarding import (
+    decode_forwarded,
+    encode_content,
+    refusal,
+    site_name,
+    site_results,
+)
 from flwr_nnunet.core.codec import from_array_record, to_array_record
 from flwr_nnunet.core.delta_codec import COMPRESSION_KEY
 from flwr_nnunet.errors import FlwrNnUNetError
@@ -36,7 +45,7 @@ from flwr_nnunet.site.compressed_updates import compress_reply_content, received
 from flwr_nnunet.site.crossval_ensemble import ensemble_counts, ensemble_request
 from flwr_nnunet.site.crossval_validation import COUNTS_KEY, FOLD_KEY
 from flwr_nnunet.site.local_model import local_model
-from flwr_nnunet.site.request import SiteAnswer, SiteRequest
+from flwr_nnunet.site.request import SiteRequest
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import (
     DEFAULT_MAX_LOCAL_EPOCHS,
@@ -47,13 +56,12 @@ from flwr_nnunet.site.spec import (
     checked_dataset_name,
     find_site_dataset,
 )
-from flwr_nnunet.site.warm_channel import WarmSiteBusy, WarmSiteUnavailable, ask_warm_site, socket_path
-from flwr_nnunet.site.warm_worker import start_warm_site, supernode_pid
+from flwr_nnunet.site.warm_channel import WarmSiteRefused
 
 __all__ = [
     "CLIENT_DP_MODES",
     "NODE_CONFIG_KEYS",
-    "answer",
+    "answer_forwarded",
     "dp_clipping_mod",
     "handle_ensemble_query",
     "handle_local_model_query",
@@ -88,14 +96,6 @@ def _fold(value: Any) -> int | str:
     return "all" if str(value) == "all" else int(value)
 
 
-def site_name(node_config: Mapping[str, Any], node_id: int = 0) -> str:
-    """The name of a node's site in logs and errors: ``site-K`` in simulation, else node-config ``site-name``
-    (default ``node-<node id>``)."""
-    if "partition-id" in node_config:
-        return f"site-{int(node_config['partition-id'])}"
-    return str(node_config.get("site-name", f"node-{node_id}"))
-
-
 def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_id: int = 0) -> SiteSpec:
     """The site a ClientApp serves, from the run config and the node config.
 
@@ -121,7 +121,7 @@ def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], nod
         dataset = find_site_dataset(federation, (folder / "nnUNet_raw", preprocessed), name)
     else:
         preprocessed = node_config.get("nnunet-preprocessed") or os.environ.get("nnUNet_preprocessed")
-        results = node_config.get("nnunet-results") or os.environ.get("nnUNet_results")
+        results = site_results(node_config)
         if not preprocessed or not results:
             raise SiteError(
                 f"{name}: start the SuperNode with --node-config \"nnunet-preprocessed='<folder>' "
@@ -234,39 +234,6 @@ def _received(message: Any, *, max_epochs: int) -> tuple[OrderedDict[str, torch.
     return received, config, options, local_keys
 
 
-def _warm_site(node_config: Mapping[str, Any], name: str) -> bool | None:
-    """Node-config ``warm-site``: True (start the worker on first use), False (never), None (when one runs)."""
-    value = node_config.get("warm-site")
-    if value is None or isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "false"):
-        return str(value).lower() == "true"
-    raise SiteError(f"{name}: node-config 'warm-site' must be true or false, not {value!r}")
-
-
-def answer(request: SiteRequest, node_config: Mapping[str, Any]) -> SiteAnswer:
-    """The site's answer to a checked instruction: from its warm worker in deployment where one can take it, else
-    from this process's site (:func:`live_site`), the fallback logged.
-
-    With node-config ``warm-site=true`` a worker is started when none can take the message and it is not busy
-    (this message is answered here, the next ones by the worker); ``false`` never asks one. A simulation's sites
-    live in their Ray actors: no worker.
-    """
-    name, warm = request.spec.name, _warm_site(node_config, request.spec.name)
-    running = socket_path(request.spec.nnunet_results).exists()
-    if "partition-id" in node_config or warm is False or (warm is None and not running):
-        return live_site(request.run_id, request.spec).answer(request)
-    try:
-        return ask_warm_site(request)
-    except WarmSiteUnavailable as why:
-        start = bool(warm) and not isinstance(why, WarmSiteBusy)
-        if start:
-            start_warm_site(request.spec.nnunet_results, supernode_pid())
-        later = "; a warm site starts for the next messages" if start else ""
-        log(WARNING if running else INFO, "%s: %s; this message is answered in-process%s", name, why, later)
-    return live_site(request.run_id, request.spec).answer(request)
-
-
 def _crossval_fold(config: Any) -> int:
     """The fold of a cross-validation request (config :data:`FOLD_KEY`: an integer >= 0)."""
     value = config[FOLD_KEY]
@@ -275,18 +242,10 @@ def _crossval_fold(config: Any) -> int:
     return value
 
 
-def _refusal(message: Any, error: BaseException | str) -> Any:
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode
-
-    log(ERROR, "%s", error)
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=message)
-
-
 def _unexpected(message: Any, error: Exception, name: str) -> Any:
     """An error reply for an exception nobody raised on purpose, logged with its traceback."""
     log(ERROR, "%s: unexpected error\n%s", name, "".join(traceback.format_exception(error)))
-    return _refusal(message, f"{name}: unexpected {type(error).__name__}: {error}")
+    return refusal(message, f"{name}: unexpected {type(error).__name__}: {error}")
 
 
 def handle_message(message: Any, context: Any, *, train: bool) -> Any:
@@ -305,11 +264,44 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
     goes on without it. No exception escapes: an unexpected one is logged with
     its traceback and answered with an error reply too.
     """
+    try:
+        return _reply(message, context, train=train, site_for=lambda request: live_site(request.run_id, request.spec))
+    except Exception as error:  # noqa: BLE001 - nothing may end the node's answer; logged with its traceback
+        return _unexpected(message, error, _node_name(context))
+
+
+def answer_forwarded(frames: list[bytes], site_for: Callable[[SiteRequest], Site]) -> bytes:
+    """A warm worker's answer to the frames of a message the ClientApp forwarded
+    (:func:`~flwr_nnunet.apps.warm_forwarding.forwarded`): checked and answered as :func:`handle_message` does, by
+    ``site_for``'s site; the reply's content as bytes.
+
+    Raises
+    ------
+    WarmSiteRefused
+        The reason of the error reply :func:`handle_message` would give (the ClientApp gives it).
+    """
+    from flwr.app import MessageType
+
+    message, context = decode_forwarded(frames)
+    reply = _reply(message, context, train=message.metadata.message_type == MessageType.TRAIN, site_for=site_for)
+    if reply.has_error():
+        raise WarmSiteRefused(reply.error.reason)
+    return encode_content(reply.content)
+
+
+def _node_name(context: Any) -> str:
+    try:
+        return site_name(context.node_config, context.node_id)
+    except Exception:  # noqa: BLE001 - a malformed partition-id: the node's id names it
+        return f"node-{getattr(context, 'node_id', '?')}"
+
+
+def _reply(message: Any, context: Any, *, train: bool, site_for: Callable[[SiteRequest], Site]) -> Any:
+    """:func:`handle_message`'s reply, answered by ``site_for``'s site; an unexpected exception escapes."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    name = f"node-{getattr(context, 'node_id', '?')}"
+    name = _node_name(context)
     try:
-        name = site_name(context.node_config, context.node_id)
         spec = site_spec(context.run_config, context.node_config, context.node_id)
         try:
             received, config, options, local_keys = _received(message, max_epochs=max_local_epochs(context.node_config))
@@ -329,7 +321,7 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
             alias_map_json=config.get("alias-map"),
             fold=_crossval_fold(config) if crossval else None,
         )
-        answered = answer(request, context.node_config)
+        answered = site_for(request).answer(request)
         counts = {COUNTS_KEY: answered.counts} if answered.counts is not None else {}
         about = ConfigRecord({"plans-sha256": answered.plans_sha, "site-name": spec.name, **counts})
         content = {"metrics": MetricRecord(answered.metrics), "config": about}
@@ -340,9 +332,7 @@ def handle_message(message: Any, context: Any, *, train: bool) -> Any:
         return Message(RecordDict(content), reply_to=message)
     except FlwrNnUNetError as error:
         text = str(error)
-        return _refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
-    except Exception as error:  # noqa: BLE001 - nothing may end the node's answer; logged with its traceback
-        return _unexpected(message, error, name)
+        return refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
 
 
 def _answer_query(message: Any, context: Any, answer: Any) -> Any:
@@ -361,7 +351,7 @@ def _answer_query(message: Any, context: Any, answer: Any) -> Any:
         return Message(RecordDict(answer(spec, message.content["config"])), reply_to=message)
     except (FlwrNnUNetError, FileNotFoundError) as error:
         text = str(error)
-        return _refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
+        return refusal(message, text if text.startswith(f"{name}:") else f"{name}: {text}")
     except Exception as error:  # noqa: BLE001 - nothing may end the node's answer; logged with its traceback
         return _unexpected(message, error, name)
 
@@ -420,26 +410,3 @@ def handle_local_model_query(message: Any, context: Any) -> Any:
         return {"arrays": to_array_record(local_model(spec)), "config": ConfigRecord({"site-name": spec.name})}
 
     return _answer_query(message, context, shared)
-
-
-CLIENT_DP_MODES = ("client-fixed", "client-adaptive")
-"""Run-config ``dp`` values that clip each site's update on the site (Flower's client-side clipping mods)."""
-
-
-def dp_clipping_mod(message: Any, context: Any, call_next: Any) -> Any:
-    """ClientApp mod: Flower's client-side DP clipping of training replies when run-config ``dp`` asks for it.
-
-    With ``dp = "client-fixed"`` / ``"client-adaptive"`` the server's DP wrapper
-    sends a clipping norm and each site must clip its update before replying
-    (``fixedclipping_mod`` / ``adaptiveclipping_mod``); the update norm then
-    counts each shared tensor once, since the records are canonical. Other
-    messages and runs pass through unchanged.
-    """
-    from flwr.app import MessageType
-    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-
-    mode = str(context.run_config.get("dp", "") or "")
-    if message.metadata.message_type != MessageType.TRAIN or mode not in CLIENT_DP_MODES:
-        return call_next(message, context)
-    mod = fixedclipping_mod if mode == "client-fixed" else adaptiveclipping_mod
-    return mod(message, context, call_next)  # Flower's mods answer a malformed instruction with an error reply

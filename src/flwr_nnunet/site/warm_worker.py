@@ -4,12 +4,14 @@ A Flower 1.42 SuperNode starts a fresh ClientApp process per message, which
 would import torch and nnU-Net, build the trainer and start its data loaders
 every round. The warm worker does that once: it keeps one
 :class:`~flwr_nnunet.site.site.Site` (network, optimizer, data loaders) per run
-and answers each checked instruction the ClientApp hands it over the local
-channel (:mod:`flwr_nnunet.site.warm_channel`). A new run, another fold or other
-settings get a fresh trainer; the round-state file stays the one truth, so a
-round answered here trains exactly as one answered in the ClientApp's process.
+and answers each message the ClientApp hands it over the local channel
+(:mod:`flwr_nnunet.site.warm_channel`), with the answer function it serves
+(the ClientApp's own checks and reply: ``flwr_nnunet.apps.client.answer_forwarded``).
+A new run, another fold or other settings get a fresh trainer; the round-state
+file stays the one truth, so a round answered here trains exactly as one
+answered in the ClientApp's process.
 
-``python -m flwr_nnunet.site.warm_worker --results <nnunet-results> --parent <SuperNode pid>``
+``flwr-nnunet warm-site --results <nnunet-results> --parent <SuperNode pid>``
 (``configs/deployment/supernode.sh`` starts it; the ClientApp starts it on first
 use with node-config ``warm-site=true``). It serves one message at a time (a
 second one is told it is busy), refuses a wrong token or another user, and
@@ -19,8 +21,6 @@ exits, freeing its memory, when its SuperNode is gone or nothing came for
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import fcntl
 import gc
 import hmac
@@ -28,45 +28,43 @@ import os
 import secrets
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
 from flwr.supercore import log
 
-from flwr_nnunet.errors import FlwrNnUNetError
-from flwr_nnunet.site.request import SiteRequest, decode_request, encode
+from flwr_nnunet.site.request import SiteRequest
 from flwr_nnunet.site.site import Site
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 from flwr_nnunet.site.warm_channel import (
     HANDSHAKE_TIMEOUT_S,
     MAX_TOKEN_BYTES,
+    WarmSiteRefused,
     receive_frame,
+    receive_frames,
     send_frame,
     send_status,
     socket_path,
     token_path,
 )
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT_S", "WarmWorker", "log_path", "main", "serve", "start_warm_site", "supernode_pid"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT_S", "Answer", "WarmWorker", "serve"]
+
+Answer = Callable[[list[bytes], Callable[[SiteRequest], Site]], bytes]
+"""What a worker serves: a message's frames and the site for a checked request -> the reply's bytes; raises
+:class:`~flwr_nnunet.site.warm_channel.WarmSiteRefused` for a refused instruction."""
 
 DEFAULT_IDLE_TIMEOUT_S = 3600.0
 """A worker with no message for this long exits (the next message trains in the ClientApp's process)."""
 _TICK_S = 0.5
 _MAX_SOCKET_PATH_BYTES = 107
 """Linux's limit on a Unix socket's path (``sun_path`` holds 108 bytes with the terminating zero)."""
-_LOCK_NAME, _LOG_NAME = "flwr_warm_site.lock", "flwr_warm_site.log"
-
-
-def log_path(results: Path) -> Path:
-    """Where a worker started on first use writes its log (beside its socket)."""
-    return Path(results) / _LOG_NAME
+_LOCK_NAME = "flwr_warm_site.lock"
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -77,31 +75,6 @@ def _start_ticks(pid: int) -> int | None:
         return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def supernode_pid() -> int:
-    """The pid of the SuperNode above this process (``flower-supernode`` among its ancestors), else its parent."""
-    pid = os.getppid()
-    while pid > 1:
-        with contextlib.suppress(OSError):
-            if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
-    return os.getppid()
-
-
-def start_warm_site(results: Path, parent: int) -> subprocess.Popen:
-    """Start a worker for the site whose results folder is ``results``, in its own session, bound to ``parent``
-    (it exits when ``parent`` does), its log in :func:`log_path`."""
-    Path(results).mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "flwr_nnunet.site.warm_worker", "--results", str(results), "--parent", str(parent)]
-    with open(log_path(results), "ab") as out:
-        return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -131,18 +104,30 @@ class WarmWorker:
         The site's results folder (node-config ``nnunet-results``): requests for another site are refused.
     token
         The bytes a connection must send first.
+    answer
+        The answer to a message's frames.
     """
 
-    def __init__(self, results: Path, token: bytes):
+    def __init__(self, results: Path, token: bytes, answer: Answer):
         self.results = Path(results).absolute()
-        self.token = token
+        self.token, self.answer = token, answer
         self.busy = threading.Lock()
         self.last_message = time.monotonic()
         self.site: Site | None = None
         self._key: tuple[int, SiteSpec] | None = None
 
     def site_for(self, request: SiteRequest) -> Site:
-        """The live site of ``request``'s run and spec; a fresh one (the previous one dropped) for another."""
+        """The live site of ``request``'s run and spec; a fresh one (the previous one dropped) for another.
+
+        Raises
+        ------
+        SiteError
+            If ``request`` is for another site's results folder than the one this worker serves.
+        """
+        if Path(request.spec.nnunet_results).absolute() != self.results:
+            raise SiteError(
+                f"{request.spec.name}: this warm site serves {self.results}, not {request.spec.nnunet_results}"
+            )
         key = (request.run_id, request.spec)
         if self.site is None or key != self._key:
             self.drop_site()
@@ -182,23 +167,18 @@ class WarmWorker:
         try:
             send_status(connection, "ready")
             connection.settimeout(None)
-            data = receive_frame(connection)
+            frames = receive_frames(connection)
             self.last_message = time.monotonic()
-            self._answer(connection, data)
+            self._answer(connection, frames)
         finally:
             self.last_message = time.monotonic()
             self.busy.release()
 
-    def _answer(self, connection: socket.socket, data: bytes) -> None:
+    def _answer(self, connection: socket.socket, frames: list[bytes]) -> None:
         try:
-            request = decode_request(data)
-            if Path(request.spec.nnunet_results).absolute() != self.results:
-                raise SiteError(
-                    f"{request.spec.name}: this warm site serves {self.results}, not {request.spec.nnunet_results}"
-                )
-            answer = encode(self.site_for(request).answer(request))
-        except FlwrNnUNetError as error:
-            send_status(connection, "refused", str(error))
+            answer = self.answer(frames, self.site_for)
+        except WarmSiteRefused as refusal:
+            send_status(connection, "refused", str(refusal))
             return
         except Exception as error:  # noqa: BLE001 - the ClientApp answers in-process; logged with its traceback
             log(ERROR, "warm site: unexpected error\n%s", "".join(traceback.format_exception(error)))
@@ -208,9 +188,9 @@ class WarmWorker:
         send_frame(connection, answer)
 
 
-def serve(results: Path, parent: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
-    """Serve the site whose results folder is ``results`` until ``parent`` is gone or ``idle_timeout`` seconds
-    pass without a message; return at once if another worker serves it."""
+def serve(results: Path, parent: int, answer: Answer, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+    """Serve ``answer`` for the site whose results folder is ``results`` until ``parent`` is gone or
+    ``idle_timeout`` seconds pass without a message; return at once if another worker serves it."""
     results = Path(results).absolute()
     results.mkdir(parents=True, exist_ok=True)
     with open(results / _LOCK_NAME, "a") as lock:
@@ -219,10 +199,10 @@ def serve(results: Path, parent: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
         except OSError:
             log(INFO, "warm site: another worker serves %s", results)
             return
-        _serve(results, parent, idle_timeout)
+        _serve(results, parent, answer, idle_timeout)
 
 
-def _serve(results: Path, parent: int, idle_timeout: float) -> None:
+def _serve(results: Path, parent: int, answer: Answer, idle_timeout: float) -> None:
     path, token = socket_path(results), secrets.token_hex(32).encode()
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
         log(ERROR, "warm site: %s is longer than a Unix socket path may be; use a shorter nnunet-results", path)
@@ -230,7 +210,7 @@ def _serve(results: Path, parent: int, idle_timeout: float) -> None:
     parent_started = _start_ticks(parent)
     _write_private(token_path(results), token)
     path.unlink(missing_ok=True)
-    worker = WarmWorker(results, token)
+    worker = WarmWorker(results, token, answer)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         mask = os.umask(0o177)
         try:
@@ -257,17 +237,3 @@ def _serve(results: Path, parent: int, idle_timeout: float) -> None:
             token_path(results).unlink(missing_ok=True)
             worker.drop_site()
     log(INFO, "warm site: stopped (%s)", path)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m flwr_nnunet.site.warm_worker --results DIR [--parent PID] [--idle-timeout S]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="the site's node-config 'nnunet-results'")
-    parser.add_argument("--parent", type=int, default=os.getppid(), help="exit when this process (the SuperNode) is")
-    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S, help="exit after S idle seconds")
-    arguments = parser.parse_args(argv)
-    serve(arguments.results, arguments.parent, arguments.idle_timeout)
-
-
-if __name__ == "__main__":
-    main()
