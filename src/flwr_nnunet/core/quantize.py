@@ -124,19 +124,34 @@ def packed_length(numel: int, bits: int) -> int:
     return bits * math.ceil(numel / 8)
 
 
+def _fields(bits: int) -> list[tuple[int, int, int, int]]:
+    """Where each of a group's 8 codes lies: (code, byte, shift in it, bits spilling into the next byte)."""
+    return [(i, bits * i // 8, bits * i % 8, max(0, bits * i % 8 + bits - 8)) for i in range(8)]
+
+
 def _pack(codes: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Flat integer ``codes`` (in ``[-qmax, qmax]``) packed as :class:`Quantized` describes."""
-    bits, zero = scheme.bits, scheme.qmax + 1
-    stored = codes.to(torch.int64) + zero
-    stored = torch.cat((stored, stored.new_full((-stored.numel() % 8,), zero)))
-    words = (stored.view(-1, 8) << (torch.arange(8) * bits)).sum(dim=1)  # the fields do not overlap: sum is or
-    return ((words[:, None] >> (torch.arange(bits) * 8)) & 0xFF).to(torch.uint8).reshape(-1)
+    zero = scheme.qmax + 1
+    stored = (codes + zero).to(torch.uint8)
+    groups = torch.cat((stored, stored.new_full((-stored.numel() % 8,), zero))).view(-1, 8)
+    packed = torch.zeros((groups.shape[0], scheme.bits), dtype=torch.uint8)
+    for code, byte, shift, spill in _fields(scheme.bits):
+        packed[:, byte] |= groups[:, code] << shift  # uint8: the bits shifted past the byte drop out
+        if spill:
+            packed[:, byte + 1] |= groups[:, code] >> (scheme.bits - spill)
+    return packed.reshape(-1)
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The stored codes (``code + qmax + 1``, int64) of ``packed``, the padding included."""
-    words = (packed.reshape(-1, bits).to(torch.int64) << (torch.arange(bits) * 8)).sum(dim=1)
-    return ((words[:, None] >> (torch.arange(8) * bits)) & ((1 << bits) - 1)).reshape(-1)
+    """The stored codes (``code + qmax + 1``, uint8) of ``packed``, the padding included."""
+    bytes_ = packed.reshape(-1, bits)
+    groups = torch.empty((bytes_.shape[0], 8), dtype=torch.uint8)
+    for code, byte, shift, spill in _fields(bits):
+        field = bytes_[:, byte] >> shift
+        if spill:
+            field |= bytes_[:, byte + 1] << (bits - spill)
+        groups[:, code] = field & ((1 << bits) - 1)
+    return groups.reshape(-1)
 
 
 def _blocks(values: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -180,7 +195,7 @@ def _codes(quantized: Quantized, scheme: Scheme, numel: int) -> torch.Tensor:
     """The integer codes as a flat float32 tensor of ``numel`` values."""
     if not scheme.packed:
         return quantized.codes.reshape(-1).to(torch.float32)
-    return (_unpack(quantized.codes, scheme.bits)[:numel] - (scheme.qmax + 1)).to(torch.float32)
+    return _unpack(quantized.codes, scheme.bits)[:numel].to(torch.float32) - (scheme.qmax + 1)
 
 
 def dequantize(quantized: Quantized, scheme: Scheme, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
