@@ -1,0 +1,170 @@
+"""Two hospitals with different plans (5 and 6 stages, 2D): their layers averaged by role, by name, or not at all.
+
+Site A holds the demo's 64x64 images, site B 128x128 images (``--styles``: the demo's scanner style of each, default
+two different ones; ``--training-cases``: how many of its training cases each site trains on); each site's plans are
+nnU-Net's own for its data (the demo's planning, :func:`flwr_nnunet.demo.data.make_demo_dataset`): 5 stages at A, 6
+at B. Each federated run drives the sites' own trainers (:class:`~flwr_nnunet.site.site.Site`, one torch thread) in
+this process: every round each site receives its plans' global model, trains one epoch and replies; the server
+averages each unit of matched layers by cases (:func:`~flwr_nnunet.strategy.role_aggregation.role_weighted_mean_`),
+matched by role (:func:`~flwr_nnunet.nnunet.layer_roles.role_keys`) or by name and shape
+(:func:`~flwr_nnunet.nnunet.layer_roles.name_keys`, FednnU-Net's asymmetric mode). Each plans' global model is
+written as its own nnU-Net model folder and predicts its site's held-out cases with ``nnUNetv2_predict``; the
+baseline is the same site trained alone for as many epochs from the same initial weights
+(:func:`~flwr_nnunet.demo.heldout.train_local_only`). Not the ServerApp: Flower's messages are not used.
+
+Usage: ``python bench/role_matching.py --rounds 8 --seeds 0 1 2 --training-cases 2 --workdir /tmp/role-matching``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+BUDGET = {"iterations_per_epoch": 40, "val_iterations_per_epoch": 5}
+SITES = (("site-A", 64), ("site-B", 128))
+"""(name, image edge)."""
+
+
+@contextlib.contextmanager
+def quiet(log: Path) -> Iterator[None]:
+    """Everything printed inside goes to ``log``."""
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        yield
+
+
+def _hospitals(workdir: Path, styles: list[int], training_cases: int | None) -> dict:
+    """Name -> (demo dataset, its site) for each of :data:`SITES`, planned on its own data, with the demo's scanner
+    style ``styles[k]``; each site trains on its first ``training_cases`` training cases (None: all), its
+    validation cases unchanged."""
+    from flwr_nnunet.demo.data import make_demo_dataset
+
+    hospitals = {}
+    for (name, size), style in zip(SITES, styles):
+        demo = make_demo_dataset(workdir / f"demo-{size}", num_sites=2, size=size, planned=True)
+        site = demo.sites[style]
+        train = [case for case in site.training_cases if case not in site.validation_cases][:training_cases]
+        splits = [{"train": train, "val": list(site.validation_cases)}]
+        (site.preprocessed_dataset_folder / "splits_final.json").write_text(json.dumps(splits, indent=4))
+        hospitals[name] = (demo, site)
+    return hospitals
+
+
+def _site(name: str, demo, site, results: Path):
+    from flwr_nnunet.site.site import Site
+    from flwr_nnunet.site.spec import SiteSpec
+
+    if results.exists():
+        shutil.rmtree(results)
+    spec = SiteSpec(
+        name=name,
+        dataset=demo.dataset_name,
+        nnunet_preprocessed=site.nnunet_preprocessed,
+        nnunet_results=results,
+        configuration=demo.configuration,
+        plans=demo.plans_name,
+        device="cpu",
+    )
+    return Site(spec)
+
+
+def federate(hospitals: dict, roles, rounds: int, seed: int, results: Path) -> dict:
+    """Train the hospitals together for ``rounds`` rounds; return name -> (its shared keys, its local keys)."""
+    from flwr_nnunet.core.aliasing import AliasMap
+    from flwr_nnunet.nnunet.layer_roles import match_layers
+    from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
+    from flwr_nnunet.nnunet.networks import build_trainer_network
+    from flwr_nnunet.site.spec import TrainOptions
+    from flwr_nnunet.strategy.role_aggregation import align_matched_, role_weighted_mean_
+
+    sites, networks, models, folders = {}, {}, {}, {}
+    for name, (demo, site) in hospitals.items():
+        sites[name] = _site(name, demo, site, results / "sites" / name)
+        plans = sites[name].check()
+        folder = site.preprocessed_dataset_folder
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
+        torch.manual_seed(seed)  # the initial weights the site's local-only baseline starts from
+        networks[name] = build_trainer_network(plans, dataset_json, demo.configuration)
+        models[name] = AliasMap.from_module(networks[name]).collapse(networks[name].state_dict())
+        folders[name] = NnUNetModelFolder.in_results(
+            results / name, plans, dataset_json, fingerprint, demo.configuration
+        )
+    matching = match_layers({name: {k: t.shape for k, t in model.items()} for name, model in models.items()}, roles)
+    align_matched_(models, matching)
+    for server_round in range(1, rounds + 1):
+        options = TrainOptions(local_epochs=1, num_epochs=rounds, seed=seed, server_round=server_round, **BUDGET)
+        replies = []
+        for name, site in sites.items():
+            tensors, metrics = site.train(models[name], options)
+            replies.append((name, tensors, float(metrics["num-examples"])))
+        role_weighted_mean_(models, matching, replies)
+    for name, folder in folders.items():
+        folder.write_metadata()
+        folder.save_checkpoint("final", networks[name].state_dict(), {"server_round": rounds})
+    return {name: (matching.shared(name), matching.local(name)) for name in hospitals}
+
+
+def main(argv=None) -> int:
+    from flwr_nnunet.demo.heldout import predict_test_cases, train_local_only
+    from flwr_nnunet.nnunet.layer_roles import name_keys, role_keys
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--styles", type=int, nargs=2, choices=(0, 1), default=[0, 1], help="each site's scanner")
+    parser.add_argument("--training-cases", type=int, help="each site's training cases (default: all)")
+    parser.add_argument("--workdir", type=Path, default=Path("role_matching"))
+    args = parser.parse_args(argv)
+    work = args.workdir.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # two threads on a busy 2-core machine are many times slower
+    started = time.monotonic()
+    with quiet(work / "setup.log"):
+        hospitals = _hospitals(work, args.styles, args.training_cases)
+    rows = []
+    for seed in args.seeds:
+        scores: dict[str, dict[str, float]] = {}
+        for variant, roles in (("role", role_keys), ("name", name_keys)):
+            results = work / f"{variant}-{seed}"
+            with quiet(work / f"{variant}-{seed}.log"):
+                matched = federate(hospitals, roles, args.rounds, seed, results)
+            for name, (demo, site) in hospitals.items():
+                output = work / "pred" / f"{variant}-{seed}-{name}"
+                scores.setdefault(name, {})[variant] = predict_test_cases(demo, site, results / name, output)["mean"]
+                print(
+                    f"seed {seed}, {variant} matching, {name}: {len(matched[name][0])} groups shared, "
+                    f"{len(matched[name][1])} local; {time.monotonic() - started:.0f} s",
+                    flush=True,
+                )
+        for name, (demo, site) in hospitals.items():
+            local = work / f"alone-{seed}" / name
+            if local.exists():
+                shutil.rmtree(local)
+            with quiet(work / f"alone-{seed}-{name}.log"):
+                train_local_only(demo, site, local, epochs=args.rounds, seed=seed, device="cpu", **BUDGET)
+            output = work / "pred" / f"alone-{seed}-{name}"
+            scores[name]["alone"] = predict_test_cases(demo, site, local, output, fold="0")["mean"]
+        rows += [(seed, name, scores[name]) for name in hospitals]
+    cases = args.training_cases or "all"
+    print(
+        f"\nHeld-out mean Dice ({args.rounds} rounds x 1 epoch x {BUDGET['iterations_per_epoch']} iterations; "
+        f"training cases per site: {cases}; scanner styles {args.styles})"
+    )
+    print(f"{'seed':<6}{'site':<8}{'by role':>10}{'by name':>10}{'alone':>10}")
+    for seed, name, score in rows:
+        print(f"{seed:<6}{name:<8}{score['role']:>10.3f}{score['name']:>10.3f}{score['alone']:>10.3f}")
+    print(f"total wall time: {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+    sys.exit(main())
