@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 BUDGET = {"iterations-per-epoch": 40, "val-iterations-per-epoch": 5, "local-epochs": 1}
+PARTIAL_VARIANTS = ("all annotate both", "naive", "marginal loss")
 DEMO_PLANS = {"plans-max-features": 32, "plans-width-divisor": 4}
 
 
@@ -228,12 +229,14 @@ def plan_partial(args) -> None:
 
     work, rows = args.workdir, []
     organ_only = {"background": 0, "organ": 1}
+    drawn_as = {"lesion": args.lesion_drawn_as} if args.lesion_drawn_as != "background" else None
     declared = {"labels": "background=0 organ=1 lesion=2"}
-    for variant in ("all annotate both", "naive", "marginal loss"):
+    for variant in args.variants:
         name = variant.replace(" ", "-")
         demo = make_demo_dataset(work / name, num_sites=3, planned=False, overwrite=True)
         if variant != "all annotate both":
-            annotate_only(demo.sites[2], demo.file_ending, organ_only, declare=variant == "marginal loss")
+            marginal = variant == "marginal loss"
+            annotate_only(demo.sites[2], demo.file_ending, organ_only, declare=marginal, drawn_as=drawn_as)
         for seed in args.seeds:
             budget = {
                 "num-server-rounds": args.rounds,
@@ -243,7 +246,10 @@ def plan_partial(args) -> None:
             done = run(demo, f"{name}-{seed}", work, **budget)
             rows.append((seed, variant, held_out(demo, done["results"], work / "pred" / f"{name}-{seed}")))
             print(f"{variant}, seed {seed}: {done['seconds']:.0f} s", flush=True)
-    print(f"\nHeld-out Dice per site, lesion / organ ({args.rounds} rounds; site-2 annotated the organ only)")
+    print(
+        f"\nHeld-out Dice per site, lesion / organ ({args.rounds} rounds; site-2 annotated the organ only, its "
+        f"lesions drawn as {args.lesion_drawn_as})"
+    )
     print(f"{'seed':<6}{'training':<20}" + "".join(f"{f'site-{k}':>16}" for k in range(3)))
     for seed, variant, scores in rows:
         cells = "".join(f"{scores[f'site-{k}']['lesion']:>8.3f}{scores[f'site-{k}']['organ']:>8.3f}" for k in range(3))
@@ -266,6 +272,19 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--fine-tune-epochs", type=int, default=4)
     parser.add_argument("--personal-mu", type=float, default=0.1)
+    parser.add_argument(
+        "--lesion-drawn-as",
+        choices=("background", "organ"),
+        default="background",
+        help="partial: what site-2's labels hold where its lesions are (it did not annotate them)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=PARTIAL_VARIANTS,
+        default=PARTIAL_VARIANTS,
+        help="partial: the trainings to run",
+    )
     parser.add_argument("--dims", type=int, choices=(2, 3), default=2, help="honest: the 2D or the 3D demo")
     parser.add_argument("--workdir", type=Path, default=Path("site_quality"))
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from federation_support import run_config, run_federation
@@ -14,7 +15,13 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from flwr_nnunet.demo.corruption import annotate_only
 from flwr_nnunet.demo.data import make_demo_dataset
-from flwr_nnunet.nnunet.label_sets import ANNOTATED_KEY, check_label_set, partial_label_shares
+from flwr_nnunet.nnunet.label_sets import (
+    DRAWN_AS_KEY,
+    check_label_set,
+    partial_label_shares,
+    predictions_as_drawn,
+    site_drawn_as,
+)
 from flwr_nnunet.site.marginal_loss import MarginalLoss, merge_classes
 from flwr_nnunet.strategy.aggregation import aggregate_site_metrics
 
@@ -29,7 +36,7 @@ def nnunet_loss():
 
 def test_merged_classes_are_the_softmax_of_their_sum():
     logits = torch.randn(2, 3, 5, 5)
-    merged = merge_classes(logits, [0, 1])
+    merged = merge_classes(logits, [0, 1, 0])
     probabilities = logits.softmax(1)
     expected = torch.stack([probabilities[:, 0] + probabilities[:, 2], probabilities[:, 1]], dim=1)
     assert torch.allclose(merged.softmax(1), expected, atol=1e-6)
@@ -43,15 +50,47 @@ def test_the_marginal_loss_does_not_punish_an_unannotated_label_where_the_site_d
     background_there, lesion_there = organ.clone(), organ.clone()
     background_there[:, 0][target[:, 0] == 0] = 10.0
     lesion_there[:, 2][target[:, 0] == 0] = 10.0  # the model calls the background lesion
-    marginal, naive = MarginalLoss(nnunet_loss(), [0, 1], 3), nnunet_loss()
+    marginal, naive = MarginalLoss(nnunet_loss(), [0, 1, 0]), nnunet_loss()
     assert marginal(lesion_there, target) == pytest.approx(float(marginal(background_there, target)), abs=1e-4)
     assert naive(lesion_there, target) > naive(background_there, target) + 1.0
-    full = MarginalLoss(nnunet_loss(), [0, 1, 2], 3)  # a site that annotated everything: nnU-Net's loss itself
+    full = MarginalLoss(nnunet_loss(), [0, 1, 2])  # a site that annotated everything: nnU-Net's loss itself
     assert float(full(lesion_there, target)) == pytest.approx(float(naive(lesion_there, target)), abs=1e-6)
-    deep = MarginalLoss(lambda outputs, targets: sum(nnunet_loss()(o, t) for o, t in zip(outputs, targets)), [0, 1], 3)
+    deep = MarginalLoss(lambda outputs, targets: sum(nnunet_loss()(o, t) for o, t in zip(outputs, targets)), [0, 1, 0])
     assert float(deep([lesion_there, lesion_there], [target, target])) == pytest.approx(
         2 * float(marginal(lesion_there, target)), abs=1e-4
     )
+
+
+def test_a_lesion_drawn_as_organ_is_merged_with_the_organ_not_the_background():
+    logits = torch.randn(2, 3, 5, 5)
+    probabilities = logits.softmax(1)
+    merged = merge_classes(logits, [0, 1, 1]).softmax(1)
+    assert torch.allclose(merged, torch.stack([probabilities[:, 0], probabilities[:, 1] + probabilities[:, 2]], 1))
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    target[..., 2:6, 2:6] = 1  # the organ, drawn over its lesion
+    lesion_within, lesion_outside = torch.full((1, 3, 8, 8), -10.0), torch.full((1, 3, 8, 8), -10.0)
+    for logits_, where in ((lesion_within, target[:, 0] == 1), (lesion_outside, target[:, 0] == 0)):
+        logits_[:, 0][target[:, 0] == 0] = 10.0
+        logits_[:, 1][target[:, 0] == 1] = 10.0
+    lesion_within[:, 2, 3:5, 3:5] = 30.0  # a lesion predicted inside the organ: what the site drew as organ
+    lesion_outside[:, 2, 0:2, 0:2] = 30.0  # a lesion predicted in the background: wrong at this site
+    within, inside_background = MarginalLoss(nnunet_loss(), [0, 1, 1]), MarginalLoss(nnunet_loss(), [0, 1, 0])
+    assert float(within(lesion_within, target)) < 0.01
+    assert float(within(lesion_outside, target)) > 0.1  # background voxels are known not to be lesion here
+    assert float(inside_background(lesion_within, target)) > 0.1  # merged with background: punished in the organ
+
+
+def test_a_site_declares_what_it_drew_its_unannotated_labels_as():
+    organ_only = {"background": 0, "organ": 1}
+    assert site_drawn_as(organ_only, {}, FEDERATION) == [0, 1, 0]
+    assert site_drawn_as(organ_only, {"lesion": "organ"}, FEDERATION) == [0, 1, 1]
+    assert site_drawn_as(FEDERATION, {}, FEDERATION) == [0, 1, 2]
+    for wrong in ({"lesion": "tumour"}, {"organ": "background"}, {"vessel": "organ"}):
+        with pytest.raises(ValueError, match="unannotated_drawn_as"):
+            partial_label_shares({"a": FEDERATION, "b": organ_only}, FEDERATION, {"b": wrong})
+    confusion = np.array([[5, 0, 1], [0, 7, 2], [0, 0, 0]])  # the site's labels hold no lesion; 2 predicted in organ
+    assert predictions_as_drawn(confusion, [0, 1, 1]).tolist() == [[5, 1, 0], [0, 9, 0], [0, 0, 0]]
+    assert predictions_as_drawn(confusion, [0, 1, 0]).tolist() == [[6, 0, 0], [2, 7, 0], [0, 0, 0]]
 
 
 def test_declared_label_sets_and_what_a_site_may_declare():
@@ -89,9 +128,9 @@ def test_a_federation_with_a_site_that_annotated_the_organ_only(tmp_path, flwr_l
     done = run_federation(run_config(demo.root, demo.dataset_name, "2d", 3, **declared), 3)
     assert done["dataset_json"]["labels"] == FEDERATION
     installed = json.loads((demo.sites[2].preprocessed_dataset_folder / "dataset.json").read_text())
-    assert installed["labels"] == FEDERATION and installed[ANNOTATED_KEY] == [0, 1]
+    assert installed["labels"] == FEDERATION and installed[DRAWN_AS_KEY] == [0, 1, 0]
     other = json.loads((demo.sites[0].preprocessed_dataset_folder / "dataset.json").read_text())
-    assert ANNOTATED_KEY not in other
+    assert DRAWN_AS_KEY not in other
     lines = [r.getMessage() for r in flwr_log if "annotated ['background', 'organ']" in r.getMessage()]
     assert lines and "site-2" in lines[0] and "marginal loss" in lines[0]
     evaluated = done["history"]["1"]["evaluate"]

@@ -351,6 +351,7 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
         samples_per_case,
     )
     from flwr_nnunet.nnunet.label_convention import label_convention_warnings
+    from flwr_nnunet.nnunet.label_sets import UNANNOTATED_DRAWN_AS
     from flwr_nnunet.nnunet.planning import install_plans, planner_preset
 
     check_planning_settings(settings)
@@ -368,10 +369,11 @@ def plan_with_sites(ask: Ask, settings: Any, options: PlanningOptions | None = N
         log(
             INFO,
             "flwr-nnunet: federated planning: %s annotated %s of the federation's labels %s: it trains with the "
-            "marginal loss (the others merged with background) and is scored on its own labels",
+            "marginal loss (each other label merged with %s) and is scored on its own labels",
             site,
             share,
             list(labels),
+            _drawn_as_words(surveys[site].get(UNANNOTATED_DRAWN_AS)),
         )
     label_warnings = label_convention_warnings(surveys)
     for line in label_warnings.values():
@@ -419,6 +421,12 @@ def declared_labels(settings: Any) -> dict[str, int] | None:
         raise PlanningPhaseError(str(error)) from None
 
 
+def _drawn_as_words(drawn_as: Mapping[str, str] | None) -> str:
+    """What a site drew its unannotated labels as, in words for the log."""
+    within = ", ".join(f"{name!r} with {into!r}" for name, into in (drawn_as or {}).items())
+    return f"background; {within}" if within else "background"
+
+
 def _partial_labels(surveys: Mapping[str, Mapping], labels: Mapping[str, int] | None) -> dict[str, list[str]]:
     """The sites that annotated a subset of the declared ``labels``, with their labels (none without a declared set).
 
@@ -427,12 +435,16 @@ def _partial_labels(surveys: Mapping[str, Mapping], labels: Mapping[str, int] | 
     PlanningPhaseError
         If a site declares a label outside the set, or no site annotated one of it.
     """
-    from flwr_nnunet.nnunet.label_sets import partial_label_shares
+    from flwr_nnunet.nnunet.label_sets import UNANNOTATED_DRAWN_AS, partial_label_shares
 
     if labels is None:
         return {}
     try:
-        return partial_label_shares({site: survey["labels"] for site, survey in surveys.items()}, labels)
+        return partial_label_shares(
+            {site: survey["labels"] for site, survey in surveys.items()},
+            labels,
+            {site: survey.get(UNANNOTATED_DRAWN_AS) for site, survey in surveys.items()},
+        )
     except ValueError as error:
         raise PlanningPhaseError(f"federated planning stopped before training: {error}") from None
 

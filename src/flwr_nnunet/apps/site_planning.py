@@ -130,7 +130,7 @@ def _write_splits(folder: Path, cases: list[str]) -> None:
 def _install_and_preprocess(config: Mapping[str, Any], raw: Path, preprocessed: Path) -> dict:
     from flwr_nnunet.nnunet.digests import plans_sha256
     from flwr_nnunet.nnunet.fingerprint import training_cases
-    from flwr_nnunet.nnunet.label_sets import ANNOTATED_KEY
+    from flwr_nnunet.nnunet.label_sets import DRAWN_AS_KEY, UNANNOTATED_DRAWN_AS, site_drawn_as
     from flwr_nnunet.nnunet.planning import install_plans, preprocess_site
 
     plans, dataset_json = _json(config, "plans"), _json(config, "dataset-json")
@@ -141,8 +141,8 @@ def _install_and_preprocess(config: Mapping[str, Any], raw: Path, preprocessed: 
     site_json, cases = training_cases(raw)
     own = {name: value for name, value in site_json["labels"].items()}
     site_json = {**site_json, **{k: dataset_json[k] for k in ("channel_names", "labels", "file_ending")}}
-    if set(own) != set(dataset_json["labels"]):  # partial labels: the values this site annotated
-        site_json[ANNOTATED_KEY] = sorted(int(value) for value in own.values())
+    if set(own) != set(dataset_json["labels"]):  # partial labels: what this site drew each label as
+        site_json[DRAWN_AS_KEY] = site_drawn_as(own, site_json.get(UNANNOTATED_DRAWN_AS) or {}, dataset_json["labels"])
     identifiers = sorted(cases)
     done = preprocessed_with(preprocessed, plans, configuration, identifiers)
     if not done:

@@ -73,20 +73,33 @@ def _rewrite(path: Path, change) -> None:
         raise ValueError(f"{path}: only the demo's .png and .nii.gz labels can be corrupted")
 
 
-def annotate_only(site: DemoSite, file_ending: str, labels: dict[str, int], *, declare: bool = True) -> list[str]:
+def annotate_only(
+    site: DemoSite,
+    file_ending: str,
+    labels: dict[str, int],
+    *,
+    declare: bool = True,
+    drawn_as: dict[str, str] | None = None,
+) -> list[str]:
     """Rewrite ``site``'s training labels as a hospital that annotated only ``labels`` holds them: every other
-    label becomes background. With ``declare`` its raw ``dataset.json`` lists only ``labels`` (partial labels,
-    declared); without, it keeps every label (the missing ones silently background: the naive federation).
-    Returns the cases rewritten."""
+    label becomes background, or the label ``drawn_as`` names for it (``{"lesion": "organ"}``: the lesion drawn
+    within the organ). With ``declare`` its raw ``dataset.json`` lists only ``labels`` (partial labels, declared)
+    and ``drawn_as``; without, it keeps every label (the missing ones silently background or another label: the
+    naive federation). Returns the cases rewritten."""
     import json
 
-    kept = sorted(set(labels.values()) | {0})
+    from flwr_nnunet.nnunet.label_sets import UNANNOTATED_DRAWN_AS
+
     folder = site.raw_dataset_folder
+    about = json.loads((folder / "dataset.json").read_text())
+    into = {about["labels"][name]: labels[kept] for name, kept in (drawn_as or {}).items()}
+    lookup = np.array([value if value in labels.values() else into.get(value, 0) for value in range(256)])
     cases = sorted(site.training_cases)
     for case in cases:
-        _rewrite(folder / "labelsTr" / f"{case}{file_ending}", lambda label: np.where(np.isin(label, kept), label, 0))
+        _rewrite(folder / "labelsTr" / f"{case}{file_ending}", lambda label: lookup[label])
     if declare:
-        about = json.loads((folder / "dataset.json").read_text())
         about["labels"] = dict(labels)
+        if drawn_as:
+            about[UNANNOTATED_DRAWN_AS] = dict(drawn_as)
         (folder / "dataset.json").write_text(json.dumps(about, indent=4))
     return cases

@@ -42,6 +42,7 @@ from flwr_nnunet.nnunet.intensity import (
     histogram_bins,
     merge_channel_statistics,
 )
+from flwr_nnunet.nnunet.label_sets import UNANNOTATED_DRAWN_AS
 
 __all__ = [
     "AGREED_FIELDS",
@@ -65,7 +66,7 @@ NNUNET_FOREGROUND_SAMPLES = 10e7
 AGREED_FIELDS = ("channel_names", "labels", "regions_class_order", "file_ending", "reader_writer")
 """Survey fields every site must report identically (a mismatch stops planning)."""
 
-SURVEY_FIELDS = (*AGREED_FIELDS, "num_cases", "foreground_range", "label_voxels")
+SURVEY_FIELDS = (*AGREED_FIELDS, "num_cases", "foreground_range", "label_voxels", UNANNOTATED_DRAWN_AS)
 """Everything :func:`site_survey` returns."""
 
 STATISTICS_FIELDS = ("num_cases", "shapes_after_crop", "spacings", "relative_sizes_after_crop", "intensities")
@@ -187,6 +188,7 @@ def site_survey(raw_dataset_folder: str | os.PathLike) -> dict:
         "num_cases": len(cases),
         "foreground_range": [[lo, hi] if np.isfinite(lo) else None for lo, hi in zip(low, high)],
         "label_voxels": {str(value): int(voxels[value]) for value in sorted(voxels)},
+        UNANNOTATED_DRAWN_AS: _jsonable(dataset_json.get(UNANNOTATED_DRAWN_AS) or {}),
     }
 
 

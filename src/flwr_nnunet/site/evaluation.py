@@ -11,7 +11,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.nnunet.label_sets import annotated_values
+from flwr_nnunet.nnunet.label_sets import drawn_as_values, predictions_as_drawn
 from flwr_nnunet.nnunet.metrics import dice_from_counts, label_confusion, region_counts
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 
@@ -66,18 +66,19 @@ def validation_dice(
                 confusion += label_confusion(truth, logits.argmax(0).cpu().numpy(), classes)
     finally:
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
+    drawn_as = drawn_as_values(trainer.dataset_json)
     if not labels.has_regions:
-        hits = np.diag(confusion)
-        counts = np.stack([hits, confusion.sum(axis=0) - hits, confusion.sum(axis=1) - hits], axis=1)[foreground]
+        as_drawn = confusion if drawn_as is None else predictions_as_drawn(confusion, drawn_as)
+        hits = np.diag(as_drawn)
+        counts = np.stack([hits, as_drawn.sum(axis=0) - hits, as_drawn.sum(axis=1) - hits], axis=1)[foreground]
     per_class = [dice_from_counts(*count) for count in counts]
-    annotated = annotated_values(trainer.dataset_json)
-    scored = [annotated is None or value in annotated for value in foreground]
+    scored = [drawn_as is None or drawn_as[value] == value for value in foreground]
     dice = float(np.mean([d for d, kept in zip(per_class, scored) if kept]))
     log(INFO, "%s: %s Dice %.4f on %d validation case(s)", spec.name, model, dice, len(validation))
     metrics = {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}
     if not labels.has_regions:
         metrics["label-confusion"] = confusion.reshape(-1).tolist()
-    if annotated is not None:
+    if drawn_as is not None:
         metrics["annotated-per-class"] = [int(kept) for kept in scored]
     return metrics
 
