@@ -51,14 +51,13 @@ def role_weighted_mean_(
         chosen = [(plans, tensors, weight) for plans, tensors, weight in replies if plans in members]
         if not chosen:
             continue
-        first = members[0]
-        targets = {dict(unit)[first]: models[first][dict(unit)[first]] for unit in units}
-        updates = [{dict(unit)[first]: tensors[dict(unit)[plans]] for unit in units} for plans, tensors, _ in chosen]
+        first, keyed = members[0], [dict(unit) for unit in units]
+        targets = {keys[first]: models[first][keys[first]] for keys in keyed}
+        updates = [{keys[first]: tensors[keys[plans]] for keys in keyed} for plans, tensors, _ in chosen]
         bad = weighted_mean_(targets, updates, [weight for _, _, weight in chosen], check_finite=True)
         non_finite += [f"{first}:{key}" for key in bad]
         with torch.no_grad():
-            for unit in units:
-                keys = dict(unit)
+            for keys in keyed:
                 for member in members[1:]:
-                    models[member][keys[member]].copy_(models[first][keys[first]])
+                    models[member][keys[member]].copy_(targets[keys[first]])
     return non_finite
