@@ -15,12 +15,15 @@ A watcher samples every 10 ms: the start of each ``flwr-clientapp`` process unde
 - site (message): from the ClientApp process's start to the site's round state saved; less the plain epoch, it
   is the site's overhead: process start and imports, trainer build, data loader start and the first epoch's
   warm-up, measured alone in a fresh process as a cold message runs them (:data:`FRESH_PROCESS`), and the rest
-  (the round state written, the instruction checked, decode / encode);
+  (the message pulled from the SuperNode, the round state written, the instruction checked, decode / encode).
+  A warm message's process imports only Flower and hands the message to the worker;
 - reply to aggregated: the reply's way to the server and its aggregation and checkpoint (server time, with the
   transfer and Flower's polling);
 - aggregated to next message: the next instruction's way to the SuperNode and the process it starts (Flower's
   polling, with the transfer).
-Transfer itself is measured alone: the model encoded and decoded both ways (``core/codec`` and Flower's protobuf).
+Server time is the aggregation the ServerApp logs (``aggregate_train: ... in X s``); Flower's polling is what
+the two legs between the site's rounds hold besides it. Transfer itself is measured alone: the model encoded and
+decoded both ways (``core/codec`` and Flower's protobuf).
 
 Run: ``python bench/round_overhead.py [--rounds 4] [--iterations 10]`` (about 6 minutes on 2 CPU cores).
 """
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -97,8 +102,7 @@ def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> 
     from deployment_support import Deployment, model_folder, run_config
 
     from flwr_nnunet.site.spec import SiteSpec
-    from flwr_nnunet.site.warm_channel import socket_path
-    from flwr_nnunet.site.warm_worker import start_warm_site
+    from flwr_nnunet.site.warm_channel import socket_path, start_warm_site
 
     deployment = Deployment(root)
     worker = None
@@ -137,12 +141,16 @@ def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> 
         watcher.done.set()
         watcher.join()
         assert status == "finished:completed", f"{status}\n{deployment.logs()}"
+        server_log = deployment.server_log(run_id)
     finally:
         deployment.stop()
         if worker is not None:
             worker.wait(timeout=30)
     starts = sorted(watcher.starts.values())
-    phases: dict[str, list[float]] = {"round": [], "site": [], "reply": [], "next": []}
+    aggregation = {
+        int(r): float(t) for r, t in re.findall(r"aggregate_train: round (\d+): .*? in ([\d.]+) s", server_log)
+    }
+    phases: dict[str, list[float]] = {"round": [], "site": [], "reply": [], "next": [], "server": []}
     for server_round in range(2, rounds + 1):
         saved, before = watcher.saved[server_round], watcher.saved[server_round - 1]
         start = max(s for s in starts if s <= saved)
@@ -151,6 +159,7 @@ def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> 
         phases["site"].append(saved - start)
         phases["reply"].append(aggregated_before - before)
         phases["next"].append(start - aggregated_before)
+        phases["server"].append(aggregation.get(server_round - 1, math.nan))  # nan: the log did not say
     return {key: statistics.mean(values) for key, values in phases.items()}
 
 
@@ -192,8 +201,12 @@ def plain(demo, rounds: int, iterations: int, root: Path) -> dict[str, float]:
 FRESH_PROCESS = """
 import json, sys, time
 started = time.perf_counter()
-import client_app  # noqa: F401 - what a flwr-clientapp process imports
+from flwr.supernode.cli import flwr_clientapp  # noqa: F401 - what a flwr-clientapp process imports (Flower's own)
+flower = time.perf_counter()
+import client_app  # noqa: F401 - the app on top: all that a message its warm worker answers imports
 imported = time.perf_counter()
+import flwr_nnunet.apps.client  # noqa: F401 - what a message answered in-process adds: torch, nnU-Net
+cold_imported = time.perf_counter()
 from pathlib import Path
 from flwr_nnunet.site.runtime import cpu_worker_defaults, run_epoch
 from flwr_nnunet.site.site import Site
@@ -213,11 +226,13 @@ run_epoch(trainer)
 first = time.perf_counter()
 run_epoch(trainer)
 second = time.perf_counter()
-print(json.dumps({"imports": imported - started, "build": built - imported, "loaders": loaders - built,
+print(json.dumps({"flower": flower - started, "imports": imported - flower, "cold imports": cold_imported - imported,
+                  "build": built - cold_imported, "loaders": loaders - built,
                   "first": first - loaders, "second": second - first}))
 """
-"""A fresh process as a cold message is: imports, the trainer rebuilt from the round state, its data loaders
-started, then two epochs (the first pays the warm-up of a fresh process)."""
+"""A fresh process as a cold message is: imports (Flower's ``flwr-clientapp``, the app, then what answering
+in-process adds), the trainer rebuilt from the round state, its data loaders started, then two epochs (the first
+pays the warm-up of a fresh process)."""
 
 
 def fresh_process(spec, rounds: int, iterations: int) -> dict[str, float]:
@@ -228,16 +243,6 @@ def fresh_process(spec, rounds: int, iterations: int) -> dict[str, float]:
     if done.returncode != 0:
         raise RuntimeError(f"the fresh process failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def imports(statement: str) -> float:
-    """Wall seconds of a fresh Python running ``statement`` (an import), median of 3."""
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", statement], cwd=REPO, check=True)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def transfer(demo) -> float:
@@ -276,7 +281,6 @@ def main() -> None:
         base = plain(demo, arguments.rounds, arguments.iterations, root)
         moved = transfer(demo)
         fresh = fresh_process(base["spec"], arguments.rounds, arguments.iterations)
-        flower = imports("import flwr.app, flwr.clientapp")
         runs = {}
         for warm in (False, True):
             (root / ("warm" if warm else "cold")).mkdir()
@@ -289,21 +293,29 @@ def main() -> None:
         f"E = {rounds} rounds (means of rounds 2..{rounds}); plain nnU-Net epoch {base['epoch']:.2f} s\n"
     )
     print(
-        "| path | round | overhead per round | site: message - epoch | reply to aggregated | aggregated to next message |"
+        "| path | round | overhead per round | site: message - epoch | reply to aggregated | aggregated to next "
+        "message | server time (aggregation) | Flower's polling | overhead without Flower's polling |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for warm, label in ((False, "cold (a process per message)"), (True, "warm (the site's warm worker)")):
         run = runs[warm]
+        overhead, polling = run["round"] - base["epoch"], run["reply"] + run["next"] - run["server"]
         print(
-            f"| {label} | {run['round']:.2f} s | {run['round'] - base['epoch']:.2f} s | "
-            f"{run['site'] - base['epoch']:.2f} s | {run['reply']:.2f} s | {run['next']:.2f} s |"
+            f"| {label} | {run['round']:.2f} s | {overhead:.2f} s | {run['site'] - base['epoch']:.2f} s | "
+            f"{run['reply']:.2f} s | {run['next']:.2f} s | {run['server']:.2f} s | {polling:.2f} s | "
+            f"{overhead - polling:.2f} s |"
         )
-    print("\nMeasured alone at the same time: a fresh process as a cold message runs, then Flower's own imports\n")
+    print("\nMeasured alone at the same time: fresh processes as a message's ClientApp runs them\n")
     print("| part | seconds | paid per round |")
     print("|---|---|---|")
-    print(f"| process start and imports (`import client_app`) | {fresh['imports']:.2f} | cold and warm |")
     print(
-        f"| of which Flower's own (`import flwr.app, flwr.clientapp`, a process alone) | {flower:.2f} | cold and warm |"
+        f"| Flower's own imports in a `flwr-clientapp` process (`flwr.supernode.cli`) | {fresh['flower']:.2f} | cold and warm |"
+    )
+    print(
+        f"| the ClientApp on top (`import client_app`): a warm message's imports | {fresh['imports']:.2f} | cold and warm |"
+    )
+    print(
+        f"| what in-process training adds: torch, nnU-Net (`flwr_nnunet.apps.client`) | {fresh['cold imports']:.2f} | cold |"
     )
     print(f"| trainer build from the round state | {fresh['build']:.2f} | cold |")
     print(f"| data loader start (`on_train_start`) | {fresh['loaders']:.2f} | cold |")
