@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{args.dims}d-{mode}-{seed}"
             overrides = {**DEMO_NETWORK, **budget_config(argparse.Namespace(**budget, seed=seed)), "compression": mode}
             done = run(demo, name, work, **overrides)
-            scores = held_out(demo, done["results"], work / "pred" / name)
+            scores = held_out(demo, done["results"], work / "pred" / f"{args.dims}d-{seed}" / mode)
             rounds = [done["history"][str(r)]["evaluate"]["aggregated"]["dice"] for r in range(1, args.rounds + 1)]
             rows.append((seed, mode, scores, rounds))
             cells = " ".join(f"{site} {s['mean']:.4f}" for site, s in scores.items())
