@@ -18,7 +18,9 @@ test cases are predicted with ``nnUNetv2_predict`` and scored per site.
 ``--plan partial``
     The 2D demo with site-2 annotating the organ only: held-out lesion and organ Dice at every site when every site
     annotates both labels, when site-2's missing lesions are taken as background (naive), and with the marginal
-    loss (run-config ``labels`` declares the federation's set, site-2's dataset.json its own).
+    loss (run-config ``labels`` declares the federation's set, site-2's dataset.json its own). ``--lesion-drawn-as
+    organ``: site-2 drew its lesions as organ (and declares so with ``unannotated_drawn_as``); ``--variants`` picks
+    the trainings.
 
 Usage: ``python bench/site_quality.py --plan outlier --seeds 0 1 2 --workdir /tmp/site-quality``.
 """
