@@ -40,9 +40,7 @@ def rounds(demo, tmp_path_factory):  # noqa: F811 - the fixture imported from te
     """Three sites trained for two rounds from one global model; round 2 brings another global model."""
     root = tmp_path_factory.mktemp("personal")
     global_1, global_2 = initial_weights(demo), initial_weights(demo, seed=5)
-    sites = {
-        name: Site(spec_for(demo, root / name)) for name in ("mr-mtl-0", "local", "mr-mtl-strong")
-    }
+    sites = {name: Site(spec_for(demo, root / name)) for name in ("mr-mtl-0", "local", "mr-mtl-strong")}
     plans = plans_sha256(sites["local"].check())
     out = {"global_1": global_1, "global_2": global_2, "sites": sites}
     for name, mu in (("mr-mtl-0", 0.0), ("mr-mtl-strong", 50.0)):

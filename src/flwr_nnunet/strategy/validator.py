@@ -291,7 +291,9 @@ class ReplyValidator:
     def _compression_problem(self, scheme: object, base: object) -> str | None:
         """Why a reply compressed with ``scheme`` from the model of digest ``base`` cannot be decoded, or None."""
         if self.model_sender is None:
-            return f"the reply is compressed ({bounded(repr(scheme), 40)}), but this run's run-config compression is none"
+            return (
+                f"the reply is compressed ({bounded(repr(scheme), 40)}), but this run's run-config compression is none"
+            )
         if scheme != self.model_sender.scheme.name:
             return (
                 f"the reply is compressed with {bounded(repr(scheme), 40)}, but this run's run-config compression is "
