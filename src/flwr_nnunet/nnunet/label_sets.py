@@ -20,7 +20,6 @@ __all__ = [
     "DRAWN_AS_KEY",
     "UNANNOTATED_DRAWN_AS",
     "annotated_of",
-    "annotated_values",
     "check_label_set",
     "drawn_as_values",
     "partial_label_shares",
@@ -127,12 +126,6 @@ def drawn_as_values(dataset_json: Mapping[str, object]) -> list[int] | None:
 def annotated_of(drawn_as: Sequence[int]) -> list[int]:
     """The label values a site annotated: those it drew as themselves."""
     return [value for value, drawn in enumerate(drawn_as) if drawn == value]
-
-
-def annotated_values(dataset_json: Mapping[str, object]) -> Sequence[int] | None:
-    """The label values a site annotated, from its installed ``dataset.json``; None when it annotated them all."""
-    drawn_as = drawn_as_values(dataset_json)
-    return None if drawn_as is None else annotated_of(drawn_as)
 
 
 def predictions_as_drawn(confusion: np.ndarray, drawn_as: Sequence[int]) -> np.ndarray:

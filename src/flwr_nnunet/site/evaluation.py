@@ -11,7 +11,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
-from flwr_nnunet.nnunet.label_sets import drawn_as_values, predictions_as_drawn
+from flwr_nnunet.nnunet.label_sets import annotated_of, drawn_as_values, predictions_as_drawn
 from flwr_nnunet.nnunet.metrics import dice_from_counts, label_confusion, region_counts
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 
@@ -72,7 +72,7 @@ def validation_dice(
         hits = np.diag(as_drawn)
         counts = np.stack([hits, as_drawn.sum(axis=0) - hits, as_drawn.sum(axis=1) - hits], axis=1)[foreground]
     per_class = [dice_from_counts(*count) for count in counts]
-    scored = [drawn_as is None or drawn_as[value] == value for value in foreground]
+    scored = [drawn_as is None or value in annotated_of(drawn_as) for value in foreground]
     dice = float(np.mean([d for d, kept in zip(per_class, scored) if kept]))
     log(INFO, "%s: %s Dice %.4f on %d validation case(s)", spec.name, model, dice, len(validation))
     metrics = {"num-examples": len(validation), "dice": dice, "dice-per-class": per_class}
