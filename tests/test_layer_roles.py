@@ -118,3 +118,18 @@ def test_matching_is_symmetric_complete_and_matches_a_network_with_itself(first,
     assert all(len({a[k] if m == "a" else b[k] for m, k in unit}) == 1 for unit in matching.units)  # one shape
     itself = match_layers({"a": a, "copy": a})
     assert itself.pairs("a", "copy") == {key: key for key in a} and itself.local("a") == ()
+
+
+@settings(max_examples=40, deadline=None)
+@given(widths, widths)
+def test_local_keys_stay_local_and_everything_else_matches_as_before(first, second):
+    def norms(key: str) -> bool:
+        return ".norm." in key
+
+    a, b = unet_shapes(first), unet_shapes(second)
+    shared = match_layers({"a": a, "b": b})
+    local = match_layers({"a": a, "b": b}, local=norms)
+
+    assert set(local.local("a")) == set(shared.local("a")) | {key for key in a if norms(key)}
+    assert local.pairs("a", "b") == {k: v for k, v in shared.pairs("a", "b").items() if not norms(k)}
+    assert match_layers({"a": a, "copy": a}, local=norms).local("copy") == tuple(k for k in a if norms(k))

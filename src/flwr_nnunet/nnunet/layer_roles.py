@@ -85,15 +85,21 @@ class LayerMatching:
 
 
 def match_layers(
-    networks: Mapping[str, Shapes], roles: Callable[[Iterable[str]], dict[str, str]] = role_keys
+    networks: Mapping[str, Shapes],
+    roles: Callable[[Iterable[str]], dict[str, str]] = role_keys,
+    *,
+    local: Callable[[str], bool] | None = None,
 ) -> LayerMatching:
     """The units of ``networks`` (member name -> its canonical keys and shapes): one per role key and shape.
 
     ``roles`` names each key's role within its network (:func:`role_keys`; :func:`name_keys` matches by name).
-    Units come in the order of their first tensor (members in the given order, keys in each network's order).
+    ``local``: keys that match no other network's whatever their role (e.g. ``lambda key: ".norm." in key``: each
+    site's normalization layers its own, as in FedBN). Units come in the order of their first tensor (members in
+    the given order, keys in each network's order).
     """
-    units: dict[tuple[str, tuple[int, ...]], list[tuple[str, str]]] = {}
+    units: dict[tuple[str, tuple[int, ...], str | None], list[tuple[str, str]]] = {}
     for member, shapes in networks.items():
         for key, role in roles(shapes).items():
-            units.setdefault((role, tuple(int(s) for s in shapes[key])), []).append((member, key))
+            alone = member if local is not None and local(key) else None
+            units.setdefault((role, tuple(int(s) for s in shapes[key]), alone), []).append((member, key))
     return LayerMatching(tuple(tuple(unit) for unit in units.values()))

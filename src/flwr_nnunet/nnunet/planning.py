@@ -260,6 +260,7 @@ def plan_from_fingerprint(
     planner: str = "ExperimentPlanner",
     plans_name: str = "nnUNetPlans",
     workdir: str | os.PathLike | None = None,
+    gpu_memory_target_in_gb: float | None = None,
 ) -> dict:
     """Plans from a (merged) fingerprint with nnU-Net's own experiment planner, without any image.
 
@@ -282,6 +283,9 @@ def plan_from_fingerprint(
         nnU-Net planner class and plans identifier (see :data:`PLANNERS`).
     workdir
         Scratch folder (a temporary one, removed afterwards, by default).
+    gpu_memory_target_in_gb
+        The GPU memory the plans are made for (None: the planner's own target, 8 GB for nnU-Net's default
+        planner): a smaller one gives a smaller patch and, where the patch loses a pooling, one stage less.
 
     Returns
     -------
@@ -303,7 +307,8 @@ def plan_from_fingerprint(
         (preprocessed / dataset_name).mkdir(parents=True, exist_ok=True)
         (preprocessed / dataset_name / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
         with nnunet_environment(raw, preprocessed), contextlib.redirect_stdout(open(os.devnull, "w")):
-            fixed(dataset_name, plans_name=plans_name).plan_experiment()
+            memory = {} if gpu_memory_target_in_gb is None else {"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
+            fixed(dataset_name, plans_name=plans_name, **memory).plan_experiment()
         return json.loads((preprocessed / dataset_name / f"{plans_name}.json").read_text())
 
 
