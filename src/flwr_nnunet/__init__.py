@@ -43,6 +43,7 @@ _FACE = {
     "flwr_nnunet.strategy.registry": ("strategy_from_name",),
     "flwr_nnunet.strategy.replies": ("AcceptedReply", "Rejection"),
     "flwr_nnunet.strategy.robust": ("NnUNetFedMedian", "NnUNetFedTrimmedAvg"),
+    "flwr_nnunet.strategy.role_fedavg": ("RoleMatchedFedAvg",),
     "flwr_nnunet.strategy.server_optimizers": ("NnUNetFedAdagrad", "NnUNetFedAdam", "NnUNetFedAvgM", "NnUNetFedYogi"),
 }
 """The module of each public name."""

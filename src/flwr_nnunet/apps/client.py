@@ -55,6 +55,7 @@ from flwr_nnunet.site.spec import (
     TrainOptions,
     checked_dataset_name,
     find_site_dataset,
+    find_site_plans,
 )
 from flwr_nnunet.site.warm_channel import WarmSiteRefused
 
@@ -84,6 +85,8 @@ NODE_CONFIG_KEYS = {
     "batch-size": "a smaller batch than the plans' for this site's GPU memory (its epochs run more iterations, so "
     "they see as many patches)",
     "patch-size": "a smaller patch than the plans', e.g. '96,96,96' (each edge a multiple of the network's pooling)",
+    "plans": "this site's own plans (a <plans>.json in its preprocessed dataset folder, its data preprocessed with "
+    "them) instead of run-config 'plans'; trained only with run-config layer-matching='role', the server holding a copy",
     "warm-site": "true: start the site's warm worker on first use; false: always train in the ClientApp's process "
     "(default: use the warm worker when one runs, as configs/deployment/supernode.sh starts it)",
 }
@@ -102,23 +105,27 @@ def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], nod
     In simulation (``partition-id`` in the node config) site K uses
     ``<data-root>/site-K/nnUNet_preprocessed`` and ``.../nnUNet_results``, and
     its own dataset name is found in its folders
-    (:func:`~flwr_nnunet.site.spec.find_site_dataset`). In deployment the
-    SuperNode's node config names the folders and the dataset
-    (:data:`NODE_CONFIG_KEYS`), falling back to nnU-Net's environment variables
-    and the run config's ``dataset``, the federation's name.
+    (:func:`~flwr_nnunet.site.spec.find_site_dataset`), and with run-config
+    ``layer-matching = "role"`` its own plans too (:func:`~flwr_nnunet.site.spec.find_site_plans`). In
+    deployment the SuperNode's node config names the folders, the dataset and
+    the site's own plans (:data:`NODE_CONFIG_KEYS`), falling back to nnU-Net's
+    environment variables and the run config's ``dataset`` and ``plans``, the federation's.
 
     Raises
     ------
     SiteError
         If a deployed node has neither ``nnunet-preprocessed`` nor ``nnUNet_preprocessed``, its node-config
         ``dataset`` is not of the form ``Dataset<ID>_<Name>``, or a simulated site's folders hold several
-        datasets that could be its own.
+        datasets or (``layer-matching = "role"``) several plans that could be its own.
     """
     federation, name = str(run_config_value(run_config, "dataset")), site_name(node_config, node_id)
+    plans = str(node_config.get("plans", run_config_value(run_config, "plans")))
     if "partition-id" in node_config:
         folder = data_root(run_config) / name
         preprocessed, results = folder / "nnUNet_preprocessed", folder / "nnUNet_results"
         dataset = find_site_dataset(federation, (folder / "nnUNet_raw", preprocessed), name)
+        if run_config_value(run_config, "layer-matching") and "plans" not in node_config:
+            plans = find_site_plans(plans, preprocessed / dataset, name)
     else:
         preprocessed = node_config.get("nnunet-preprocessed") or os.environ.get("nnUNet_preprocessed")
         results = site_results(node_config)
@@ -134,7 +141,7 @@ def site_spec(run_config: Mapping[str, Any], node_config: Mapping[str, Any], nod
         nnunet_preprocessed=Path(preprocessed).expanduser().absolute(),
         nnunet_results=Path(results).expanduser().absolute(),
         configuration=str(run_config_value(run_config, "configuration")),
-        plans=str(run_config_value(run_config, "plans")),
+        plans=plans,
         trainer=str(run_config_value(run_config, "trainer")),
         fold=_fold(node_config.get("fold", run_config_value(run_config, "fold"))),
         device=str(node_config.get("device", run_config_value(run_config, "device"))),
@@ -357,18 +364,22 @@ def _answer_query(message: Any, context: Any, answer: Any) -> Any:
 
 
 def handle_query(message: Any, context: Any) -> Any:
-    """Answer a planning ``query`` message (:mod:`flwr_nnunet.apps.site_planning`) for this node's site.
+    """Answer a planning ``query`` message (:mod:`flwr_nnunet.apps.site_planning`) for this node's site, or the
+    ``site-plans`` query of a run with ``layer-matching = "role"`` (which plans the site trains).
 
     Replies ``RecordDict({"config": {"planning-stage", "site-name", "planning": <JSON answer>}})``; a
     query the site cannot answer gets an error reply naming the site and the problem. No exception escapes.
     """
     from flwr.app import ConfigRecord
 
-    from flwr_nnunet.apps.site_planning import answer_planning, raw_dataset_folder
+    from flwr_nnunet.apps.site_planning import SITE_PLANS_STAGE, answer_planning, answer_site_plans, raw_dataset_folder
 
     def planning(spec: SiteSpec, config: Any) -> dict:
-        raw = raw_dataset_folder(context.run_config, context.node_config, spec.dataset)
-        stage, answer = answer_planning(config, raw, spec.dataset_folder)
+        if config.get("planning-stage") == SITE_PLANS_STAGE:
+            stage, answer = SITE_PLANS_STAGE, answer_site_plans(Site(spec))
+        else:
+            raw = raw_dataset_folder(context.run_config, context.node_config, spec.dataset)
+            stage, answer = answer_planning(config, raw, spec.dataset_folder)
         return {
             "config": ConfigRecord({"planning-stage": stage, "site-name": spec.name, "planning": json.dumps(answer)})
         }

@@ -60,6 +60,7 @@ __all__ = [
     "plan_federation",
     "plan_with_sites",
     "plans_query",
+    "query_sites",
     "resend_plans",
     "run_planning_phase",
 ]
@@ -184,7 +185,7 @@ def ask_sites(
         Naming each node that answered with its own error or a malformed answer (and why), or, when fewer than
         ``needed`` answered, each lost node and the fix.
     """
-    answers, problems, lost = _query(grid, node_ids, stage, config, timeout)
+    answers, problems, lost = query_sites(grid, node_ids, stage, config, timeout)
     if problems:
         named = "; ".join(f"node {node}: {why}" for node, why in {**problems, **lost}.items())
         raise PlanningPhaseError(f"federated planning ({stage}) stopped: {named}")
@@ -193,11 +194,11 @@ def ask_sites(
     return answers
 
 
-def _query(
+def query_sites(
     grid: Any, node_ids: list[int], stage: str, config: Mapping[str, Any], timeout: float
 ) -> tuple[dict[int, tuple], dict[int, str], dict[int, str]]:
-    """One planning query to every node: the answers, the nodes that answered an error or a malformed answer
-    (node id -> why), and the lost nodes (node id -> why)."""
+    """One query (``planning-stage`` ``stage``) to every node: the answers ``{node id: (site name, answer)}``, the
+    nodes that answered an error or a malformed answer (node id -> why), and the lost nodes (node id -> why)."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
 
@@ -552,7 +553,7 @@ class PlansForLateSites:
             return
         self._asked.update(late)
         log(INFO, "flwr-nnunet: node(s) %s missed the planning phase: the run's plans go to them first", late)
-        answers, problems, lost = _query(self._grid, late, "plans", self._query, self._timeout)
+        answers, problems, lost = query_sites(self._grid, late, "plans", self._query, self._timeout)
         for node, (name, answer) in answers.items():
             log(INFO, "flwr-nnunet: %s (node %d) installed the plans %s", name, node, answer.get("plans-sha256"))
         for node, why in {**problems, **lost}.items():

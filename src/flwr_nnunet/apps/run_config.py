@@ -144,6 +144,14 @@ RUN_CONFIG: tuple[Setting, ...] = (
     Setting("configuration", str, "2d", "nnU-Net configuration (2d, 3d_fullres, ...)"),
     Setting("plans", str, "nnUNetPlans", "plans identifier"),
     Setting(
+        "layer-matching",
+        str,
+        "",
+        "'': every site trains the federation's plans; role: a site may keep its own plans (node-config 'plans', "
+        "a copy of them in the server's dataset folder) and layers are averaged where they match by role across "
+        "plans, one global model folder per plans (planning='fixed'; see documentation/hospitals-that-differ.md)",
+    ),
+    Setting(
         "labels",
         str,
         "",
@@ -376,6 +384,7 @@ class RunSettings:
     dataset: str
     configuration: str
     plans: str
+    layer_matching: str
     labels: dict[str, Any]
     planning: str
     planner: str

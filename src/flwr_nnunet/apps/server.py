@@ -16,13 +16,19 @@ from collections.abc import Mapping
 from logging import INFO
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from flwr.supercore import log
 
-from flwr_nnunet.apps.config_errors import ServerConfigError, install_one_line_errors, read_required_json
+from flwr_nnunet.apps.config_errors import ServerConfigError, install_one_line_errors
 from flwr_nnunet.apps.history import RunHistory
+from flwr_nnunet.apps.own_plans import check_layer_matching_settings
 from flwr_nnunet.apps.run_config import RunSettings
-from flwr_nnunet.nnunet.networks import build_trainer_network
+from flwr_nnunet.apps.server_model import (
+    global_model_folder,
+    global_network,
+    round_options,
+    server_files,
+    strategy_options_named,
+)
 from flwr_nnunet.strategy.checkpoints import ResumeError
 
 if TYPE_CHECKING:
@@ -96,52 +102,21 @@ def _plugged_in(data: RunData | None) -> RunData:
 
 
 def build_strategy(settings: RunSettings, run_config: Mapping[str, Any]) -> Any:
-    """The global network (from the shared plans) and the named strategy around it, with its model folder."""
-    from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
+    """The global network (from the shared plans) and the named strategy around it, with its model folder; with
+    ``layer-matching = "role"`` one global network and model folder per plans the server holds
+    (:func:`flwr_nnunet.apps.own_plans.build_role_strategy`)."""
+    plans, dataset_json, fingerprint = server_files(settings)
+    if settings.layer_matching:
+        from flwr_nnunet.apps.own_plans import build_role_strategy
 
-    folder = settings.server_dataset_folder
-    fix = (
-        f"check run-config dataset ({settings.dataset!r}), plans ({settings.plans!r}) and data-root "
-        f"({settings.data_root}); planning='fixed' needs the federation's plans, dataset.json and "
-        "dataset_fingerprint.json there, planning='federated' plans from the sites' raw data before round 1"
-    )
-    if not folder.is_dir():
-        raise ServerConfigError(f"no dataset {settings.dataset!r} on the server: {folder} does not exist; {fix}")
-    plans = read_required_json(folder / f"{settings.plans}.json", fix)
-    dataset_json = read_required_json(folder / "dataset.json", fix)
-    fingerprint = read_required_json(folder / "dataset_fingerprint.json", fix)
-    configurations = sorted(plans.get("configurations", {}))
-    if settings.configuration not in configurations:
-        raise ServerConfigError(
-            f"the plans {folder / settings.plans}.json have no configuration {settings.configuration!r} (they have "
-            f"{', '.join(configurations) or 'none'}): set run-config configuration to one of them"
-            + (" (the 3D demo: demo-3d=true)" if settings.make_demo and not settings.demo_3d else "")
-        )
-    torch.manual_seed(settings.seed)
-    network = build_trainer_network(plans, dataset_json, settings.configuration, settings.trainer)
-    dims = len(plans["configurations"][settings.configuration]["patch_size"])
-    model_folder = NnUNetModelFolder.in_results(
-        settings.results_dir,
-        plans,
-        dataset_json,
-        fingerprint,
-        settings.configuration,
-        trainer_name=settings.trainer,
-        inference_allowed_mirroring_axes=tuple(range(dims)),
-        fold=settings.fold if settings.crossval else "all",  # a cross-validation fold's model: fold_<k>/
-    )
+        return build_role_strategy(settings, run_config, plans, dataset_json, fingerprint)
+    network = global_network(settings, plans, dataset_json)
+    model_folder = global_model_folder(settings, plans, dataset_json, fingerprint)
     options = dict(settings.strategy_options)
     if settings.strategy.replace("-", "").replace("_", "").lower() == "fedprox":
         options.setdefault("proximal_mu", settings.proximal_mu)
-    try:
+    with strategy_options_named(settings):
         return _strategy(settings, network, plans, model_folder, run_config, options)
-    except TypeError as error:
-        if "unexpected keyword argument" not in str(error):
-            raise
-        raise ServerConfigError(
-            f"strategy {settings.strategy!r} or its dp wrapper {settings.dp!r} does not take an option given: "
-            f"{error}; fix run-config strategy-options / dp-options (Flower's argument names)"
-        ) from None
 
 
 def _resumes_with_plans(settings: RunSettings) -> bool:
@@ -269,13 +244,8 @@ def _strategy(settings, network, plans, model_folder, run_config, options):
         plans=plans,
         model_folder=model_folder,
         run_config=dict(run_config),
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=settings.fraction_evaluate,
-        min_train_nodes=settings.min_train_nodes,
-        min_evaluate_nodes=settings.min_evaluate_nodes,
-        min_available_nodes=settings.min_available_nodes,
-        flagged_weight=settings.flagged_weight,
         compression=settings.compression,
+        **round_options(settings),
         **options,
     )
 
@@ -347,6 +317,7 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
     from flwr_nnunet.apps.crossval_phase import check_crossval_settings, finish_fold, forget_fold
 
     settings = read_settings(context.run_config)
+    check_layer_matching_settings(settings)
     if settings.find_best_configuration:  # a model selection run trains nothing
         from flwr_nnunet.apps.model_selection import select_configuration
 
@@ -392,6 +363,10 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
         _resume(strategy, context.run_config)
         if planned_before:  # the checkpoint's plans digest checked: these plans to every site
             planned = plan_before_training(grid, settings, data=data)
+    if settings.layer_matching:
+        from flwr_nnunet.apps.own_plans import survey_site_plans
+
+        survey_site_plans(grid, core, settings)
     log(
         INFO,
         "flwr-nnunet: %s, %s, %d round(s) x %d local epoch(s), strategy %s; global model in %s",

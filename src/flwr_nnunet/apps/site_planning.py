@@ -20,6 +20,9 @@ answer as JSON text under ``planning``:
     cases preprocessed with nnU-Net's preprocessor (skipped when they already
     are, with plans of the same digest); the answer is the plans digest.
 
+A run with ``layer-matching = "role"`` plans nothing but asks each site once which plans it trains
+(:data:`SITE_PLANS_STAGE`, :func:`answer_site_plans`): their name and digest.
+
 Nothing per voxel and no image is ever in a reply. This module is the site's
 side but knows nothing of :mod:`flwr_nnunet.apps.client` (which routes the
 message here with the site's folders).
@@ -38,14 +41,19 @@ from flwr_nnunet.errors import FlwrNnUNetError
 
 __all__ = [
     "PLANNING_STAGES",
+    "SITE_PLANS_STAGE",
     "PlanningQueryError",
     "answer_planning",
+    "answer_site_plans",
     "preprocessed_with",
     "raw_dataset_folder",
 ]
 
 PLANNING_STAGES = ("survey", "statistics", "plans")
 """The planning queries, in the order the server sends them."""
+
+SITE_PLANS_STAGE = "site-plans"
+"""The query of a ``layer-matching = "role"`` run: which plans the site trains (answered by :func:`answer_site_plans`)."""
 
 _MARKER = "flwr_preprocessed.json"
 
@@ -185,3 +193,18 @@ def answer_planning(config: Mapping[str, Any], raw: Path, preprocessed: Path) ->
             raise PlanningQueryError(f"config 'samples-per-case' must be an integer >= 1, not {samples!r}")
         return stage, site_statistics(raw, _json(config, "bins"), samples)
     return stage, _install_and_preprocess(config, raw, preprocessed)
+
+
+def answer_site_plans(site: Any) -> dict:
+    """The site's answer to :data:`SITE_PLANS_STAGE`: ``{"plans": <name>, "plans-sha256": <digest>}`` of the plans it
+    trains (its spec's, node-config ``plans`` or run-config ``plans``), after the site's checks
+    (:meth:`~flwr_nnunet.site.site.Site.check`: the plans there, the data preprocessed with them).
+
+    Raises
+    ------
+    SiteError
+        Naming what the site lacks and the fix.
+    """
+    from flwr_nnunet.nnunet.digests import plans_sha256
+
+    return {"plans": site.spec.plans, "plans-sha256": plans_sha256(site.check())}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ __all__ = [
     "TrainOptions",
     "checked_dataset_name",
     "find_site_dataset",
+    "find_site_plans",
+    "plans_files",
 ]
 
 STATE_FILE = "flwr_site_state.pth"
@@ -225,7 +228,9 @@ class SiteSpec:
             "plans": (
                 f"copy the federation's {self.plans}.json into {self.dataset_folder} "
                 f"(nnUNetv2_move_plans_between_datasets), then run "
-                f"nnUNetv2_preprocess -d {dataset_id} -plans_name {self.plans} -c {self.configuration}"
+                f"nnUNetv2_preprocess -d {dataset_id} -plans_name {self.plans} -c {self.configuration}; or keep "
+                "this site's own plans: name them with node-config plans='<name>' and set run-config "
+                "layer-matching='role' (documentation/hospitals-that-differ.md)"
             ),
             "fingerprint": f"nnUNetv2_extract_fingerprint -d {dataset_id}",
         }
@@ -339,3 +344,46 @@ class TrainOptions:
             seed=_config_int(config, "seed", None),
             server_round=server_round,
         )
+
+
+_NOT_PLANS = frozenset({"dataset.json", "dataset_fingerprint.json", "splits_final.json"})
+
+
+def plans_files(folder: Path) -> dict[str, dict]:
+    """File stem -> plans of every nnU-Net plans file in ``folder`` (a JSON object with ``plans_name`` and
+    ``configurations``), in name order; unreadable files are skipped."""
+    found = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        if path.name in _NOT_PLANS:
+            continue
+        try:
+            about = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(about, dict) and "plans_name" in about and "configurations" in about:
+            found[path.stem] = about
+    return found
+
+
+def find_site_plans(federation: str, folder: Path, site: str) -> str:
+    """This site's own plans name, found in its preprocessed dataset ``folder`` (simulation with run-config
+    ``layer-matching = "role"``, where Flower gives a node no node config of its own).
+
+    ``federation`` (run-config ``plans``) when the folder holds ``<federation>.json`` or no plans file at all (the
+    site's checks then name what is missing), else the one plans file there (:func:`plans_files`).
+
+    Raises
+    ------
+    SiteError
+        If several plans files fit, naming them and the fix.
+    """
+    folder = Path(folder)
+    if (folder / f"{federation}.json").is_file() or not folder.is_dir():
+        return federation
+    found = list(plans_files(folder))
+    if len(found) > 1:
+        raise SiteError(
+            f"{site}: {folder} holds several plans ({', '.join(found)}) and not the federation's {federation}.json: "
+            "keep the one this site trains there"
+        )
+    return found[0] if found else federation
