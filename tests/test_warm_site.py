@@ -25,7 +25,7 @@ from test_client_hardening import REPO, Federation, _context, _metadata, send
 from test_site import demo  # noqa: F401 - the module-scoped demo fixture
 
 from flwr_nnunet.apps import client
-from flwr_nnunet.apps.warm_forwarding import encode_forwarded, forwarded
+from flwr_nnunet.apps.warm_forwarding import decode_content, encode_forwarded, forwarded
 from flwr_nnunet.core.codec import from_array_record
 from flwr_nnunet.site.warm_channel import (
     WORKER_COMMAND,
@@ -39,6 +39,7 @@ from flwr_nnunet.site.warm_channel import (
     start_warm_site,
     token_path,
 )
+from flwr_nnunet.site.warm_worker import WarmWorker
 
 _RUN_IDS = iter(range(9000, 9100))
 
@@ -110,6 +111,20 @@ def test_warm_rounds_equal_cold_rounds_bit_for_bit(demo, tmp_path, worker):  # n
     log = _text(log_path(results))
     assert "a fresh trainer for run" in log and "site-0: round 3 trained" in log, log  # the worker trained them
     assert "trainer rebuilt" not in log  # ... on one live trainer
+    _wait(lambda: any(results.rglob("progress.png")), what="the progress plot the worker draws after its replies")
+
+
+@pytest.mark.slow
+def test_the_worker_draws_a_rounds_progress_plot_after_its_reply(demo, tmp_path):  # noqa: F811
+    results = tmp_path / "warm"
+    worker = WarmWorker(results, b"token", client.answer_forwarded)
+    message = make_message(_metadata("train"), content=Federation(demo).content(1))
+    answer = worker.answer(encode_forwarded(message, _context(demo, results, next(_RUN_IDS))), worker.site_for)
+    spec = worker.site.spec
+    assert decode_content(answer)["metrics"]["epoch"] == 1 and spec.state_file.is_file()  # the round is answered
+    assert not (spec.output_folder / "progress.png").exists()  # ... and its reply did not wait for the plot
+    worker.draw_plots()
+    assert (spec.output_folder / "progress.png").is_file()
 
 
 @pytest.mark.slow

@@ -4,13 +4,15 @@ metrics."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +26,7 @@ from flwr_nnunet.site.fedprox import ProximalLoss
 from flwr_nnunet.site.spec import SiteError, SiteSpec
 
 __all__ = [
+    "PlotLater",
     "build_trainer",
     "cpu_worker_defaults",
     "epoch_metrics",
@@ -110,16 +113,37 @@ def cpu_worker_defaults(device: torch.device) -> Iterator[None]:
         os.environ.pop("nnUNet_n_proc_DA", None)
 
 
+PlotLater = Callable[[Callable[[], None]], None]
+"""What takes a round's progress plot to draw later: the drawing, a call without arguments."""
+
+
 @contextmanager
-def progress_plot_once(trainer: Any) -> Iterator[None]:
-    """Draw nnU-Net's ``progress.png`` once at the end of a round instead of after every epoch (about 1 s each)."""
+def progress_plot_once(trainer: Any, later: PlotLater | None = None) -> Iterator[None]:
+    """Draw nnU-Net's ``progress.png`` once at the end of a round instead of after every epoch (about 1 s each).
+
+    With ``later``, the round does not draw it: ``later`` gets the drawing of the logs as they are at the round's
+    end, to run when it suits (the warm worker's: once it has replied).
+    """
     logger = trainer.logger
     logger.plot_progress_png = lambda output_folder: None
     try:
         yield
     finally:
         del logger.plot_progress_png
-        logger.plot_progress_png(trainer.output_folder)
+        if later is None:
+            logger.plot_progress_png(trainer.output_folder)
+        else:
+            later(_progress_plot(logger.get_checkpoint(), trainer.output_folder))
+
+
+def _progress_plot(logs: dict, folder: str) -> Callable[[], None]:
+    """Drawing ``progress.png`` into ``folder`` from a copy of ``logs`` (a trainer logger's checkpoint): the
+    trainer may train on before it is drawn."""
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+    snapshot = LocalLogger()
+    snapshot.load_checkpoint(copy.deepcopy(logs))
+    return functools.partial(snapshot.plot_progress_png, folder)
 
 
 def set_schedule(trainer: Any, num_epochs: int) -> None:

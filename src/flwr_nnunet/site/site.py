@@ -55,6 +55,7 @@ from flwr_nnunet.site.marginal_loss import marginal_loss_for_partial_labels
 from flwr_nnunet.site.personal import FineTuneSchedule, save_personal_model
 from flwr_nnunet.site.request import SiteAnswer, SiteRequest
 from flwr_nnunet.site.runtime import (
+    PlotLater,
     build_trainer,
     cpu_worker_defaults,
     epoch_metrics,
@@ -94,6 +95,9 @@ class Site:
     ----------
     spec
         The site's folders and training setup.
+    plot_later
+        Where given, a round hands it the drawing of nnU-Net's ``progress.png`` instead of drawing it itself (the
+        warm worker draws it once it has replied).
 
     Notes
     -----
@@ -102,8 +106,9 @@ class Site:
     clear errors for a missing or unprepared dataset.
     """
 
-    def __init__(self, spec: SiteSpec):
+    def __init__(self, spec: SiteSpec, *, plot_later: PlotLater | None = None):
         self.spec = spec
+        self._plot_later = plot_later
         self.trainer: Any = None
         self._data_loaders_ready = False
         self._alias_map: AliasMap | None = None
@@ -421,7 +426,7 @@ class Site:
         elif options.proximal_mu > 0:
             trainer.loss = ProximalLoss(trainer.loss, parameters, options.proximal_mu)
         try:
-            with progress_plot_once(trainer):
+            with progress_plot_once(trainer, self._plot_later):
                 for _ in range(options.local_epochs):
                     self._run_epoch()
         finally:
@@ -592,6 +597,6 @@ class Site:
         )
         if options.seed is not None:
             seed_everything(options.seed, options.server_round + 1, self.spec.name)
-        with torch.enable_grad(), progress_plot_once(trainer):
+        with torch.enable_grad(), progress_plot_once(trainer, self._plot_later):
             for _ in range(options.fine_tune_epochs):
                 self._run_epoch()

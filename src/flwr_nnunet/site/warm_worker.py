@@ -31,6 +31,7 @@ import struct
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -115,6 +116,8 @@ class WarmWorker:
         self.last_message = time.monotonic()
         self.site: Site | None = None
         self._key: tuple[int, SiteSpec] | None = None
+        self._plots: deque[Callable[[], None]] = deque()
+        self._plotting = threading.Lock()
 
     def site_for(self, request: SiteRequest) -> Site:
         """The live site of ``request``'s run and spec; a fresh one (the previous one dropped) for another.
@@ -132,7 +135,7 @@ class WarmWorker:
         if self.site is None or key != self._key:
             self.drop_site()
             log(INFO, "%s: warm site: a fresh trainer for run %d", request.spec.name, request.run_id)
-            self.site, self._key = Site(request.spec), key
+            self.site, self._key = Site(request.spec, plot_later=self._plots.append), key
         return self.site
 
     def drop_site(self) -> None:
@@ -143,13 +146,25 @@ class WarmWorker:
             torch.cuda.empty_cache()
 
     def handle(self, connection: socket.socket) -> None:
-        """Answer one connection: the token, then one request; no exception leaves."""
+        """Answer one connection: the token, then one request; then, the connection closed, draw the round's
+        progress plot (off the round's way, the next message served meanwhile). No exception leaves."""
         try:
             with connection:
                 connection.settimeout(HANDSHAKE_TIMEOUT_S)
                 self._handle(connection)
         except (OSError, ConnectionError) as error:
             log(WARNING, "warm site: a connection ended early (%s)", error)
+        self.draw_plots()
+
+    def draw_plots(self) -> None:
+        """Draw the progress plots that answered rounds left (nnU-Net's ``progress.png``), one at a time; a plot
+        that fails is logged."""
+        with self._plotting:
+            while self._plots:
+                try:
+                    self._plots.popleft()()
+                except Exception as error:  # noqa: BLE001 - a plot is no part of the round's answer
+                    log(WARNING, "warm site: a progress plot failed\n%s", "".join(traceback.format_exception(error)))
 
     def _handle(self, connection: socket.socket) -> None:
         uid = _peer_uid(connection)
@@ -235,5 +250,6 @@ def _serve(results: Path, parent: int, answer: Answer, idle_timeout: float) -> N
         finally:
             path.unlink(missing_ok=True)
             token_path(results).unlink(missing_ok=True)
+            worker.draw_plots()
             worker.drop_site()
     log(INFO, "warm site: stopped (%s)", path)
