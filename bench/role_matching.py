@@ -1,9 +1,17 @@
 """Two hospitals with different plans (5 and 6 stages, 2D): their layers averaged by role, by name, or not at all.
 
-Site A holds the demo's 64x64 images, site B 128x128 images (``--styles``: the demo's scanner style of each, default
-two different ones; ``--training-cases``: how many of its training cases each site trains on); each site's plans are
-nnU-Net's own for its data (the demo's planning, :func:`flwr_nnunet.demo.data.make_demo_dataset`): 5 stages at A, 6
-at B. Each federated run drives the sites' own trainers (:class:`~flwr_nnunet.site.site.Site`, one torch thread) in
+``--plans-differ-by`` says why the plans differ:
+
+- ``image-size`` (default): site A holds the demo's 64x64 images, site B 128x128 images (``--styles``: the demo's
+  scanner style of each); each site's plans are nnU-Net's own for its data (the demo's planning,
+  :func:`flwr_nnunet.demo.data.make_demo_dataset`): 5 stages at A, 6 at B. The organs are drawn as a fraction of the
+  image edge, so a pixel at A covers twice the anatomy of one at B.
+- ``gpu``: both sites hold 128x128 images: site A the two-site demo's ``styles[0]`` site, B its ``styles[1]`` site
+  (with equal styles, that scanner's site of a second demo: other patients), each planned by its demo; site B
+  trains those plans (6 stages), site A keeps its own plans for a smaller GPU (its demo's fingerprint planned by
+  nnU-Net's planner for ``--small-gpu-gb``: a 96x96 patch, 5 stages), so a pixel means the same at both.
+
+``--training-cases``: how many of its training cases each site trains on. Each federated run drives the sites' own trainers (:class:`~flwr_nnunet.site.site.Site`, one torch thread) in
 this process: every round each site receives its plans' global model, trains one epoch and replies; the server
 averages each unit of matched layers by cases (:func:`~flwr_nnunet.strategy.role_aggregation.role_weighted_mean_`),
 matched by role (:func:`~flwr_nnunet.nnunet.layer_roles.role_keys`) or by name and shape
@@ -12,13 +20,15 @@ written as its own nnU-Net model folder and predicts its site's held-out cases w
 baseline is the same site trained alone for as many epochs from the same initial weights
 (:func:`~flwr_nnunet.demo.heldout.train_local_only`). Not the ServerApp: Flower's messages are not used.
 
-Usage: ``python bench/role_matching.py --rounds 8 --seeds 0 1 2 --training-cases 2 --workdir /tmp/role-matching``.
+Usage: ``python bench/role_matching.py --rounds 8 --seeds 0 1 2 --training-cases 2 --workdir /tmp/role-matching``
+(``--plans-differ-by gpu --styles 0 1``: the sites that differ only in their GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -40,21 +50,56 @@ def quiet(log: Path) -> Iterator[None]:
         yield
 
 
-def _hospitals(workdir: Path, styles: list[int], training_cases: int | None) -> dict:
-    """Name -> (demo dataset, its site) for each of :data:`SITES`, planned on its own data, with the demo's scanner
-    style ``styles[k]``; each site trains on its first ``training_cases`` training cases (None: all), its
-    validation cases unchanged."""
+def _hospitals(workdir: Path, differ_by: str, styles: list[int], small_gpu_gb: float) -> dict:
+    """Name -> (demo dataset, its site) for each of :data:`SITES` (``--plans-differ-by``, see the module)."""
     from flwr_nnunet.demo.data import make_demo_dataset
 
-    hospitals = {}
-    for (name, size), style in zip(SITES, styles):
-        demo = make_demo_dataset(workdir / f"demo-{size}", num_sites=2, size=size, planned=True)
-        site = demo.sites[style]
+    if differ_by == "image-size":
+        return {
+            name: (demo, demo.sites[style])
+            for (name, size), style in zip(SITES, styles)
+            for demo in [make_demo_dataset(workdir / f"demo-{size}", num_sites=2, size=size, planned=True)]
+        }
+    demo = make_demo_dataset(workdir / "demo-128", num_sites=2, size=128, planned=True)
+    other = demo  # one scanner: site B the same scanner's site of a second demo (other patients)
+    if styles[0] == styles[1]:
+        other = make_demo_dataset(workdir / "demo-128-b", num_sites=2, size=128, planned=True, seed=1)
+    small = _plan_for_gpu(demo, demo.sites[styles[0]], small_gpu_gb)
+    return {SITES[0][0]: (small, demo.sites[styles[0]]), SITES[1][0]: (other, other.sites[styles[1]])}
+
+
+def _plan_for_gpu(demo, site, gpu_gb: float):
+    """``demo`` with plans of its federation's fingerprint for a ``gpu_gb`` GPU (narrowed as the demo's), installed
+    and preprocessed at ``site``."""
+    from flwr_nnunet.demo.data import DEMO_PLANNING
+    from flwr_nnunet.nnunet.planning import install_plans, plan_from_fingerprint, preprocess_site, shrink_plans
+
+    name = f"{demo.plans_name}_{gpu_gb:g}GB"
+    folder = demo.server.preprocessed_dataset_folder
+    shared = json.loads(demo.plans_file.read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
+    plans = plan_from_fingerprint(
+        fingerprint,
+        dataset_json,
+        demo.dataset_name,
+        shared["image_reader_writer"],
+        plans_name=name,
+        gpu_memory_target_in_gb=gpu_gb,
+    )
+    plans = shrink_plans(plans, max_features=DEMO_PLANNING.max_features, width_divisor=DEMO_PLANNING.width_divisor)
+    plans["configurations"] = {demo.configuration: plans["configurations"][demo.configuration]}
+    install_plans(plans, dataset_json, site.preprocessed_dataset_folder, fingerprint)
+    preprocess_site(site.raw_dataset_folder, site.preprocessed_dataset_folder, plans, demo.configuration)
+    return dataclasses.replace(demo, plans_name=name)
+
+
+def _train_on(hospitals: dict, training_cases: int | None) -> None:
+    """Each site trains on its first ``training_cases`` training cases (None: all), its validation cases unchanged."""
+    for _, site in hospitals.values():
         train = [case for case in site.training_cases if case not in site.validation_cases][:training_cases]
         splits = [{"train": train, "val": list(site.validation_cases)}]
         (site.preprocessed_dataset_folder / "splits_final.json").write_text(json.dumps(splits, indent=4))
-        hospitals[name] = (demo, site)
-    return hospitals
 
 
 def _site(name: str, demo, site, results: Path):
@@ -75,8 +120,9 @@ def _site(name: str, demo, site, results: Path):
     return Site(spec)
 
 
-def federate(hospitals: dict, roles, rounds: int, seed: int, results: Path) -> dict:
-    """Train the hospitals together for ``rounds`` rounds; return name -> (its shared keys, its local keys)."""
+def federate(hospitals: dict, roles, rounds: int, seed: int, results: Path, local=None) -> dict:
+    """Train the hospitals together for ``rounds`` rounds, the keys ``local`` names (None: none) kept at each site;
+    return name -> (its shared keys, its local keys)."""
     from flwr_nnunet.core.aliasing import AliasMap
     from flwr_nnunet.nnunet.layer_roles import match_layers
     from flwr_nnunet.nnunet.model_folder import NnUNetModelFolder
@@ -97,7 +143,8 @@ def federate(hospitals: dict, roles, rounds: int, seed: int, results: Path) -> d
         folders[name] = NnUNetModelFolder.in_results(
             results / name, plans, dataset_json, fingerprint, demo.configuration
         )
-    matching = match_layers({name: {k: t.shape for k, t in model.items()} for name, model in models.items()}, roles)
+    shapes = {name: {k: t.shape for k, t in model.items()} for name, model in models.items()}
+    matching = match_layers(shapes, roles, local=local)
     align_matched_(models, matching)
     for server_round in range(1, rounds + 1):
         options = TrainOptions(local_epochs=1, num_epochs=rounds, seed=seed, server_round=server_round, **BUDGET)
@@ -119,7 +166,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--plans-differ-by", choices=("image-size", "gpu"), default="image-size")
     parser.add_argument("--styles", type=int, nargs=2, choices=(0, 1), default=[0, 1], help="each site's scanner")
+    parser.add_argument("--local-norms", action="store_true", help="each site keeps its normalization layers (FedBN)")
+    parser.add_argument("--small-gpu-gb", type=float, default=0.05, help="site A's GPU with --plans-differ-by gpu")
     parser.add_argument("--training-cases", type=int, help="each site's training cases (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path("role_matching"))
     args = parser.parse_args(argv)
@@ -128,14 +178,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # two threads on a busy 2-core machine are many times slower
     started = time.monotonic()
     with quiet(work / "setup.log"):
-        hospitals = _hospitals(work, args.styles, args.training_cases)
+        hospitals = _hospitals(work, args.plans_differ_by, args.styles, args.small_gpu_gb)
+        _train_on(hospitals, args.training_cases)
+    local = (lambda key: ".norm." in key) if args.local_norms else None
     rows = []
     for seed in args.seeds:
         scores: dict[str, dict[str, float]] = {}
         for variant, roles in (("role", role_keys), ("name", name_keys)):
             results = work / f"{variant}-{seed}"
             with quiet(work / f"{variant}-{seed}.log"):
-                matched = federate(hospitals, roles, args.rounds, seed, results)
+                matched = federate(hospitals, roles, args.rounds, seed, results, local=local)
             for name, (demo, site) in hospitals.items():
                 output = work / "pred" / f"{variant}-{seed}-{name}"
                 scores.setdefault(name, {})[variant] = predict_test_cases(demo, site, results / name, output)["mean"]
@@ -156,7 +208,8 @@ def main(argv=None) -> int:
     cases = args.training_cases or "all"
     print(
         f"\nHeld-out mean Dice ({args.rounds} rounds x 1 epoch x {BUDGET['iterations_per_epoch']} iterations; "
-        f"training cases per site: {cases}; scanner styles {args.styles})"
+        f"training cases per site: {cases}; scanner styles {args.styles}; plans differ by {args.plans_differ_by}"
+        f"{'; normalization layers local' if args.local_norms else ''})"
     )
     print(f"{'seed':<6}{'site':<8}{'by role':>10}{'by name':>10}{'alone':>10}")
     for seed, name, score in rows:
