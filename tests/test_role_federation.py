@@ -372,6 +372,62 @@ def test_a_reply_of_the_wrong_plans_is_refused_and_a_refused_round_changes_no_mo
     assert all(torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
 
 
+def test_local_norms_stay_at_each_site_and_out_of_the_matching():
+    from flwr.app import ArrayRecord, ConfigRecord
+    from strategy_support import LoopbackGrid
+
+    from flwr_nnunet.nnunet.networks import is_normalization_key
+
+    strategy = _two_plans_strategy(local_keys=is_normalization_key, min_available_nodes=3)
+    everything = _two_plans_strategy()
+    for name, member in strategy.members.items():
+        kept = set(everything.members[name].model.tensors) - set(member.model.tensors)
+        assert kept and all(is_normalization_key(key) for key in kept)
+        assert set(member.model.local_groups) == kept
+    matched = {key for unit in strategy.matching.units for _, key in unit}
+    assert matched and not any(is_normalization_key(key) for key in matched)
+    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), LoopbackGrid([1, 2, 3], handler=None))
+    for message in messages:
+        plans = strategy.site_plans[message.metadata.dst_node_id]
+        local = strategy.members[plans].model.local_groups
+        assert sorted(json.loads(message.content["config"]["local-keys"])) == sorted(local)
+        assert not set(message.content["arrays"].keys()) & set(local)
+
+
+def test_run_config_local_norms_reaches_every_plans_and_the_single_plans_strategy(hospitals):
+    from flwr_nnunet.apps.server import _core, build_strategy, read_settings
+    from flwr_nnunet.nnunet.networks import is_normalization_key
+
+    role = _config(hospitals, **{"local-norms": True})
+    for member in build_strategy(read_settings(role), role).members.values():
+        assert member.model.local_groups and all(map(is_normalization_key, member.model.local_groups))
+    single = run_config(hospitals["root"], hospitals["dataset"], "2d", 3, planning="fixed", **{"local-norms": True})
+    local = _core(build_strategy(read_settings(single), single)).model.local_groups
+    assert local and all(map(is_normalization_key, local))
+    default = run_config(hospitals["root"], hospitals["dataset"], "2d", 3, planning="fixed")
+    assert _core(build_strategy(read_settings(default), default)).model.local_groups == ()
+
+
+def test_with_local_norms_two_rounds_train_and_the_server_never_touches_a_norm(hospitals, tmp_path):
+    """A role run with run-config local-norms: no instruction carries a normalization layer, the sites train two
+    rounds on their own, and every plans' global checkpoint keeps its initial normalization layers."""
+    from flwr_nnunet.nnunet.networks import is_normalization_key
+
+    config = _config(hospitals, **{"local-norms": True, "num-server-rounds": 2, "results-dir": str(tmp_path)})
+    run = run_federation(config, 3)
+    assert sorted(run["history"]) == ["1", "2"]
+    trained = [m for m in run["grid"].replies if m.metadata.message_type == "train"]
+    assert len(trained) == 4 and not any(is_normalization_key(key) for m in trained for key in m.content["arrays"])
+    for plans_name in (MAIN, DEEP):
+        torch.manual_seed(config["seed"])
+        initial = build_trainer_network(hospitals["plans"][plans_name], hospitals["dataset_json"], "2d").state_dict()
+        folder = run["model"].parent / f"nnUNetTrainer__{plans_name}__2d" / "fold_all"
+        final = load_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
+        norms = [key for key in final if is_normalization_key(key)]
+        assert norms and all(torch.equal(final[key], initial[key]) for key in norms)
+        assert not all(torch.equal(final[key], initial[key]) for key in final if not is_normalization_key(key))
+
+
 def test_a_simulated_site_trains_the_one_plans_in_its_folder_or_the_federations(tmp_path):
     from flwr_nnunet.site.spec import SiteError, find_site_plans
 

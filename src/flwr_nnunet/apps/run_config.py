@@ -152,6 +152,13 @@ RUN_CONFIG: tuple[Setting, ...] = (
         "plans, one global model folder per plans (planning='fixed'; see documentation/hospitals-that-differ.md)",
     ),
     Setting(
+        "local-norms",
+        bool,
+        False,
+        "each site keeps its own normalization layers (FedBN: their scale and shift are neither sent nor averaged), "
+        "for sites whose scanners differ",
+    ),
+    Setting(
         "labels",
         str,
         "",
@@ -385,6 +392,7 @@ class RunSettings:
     configuration: str
     plans: str
     layer_matching: str
+    local_norms: bool
     labels: dict[str, Any]
     planning: str
     planner: str

@@ -14,7 +14,7 @@ import torch
 
 from flwr_nnunet.apps.config_errors import ServerConfigError, read_required_json
 from flwr_nnunet.apps.run_config import RunSettings
-from flwr_nnunet.nnunet.networks import build_trainer_network
+from flwr_nnunet.nnunet.networks import build_trainer_network, is_normalization_key
 
 __all__ = ["global_model_folder", "global_network", "round_options", "server_files", "strategy_options_named"]
 
@@ -72,8 +72,10 @@ def global_model_folder(settings: RunSettings, plans: dict, dataset_json: dict, 
 
 
 def round_options(settings: RunSettings) -> dict[str, Any]:
-    """The strategy arguments every round reads from the run config: node sampling and the flagged sites' weight."""
+    """The strategy arguments every round reads from the run config: node sampling, the flagged sites' weight and
+    what each site keeps (``local-norms``)."""
     return {
+        "local_keys": is_normalization_key if settings.local_norms else None,
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": settings.fraction_evaluate,
         "min_train_nodes": settings.min_train_nodes,

@@ -16,11 +16,19 @@ __all__ = [
     "build_network",
     "build_plans_network",
     "build_trainer_network",
+    "is_normalization_key",
     "network_channels",
     "trainer_class",
 ]
 
 _NORM_KWARGS = {"eps": 1e-05, "affine": True}
+
+
+def is_normalization_key(key: str) -> bool:
+    """Whether ``key`` (a state_dict key of nnU-Net's U-Nets) is a normalization layer's: the ``norm`` of each
+    ``ConvDropoutNormReLU`` (its alias ``all_modules.1`` is in the same alias group), in every encoder, decoder and
+    residual block."""
+    return ".norm." in key
 _NONLIN_KWARGS = {"inplace": True}
 _REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 

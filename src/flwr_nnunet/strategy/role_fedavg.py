@@ -112,6 +112,9 @@ class RoleMatchedFedAvg(FedAvg):
         The run config; its digest is stored in every checkpoint and a resume refuses a different one.
     roles : callable (default: :func:`~flwr_nnunet.nnunet.layer_roles.role_keys`)
         Key -> role key of one network's keys: which layers correspond across plans.
+    local_keys : callable, optional
+        ``key -> bool``; alias groups in which any key matches stay at each site (e.g.
+        :func:`~flwr_nnunet.nnunet.networks.is_normalization_key`, FedBN): not sent, not matched, not averaged.
     post_round_fn : callable, optional
         ``(server_round, strategy) -> None``, called after each round.
     diagnostics : SiteDiagnostics, optional
@@ -136,6 +139,7 @@ class RoleMatchedFedAvg(FedAvg):
         identify: Identify | None = None,
         run_config: Mapping[str, Any] | None = None,
         roles: Callable[[Iterable[str]], dict[str, str]] = role_keys,
+        local_keys: Callable[[str], bool] | None = None,
         post_round_fn: Callable[[int, RoleMatchedFedAvg], None] | None = None,
         diagnostics: SiteDiagnostics | None = None,
         flagged_weight: float = 1.0,
@@ -153,6 +157,7 @@ class RoleMatchedFedAvg(FedAvg):
                 plans=plans[name],
                 model_folder=folders.get(name),
                 run_config=run_config,
+                local_keys=local_keys,
                 diagnostics=self.diagnostics,
                 flagged_weight=flagged_weight,
                 min_train_nodes=1,
