@@ -48,7 +48,8 @@ TICK_S = 0.01
 
 
 def _boot_time() -> float:
-    return float(next(line.split()[1] for line in open("/proc/stat") if line.startswith("btime")))
+    """The boot as a wall-clock time, to the clock's precision (``/proc/stat``'s ``btime`` is whole seconds)."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _process_start(pid: int) -> float | None:
