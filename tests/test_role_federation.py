@@ -409,8 +409,9 @@ def test_run_config_local_norms_reaches_every_plans_and_the_single_plans_strateg
 
 
 def test_with_local_norms_two_rounds_train_and_the_server_never_touches_a_norm(hospitals, tmp_path):
-    """A role run with run-config local-norms: no instruction carries a normalization layer, the sites train two
-    rounds on their own, and every plans' global checkpoint keeps its initial normalization layers."""
+    """A role run with run-config local-norms: no reply carries a normalization layer, every plans' global
+    checkpoint keeps its initial normalization layers, and each site's personal model is the global one with its
+    own."""
     from flwr_nnunet.nnunet.networks import is_normalization_key
 
     config = _config(hospitals, **{"local-norms": True, "num-server-rounds": 2, "results-dir": str(tmp_path)})
@@ -423,9 +424,19 @@ def test_with_local_norms_two_rounds_train_and_the_server_never_touches_a_norm(h
         initial = build_trainer_network(hospitals["plans"][plans_name], hospitals["dataset_json"], "2d").state_dict()
         folder = run["model"].parent / f"nnUNetTrainer__{plans_name}__2d" / "fold_all"
         final = load_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
-        norms = [key for key in final if is_normalization_key(key)]
+        amap = AliasMap.from_state_dict(final)
+        local = set(amap.select(is_normalization_key))
+        norms = {key for key in final if amap.canonical_of(key) in local}  # with their aliases (all_modules.1)
+        shared = set(final) - norms
         assert norms and all(torch.equal(final[key], initial[key]) for key in norms)
-        assert not all(torch.equal(final[key], initial[key]) for key in final if not is_normalization_key(key))
+        assert not all(torch.equal(final[key], initial[key]) for key in shared)
+        site = 0 if plans_name == MAIN else 1  # its model: the global one with its own norms, for nnUNetv2_predict
+        (personal,) = (hospitals["root"] / f"site-{site}").rglob(f"*__{plans_name}__2d/fold_*/checkpoint_personal.pth")
+        own = load_checkpoint(personal)
+        assert own["flwr_nnunet_personal"]["kind"] == "local-groups"
+        weights = own["network_weights"]
+        assert all(torch.equal(weights[key], final[key]) for key in shared)
+        assert not all(torch.equal(weights[key], final[key]) for key in norms)
 
 
 def test_a_simulated_site_trains_the_one_plans_in_its_folder_or_the_federations(tmp_path):

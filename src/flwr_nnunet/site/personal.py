@@ -29,7 +29,8 @@ PERSONAL_CHECKPOINT = "checkpoint_personal.pth"
 """The personal model's file name in the site's fold folder (``nnUNetv2_predict ... -chk checkpoint_personal.pth``)."""
 
 PERSONAL_KEY = "flwr_nnunet_personal"
-"""The checkpoint entry describing the personal model: ``kind`` (``fine-tuned``, ``global`` or ``mr-mtl``),
+"""The checkpoint entry describing the personal model: ``kind`` (``fine-tuned``, ``global``, ``mr-mtl`` or
+``local-groups``: the global model with the site's own local groups, e.g. its normalization layers),
 ``server_round``, ``validation_dice`` and, where it was compared, ``global_validation_dice``."""
 
 _NNUNET_KEYS = ("network_weights", "trainer_name", "init_args", "inference_allowed_mirroring_axes", "current_epoch")

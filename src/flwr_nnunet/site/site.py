@@ -486,7 +486,8 @@ class Site:
         ``label-confusion``. With MR-MTL (``options.mr_mtl_mu`` set) the site's personal model is evaluated too
         (``personal-dice``, ``personal-dice-per-class``), written as the site's personal model
         (:func:`~flwr_nnunet.site.personal.save_personal_model`) and kept live: the global model is loaded only
-        for its own evaluation. With ``options.fine_tune_epochs`` the site fine-tunes the global model into its
+        for its own evaluation. With ``local_keys`` (FedBN's local norms) the global model with the site's own
+        groups is written as the site's personal model. With ``options.fine_tune_epochs`` the site fine-tunes the global model into its
         personal model after the run (see :meth:`_fine_tune`).
         """
         mr_mtl = options.mr_mtl_mu is not None and not options.fine_tune_epochs
@@ -495,7 +496,15 @@ class Site:
         if options.fine_tune_epochs:
             return self._fine_tune(received, options, local_keys, validation)
         if not mr_mtl:
-            return validation_dice(self.spec, self.trainer, self.network, validation)
+            metrics = validation_dice(self.spec, self.trainer, self.network, validation)
+            if local_keys:  # the global model with the site's own local groups: the model this site predicts with
+                about = {
+                    "kind": "local-groups",
+                    "server_round": options.server_round,
+                    "validation_dice": metrics["dice"],
+                }
+                save_personal_model(self.spec, self.trainer, about)
+            return metrics
         personal = validation_dice(self.spec, self.trainer, self.network, validation, "personal model")
         kept = _copies(self.canonical())
         self.load_global_(received, local_keys)
