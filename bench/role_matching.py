@@ -11,7 +11,12 @@
   trains those plans (6 stages), site A keeps its own plans for a smaller GPU (its demo's fingerprint planned by
   nnU-Net's planner for ``--small-gpu-gb``: a 96x96 patch, 5 stages), so a pixel means the same at both.
 
-``--training-cases``: how many of its training cases each site trains on. Each federated run drives the sites' own trainers (:class:`~flwr_nnunet.site.site.Site`, one torch thread) in
+``--training-cases``: how many of its training cases each site trains on. ``--variants``: ``role`` and ``name`` drive
+the sites' trainers in this process (below); ``serverapp`` is the project's whole ServerApp with run-config
+``layer-matching = "role"`` (and ``local-norms`` with ``--local-norms``), every message delivered in-process to
+``client_app.py`` (``bench/site_quality.py``'s :func:`run`; ``--plans-differ-by gpu`` with two scanners: the sites
+of one demo), each site then predicting with the model it keeps: its personal model with local norms, else its
+plans' global model. Each federated run drives the sites' own trainers (:class:`~flwr_nnunet.site.site.Site`, one torch thread) in
 this process: every round each site receives its plans' global model, trains one epoch and replies; the server
 averages each unit of matched layers by cases (:func:`~flwr_nnunet.strategy.role_aggregation.role_weighted_mean_`),
 matched by role (:func:`~flwr_nnunet.nnunet.layer_roles.role_keys`) or by name and shape
@@ -21,7 +26,8 @@ baseline is the same site trained alone for as many epochs from the same initial
 (:func:`~flwr_nnunet.demo.heldout.train_local_only`). Not the ServerApp: Flower's messages are not used.
 
 Usage: ``python bench/role_matching.py --rounds 8 --seeds 0 1 2 --training-cases 2 --workdir /tmp/role-matching``
-(``--plans-differ-by gpu --styles 0 1``: the sites that differ only in their GPU).
+(``--plans-differ-by gpu --styles 0 1 --local-norms --variants role name serverapp``: the sites that differ in their
+GPU and scanner, through the ServerApp too).
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ def _plan_for_gpu(demo, site, gpu_gb: float):
     plans = shrink_plans(plans, max_features=DEMO_PLANNING.max_features, width_divisor=DEMO_PLANNING.width_divisor)
     plans["configurations"] = {demo.configuration: plans["configurations"][demo.configuration]}
     install_plans(plans, dataset_json, site.preprocessed_dataset_folder, fingerprint)
+    (folder / f"{name}.json").write_text(json.dumps(plans, indent=4))  # the server holds every site's plans
     preprocess_site(site.raw_dataset_folder, site.preprocessed_dataset_folder, plans, demo.configuration)
     return dataclasses.replace(demo, plans_name=name)
 
@@ -159,9 +166,44 @@ def federate(hospitals: dict, roles, rounds: int, seed: int, results: Path, loca
     return {name: (matching.shared(name), matching.local(name)) for name in hospitals}
 
 
+def through_serverapp(hospitals: dict, rounds: int, seed: int, local_norms: bool, work: Path) -> dict[str, float]:
+    """Name -> held-out mean Dice after a run of the project's ServerApp with ``layer-matching = "role"`` on the
+    sites of one demo, each site predicting with the model it keeps (see the module)."""
+    from site_quality import run
+
+    from flwr_nnunet.demo.heldout import dice_scores, predict
+
+    if len({demo.root for demo, _ in hospitals.values()}) != 1:
+        raise SystemExit("--variants serverapp: the sites of one demo (--plans-differ-by gpu --styles 0 1)")
+    base = hospitals[SITES[1][0]][0]  # site-B trains its demo's plans, the run's
+    own = {base.sites.index(site): {"plans": demo.plans_name} for demo, site in hospitals.values() if demo is not base}
+    overrides = {
+        "planning": "fixed",
+        "layer-matching": "role",
+        "local-norms": local_norms,
+        "seed": seed,
+        "num-server-rounds": rounds,
+        "iterations-per-epoch": BUDGET["iterations_per_epoch"],
+        "val-iterations-per-epoch": BUDGET["val_iterations_per_epoch"],
+    }
+    done = run(base, f"serverapp-{seed}", work, node_configs=own, **overrides)
+    scores = {}
+    for name, (demo, site) in hospitals.items():
+        output = work / "pred" / f"serverapp-{seed}-{name}"
+        if local_norms:  # the global model with the site's own norms
+            (personal,) = site.nnunet_results.rglob(f"*__{demo.plans_name}__*/fold_*/checkpoint_personal.pth")
+            fold = personal.parent.name.removeprefix("fold_")
+            predict(demo, site.nnunet_results, site.images_ts, output, fold=fold, checkpoint=personal.name)
+        else:
+            predict(demo, done["results"], site.images_ts, output)
+        scores[name] = dice_scores(output, site.labels_ts, site.test_cases, demo.file_ending)["mean"]
+    return scores
+
+
 def main(argv=None) -> int:
     from flwr_nnunet.demo.heldout import predict_test_cases, train_local_only
     from flwr_nnunet.nnunet.layer_roles import name_keys, role_keys
+    from flwr_nnunet.nnunet.networks import is_normalization_key
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -171,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local-norms", action="store_true", help="each site keeps its normalization layers (FedBN)")
     parser.add_argument("--small-gpu-gb", type=float, default=0.05, help="site A's GPU with --plans-differ-by gpu")
     parser.add_argument("--training-cases", type=int, help="each site's training cases (default: all)")
+    parser.add_argument("--variants", nargs="+", choices=("role", "name", "serverapp"), default=["role", "name"])
     parser.add_argument("--workdir", type=Path, default=Path("role_matching"))
     args = parser.parse_args(argv)
     work = args.workdir.absolute()
@@ -180,14 +223,22 @@ def main(argv=None) -> int:
     with quiet(work / "setup.log"):
         hospitals = _hospitals(work, args.plans_differ_by, args.styles, args.small_gpu_gb)
         _train_on(hospitals, args.training_cases)
-    local = (lambda key: ".norm." in key) if args.local_norms else None
+    kept = is_normalization_key if args.local_norms else None
     rows = []
     for seed in args.seeds:
         scores: dict[str, dict[str, float]] = {}
+        if "serverapp" in args.variants:
+            with quiet(work / f"serverapp-{seed}.log"):
+                ran = through_serverapp(hospitals, args.rounds, seed, args.local_norms, work)
+            for name, score in ran.items():
+                scores.setdefault(name, {})["serverapp"] = score
+            print(f"seed {seed}, ServerApp run: {ran}; {time.monotonic() - started:.0f} s", flush=True)
         for variant, roles in (("role", role_keys), ("name", name_keys)):
+            if variant not in args.variants:
+                continue
             results = work / f"{variant}-{seed}"
             with quiet(work / f"{variant}-{seed}.log"):
-                matched = federate(hospitals, roles, args.rounds, seed, results, local=local)
+                matched = federate(hospitals, roles, args.rounds, seed, results, local=kept)
             for name, (demo, site) in hospitals.items():
                 output = work / "pred" / f"{variant}-{seed}-{name}"
                 scores.setdefault(name, {})[variant] = predict_test_cases(demo, site, results / name, output)["mean"]
@@ -211,13 +262,15 @@ def main(argv=None) -> int:
         f"training cases per site: {cases}; scanner styles {args.styles}; plans differ by {args.plans_differ_by}"
         f"{'; normalization layers local' if args.local_norms else ''})"
     )
-    print(f"{'seed':<6}{'site':<8}{'by role':>10}{'by name':>10}{'alone':>10}")
+    columns = {"role": "by role", "name": "by name", "serverapp": "ServerApp", "alone": "alone"}
+    shown = [key for key in columns if key in args.variants or key == "alone"]
+    print(f"{'seed':<6}{'site':<8}" + "".join(f"{columns[key]:>11}" for key in shown))
     for seed, name, score in rows:
-        print(f"{seed:<6}{name:<8}{score['role']:>10.3f}{score['name']:>10.3f}{score['alone']:>10.3f}")
+        print(f"{seed:<6}{name:<8}" + "".join(f"{score[key]:>11.3f}" for key in shown))
     print(f"total wall time: {time.monotonic() - started:.0f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
     sys.exit(main())

@@ -56,8 +56,9 @@ def _fresh_sites(demo) -> None:
         site.nnunet_results.mkdir(parents=True)
 
 
-def run(demo, name: str, workdir: Path, **overrides) -> dict:
-    """One federated run on ``demo``'s sites; ``{"history", "model", "results", "seconds"}``."""
+def run(demo, name: str, workdir: Path, node_configs=None, **overrides) -> dict:
+    """One federated run on ``demo``'s sites (``node_configs``: site K's node-config entries);
+    ``{"history", "model", "results", "seconds"}``."""
     from federation_support import run_config, run_federation
 
     _fresh_sites(demo)
@@ -73,7 +74,7 @@ def run(demo, name: str, workdir: Path, **overrides) -> dict:
     )
     started = time.monotonic()
     with open(workdir / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        done = run_federation(config, len(demo.sites), flagged=None)
+        done = run_federation(config, len(demo.sites), flagged=None, node_configs=node_configs)
     return {**done, "results": results, "seconds": time.monotonic() - started}
 
 
