@@ -29,6 +29,8 @@ def is_normalization_key(key: str) -> bool:
     ``ConvDropoutNormReLU`` (its alias ``all_modules.1`` is in the same alias group), in every encoder, decoder and
     residual block."""
     return ".norm." in key
+
+
 _NONLIN_KWARGS = {"inplace": True}
 _REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
