@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 _NORM_KWARGS = {"eps": 1e-05, "affine": True}
+_NONLIN_KWARGS = {"inplace": True}
+_REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 
 def is_normalization_key(key: str) -> bool:
@@ -29,10 +31,6 @@ def is_normalization_key(key: str) -> bool:
     ``ConvDropoutNormReLU`` (its alias ``all_modules.1`` is in the same alias group), in every encoder, decoder and
     residual block."""
     return ".norm." in key
-
-
-_NONLIN_KWARGS = {"inplace": True}
-_REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 
 def _architecture(network_class: str, dim: int, features: list[int], per_stage: dict[str, Any], norm: str) -> dict:
