@@ -78,7 +78,7 @@ def _plan_for_gpu(demo, site, gpu_gb: float):
     """``demo`` with plans of its federation's fingerprint for a ``gpu_gb`` GPU (narrowed as the demo's), installed
     and preprocessed at ``site``."""
     from flwr_nnunet.demo.data import DEMO_PLANNING
-    from flwr_nnunet.nnunet.planning import install_plans, plan_from_fingerprint, preprocess_site, shrink_plans
+    from flwr_nnunet.nnunet.planning import install_plans, plan_from_fingerprint, preprocess_site
 
     name = f"{demo.plans_name}_{gpu_gb:g}GB"
     folder = demo.server.preprocessed_dataset_folder
@@ -93,8 +93,7 @@ def _plan_for_gpu(demo, site, gpu_gb: float):
         plans_name=name,
         gpu_memory_target_in_gb=gpu_gb,
     )
-    plans = shrink_plans(plans, max_features=DEMO_PLANNING.max_features, width_divisor=DEMO_PLANNING.width_divisor)
-    plans["configurations"] = {demo.configuration: plans["configurations"][demo.configuration]}
+    plans = DEMO_PLANNING.narrowed(plans, demo.configuration)
     install_plans(plans, dataset_json, site.preprocessed_dataset_folder, fingerprint)
     (folder / f"{name}.json").write_text(json.dumps(plans, indent=4))  # the server holds every site's plans
     preprocess_site(site.raw_dataset_folder, site.preprocessed_dataset_folder, plans, demo.configuration)

@@ -102,6 +102,18 @@ class PlanningOptions:
         """Run-config ``plans-max-features`` and ``plans-width-divisor``; nnU-Net's sample count, every configuration."""
         return cls(int(settings.plans_max_features), int(settings.plans_width_divisor))
 
+    def narrowed(self, plans: dict, configuration: str) -> dict:
+        """``plans`` as these options narrow them: the widths divided and capped, only ``configuration`` kept."""
+        from flwr_nnunet.nnunet.planning import shrink_plans
+
+        if self.max_features > 0 or self.width_divisor > 1:
+            plans = shrink_plans(
+                plans, max_features=self.max_features or 10**9, width_divisor=max(1, self.width_divisor)
+            )
+        if self.only_configuration:
+            plans = {**plans, "configurations": {configuration: plans["configurations"][configuration]}}
+        return plans
+
 
 @dataclass(frozen=True)
 class PlanningResult:
@@ -273,7 +285,7 @@ def plan_federation(
     """``(plans, dataset_json, fingerprint)`` from the sites' surveys and statistics (keyed by site name); the
     dataset.json's labels are the declared ``labels`` when given (partial labels), else the sites' own."""
     from flwr_nnunet.nnunet.fingerprint import federation_dataset_json, merge_site_statistics
-    from flwr_nnunet.nnunet.planning import plan_from_fingerprint, shrink_plans
+    from flwr_nnunet.nnunet.planning import plan_from_fingerprint
 
     fingerprint = merge_site_statistics([statistics[name] for name in surveys], bins)
     dataset_json = federation_dataset_json(surveys, name=dataset, labels=labels)
@@ -286,13 +298,7 @@ def plan_federation(
             f"nnU-Net planned {', '.join(sorted(plans['configurations']))} for this federation, not "
             f"{configuration!r}: set run-config configuration to one of them"
         )
-    if options.max_features > 0 or options.width_divisor > 1:
-        plans = shrink_plans(
-            plans, max_features=options.max_features or 10**9, width_divisor=max(1, options.width_divisor)
-        )
-    if options.only_configuration:
-        plans["configurations"] = {configuration: plans["configurations"][configuration]}
-    return plans, dataset_json, fingerprint
+    return options.narrowed(plans, configuration), dataset_json, fingerprint
 
 
 def plans_query(plans: dict, dataset_json: dict, fingerprint: dict, configuration: str) -> dict[str, str]:

@@ -487,8 +487,8 @@ class Site:
         (``personal-dice``, ``personal-dice-per-class``), written as the site's personal model
         (:func:`~flwr_nnunet.site.personal.save_personal_model`) and kept live: the global model is loaded only
         for its own evaluation. With ``local_keys`` (FedBN's local norms) the global model with the site's own
-        groups is written as the site's personal model. With ``options.fine_tune_epochs`` the site fine-tunes the global model into its
-        personal model after the run (see :meth:`_fine_tune`).
+        groups is written as the site's personal model. With ``options.fine_tune_epochs`` the site fine-tunes the
+        global model into its personal model after the run (see :meth:`_fine_tune`).
         """
         mr_mtl = options.mr_mtl_mu is not None and not options.fine_tune_epochs
         self._receive(received, options, plans_sha, local_keys, alias_map_json, training=False, load=not mr_mtl)
