@@ -9,8 +9,12 @@ in this process (the trainer's own epoch hooks, the same iterations). Overhead p
 (federated round - plain epoch), over the rounds after the first (round 1 also pays the planning and the
 first trainer build).
 
-A watcher samples every 10 ms: the start of each ``flwr-clientapp`` process under the SuperNode
-(``/proc``), the site's round-state token (written when a round's training is saved) and the server's
+A third run adds the site's ClientApp executor (``flwr-nnunet clientapp-exec``, as ``supernode.sh`` starts it,
+beside Flower's SuperExec polling at its default 1 s): each message's ClientApp is a fork of a process that has
+imported Flower.
+
+A watcher samples every 10 ms: the start of each ``flwr-clientapp`` process under the SuperNode, or ClientApp
+forked by the executor (``/proc``), the site's round-state token (written when a round's training is saved) and the server's
 ``checkpoint_latest.pth`` (written once a round is aggregated). A round splits into
 - site (message): from the ClientApp process's start to the site's round state saved; less the plain epoch, it
   is the site's overhead: process start and imports, trainer build, data loader start and the first epoch's
@@ -25,7 +29,7 @@ Server time is the aggregation the ServerApp logs (``aggregate_train: ... in X s
 the two legs between the site's rounds hold besides it. Transfer itself is measured alone: the model encoded and
 decoded both ways (``core/codec`` and Flower's protobuf).
 
-Run: ``python bench/round_overhead.py [--rounds 4] [--iterations 10]`` (about 6 minutes on 2 CPU cores).
+Run: ``python bench/round_overhead.py [--rounds 4] [--iterations 10]`` (about 8 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TICK_S = 0.01
+FORKED = b"clientapp-exec"
+"""In the command line of a ClientApp forked by the site's executor (it is the executor's)."""
+PATHS = {"cold": (False, False), "warm": (True, False), "forked": (True, True)}
+"""Each measured path: (the site's warm worker, its ClientApp executor)."""
+LABELS = {
+    "cold": "cold (a process per message)",
+    "warm": "warm (the site's warm worker)",
+    "forked": "warm, ClientApps forked (`clientapp-exec`)",
+}
+FLOWER_POLLING = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
+"""Flower's SuperExec polls at its default beside the site's executor, as ``supernode.sh`` runs them."""
 
 
 def _boot_time() -> float:
@@ -64,10 +79,11 @@ def _process_start(pid: int) -> float | None:
 class Watcher(threading.Thread):
     """Samples the ClientApp processes' starts, the site's saved rounds and the server's checkpoints."""
 
-    def __init__(self, supernode_pid: int, token_file: Path, checkpoint: Path):
+    def __init__(self, parents: dict[int, bytes], token_file: Path, checkpoint: Path):
         super().__init__(daemon=True)
-        self.supernode_pid, self.token_file, self.checkpoint = supernode_pid, token_file, checkpoint
+        self.parents, self.token_file, self.checkpoint = parents, token_file, checkpoint
         self.starts: dict[int, float] = {}
+        self.forked = 0
         self.saved: dict[int, float] = {}
         self.aggregated: list[float] = []
         self.done = threading.Event()
@@ -77,14 +93,16 @@ class Watcher(threading.Thread):
 
         last_checkpoint = None
         while not self.done.is_set():
-            for pid in descendants(self.supernode_pid):
-                if pid not in self.starts:
-                    try:
-                        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    except OSError:  # it ended meanwhile
-                        continue
-                    if b"flwr-clientapp" in command and (started := _process_start(pid)) is not None:
-                        self.starts[pid] = started
+            for parent, marker in self.parents.items():
+                for pid in descendants(parent):
+                    if pid not in self.starts:
+                        try:
+                            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                        except OSError:  # it ended meanwhile
+                            continue
+                        if marker in command and (started := _process_start(pid)) is not None:
+                            self.starts[pid] = started
+                            self.forked += marker == FORKED
             if self.token_file.is_file():
                 try:
                     saved = json.loads(self.token_file.read_text()).get("round")
@@ -98,8 +116,9 @@ class Watcher(threading.Thread):
             time.sleep(TICK_S)
 
 
-def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> dict[str, float]:
-    """E rounds in a loopback deployment; the mean phases of rounds 2..E (seconds)."""
+def federated(demo, rounds: int, iterations: int, *, warm: bool, forked: bool, root: Path) -> dict[str, float]:
+    """E rounds in a loopback deployment; the mean phases of rounds 2..E (seconds), and how many ClientApps the
+    site's executor forked (``forked``: it runs beside the SuperNode, as ``supernode.sh`` starts it)."""
     from deployment_support import Deployment, model_folder, run_config
 
     from flwr_nnunet.site.spec import SiteSpec
@@ -111,7 +130,12 @@ def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> 
         deployment.start_superlink()
         deployment.write_connection()
         site = demo.sites[0]
-        node = deployment.start_supernode(site, node_config=f"warm-site={'true' if warm else 'false'}")
+        node = deployment.start_supernode(
+            site, node_config=f"warm-site={'true' if warm else 'false'}", env=FLOWER_POLLING if forked else None
+        )
+        parents = {node.process.pid: b"flwr-clientapp"}
+        if forked:
+            parents[deployment.start_clientapp_exec(site.name).process.pid] = FORKED
         results = deployment.site_results(site)
         if warm:  # as supernode.sh starts it: beside the SuperNode, before the first message
             worker = start_warm_site(results, node.process.pid)
@@ -125,7 +149,7 @@ def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> 
             nnunet_results=results,
             configuration=demo.configuration,
         )
-        watcher = Watcher(node.process.pid, spec.state_token_file, folder.checkpoint_path("latest"))
+        watcher = Watcher(parents, spec.state_token_file, folder.checkpoint_path("latest"))
         budget = {"min-train-nodes": 1, "min-evaluate-nodes": 1, "min-available-nodes": 1}
         config = run_config(
             demo,
@@ -161,7 +185,8 @@ def federated(demo, rounds: int, iterations: int, *, warm: bool, root: Path) -> 
         phases["reply"].append(aggregated_before - before)
         phases["next"].append(start - aggregated_before)
         phases["server"].append(aggregation.get(server_round - 1, math.nan))  # nan: the log did not say
-    return {key: statistics.mean(values) for key, values in phases.items()}
+    means = {key: statistics.mean(values) for key, values in phases.items()}
+    return {**means, "messages": len(starts), "forked": watcher.forked}
 
 
 def plain(demo, rounds: int, iterations: int, root: Path) -> dict[str, float]:
@@ -283,10 +308,10 @@ def main() -> None:
         moved = transfer(demo)
         fresh = fresh_process(base["spec"], arguments.rounds, arguments.iterations)
         runs = {}
-        for warm in (False, True):
-            (root / ("warm" if warm else "cold")).mkdir()
-            runs[warm] = federated(
-                demo, arguments.rounds, arguments.iterations, warm=warm, root=root / ("warm" if warm else "cold")
+        for path, (warm, forked) in PATHS.items():
+            (root / path).mkdir()
+            runs[path] = federated(
+                demo, arguments.rounds, arguments.iterations, warm=warm, forked=forked, root=root / path
             )
     rounds = arguments.rounds
     print(
@@ -298,14 +323,16 @@ def main() -> None:
         "message | server time (aggregation) | Flower's polling | overhead without Flower's polling |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for warm, label in ((False, "cold (a process per message)"), (True, "warm (the site's warm worker)")):
-        run = runs[warm]
+    for path, label in LABELS.items():
+        run = runs[path]
         overhead, polling = run["round"] - base["epoch"], run["reply"] + run["next"] - run["server"]
         print(
             f"| {label} | {run['round']:.2f} s | {overhead:.2f} s | {run['site'] - base['epoch']:.2f} s | "
             f"{run['reply']:.2f} s | {run['next']:.2f} s | {run['server']:.2f} s | {polling:.2f} s | "
             f"{overhead - polling:.2f} s |"
         )
+    forked = runs["forked"]
+    print(f"\nForked by the site's executor: {forked['forked']} of {forked['messages']} messages (the rest: Flower's)")
     print("\nMeasured alone at the same time: fresh processes as a message's ClientApp runs them\n")
     print("| part | seconds | paid per round |")
     print("|---|---|---|")

@@ -141,6 +141,7 @@ class Service:
     process: subprocess.Popen
     log: Path
     port: int | None = None
+    env: dict[str, str] | None = None
     """The port it listens on (a SuperNode's Runtime API), where the test knows it."""
 
     def tail(self) -> str:
@@ -200,7 +201,7 @@ class Deployment:
         log = self.tmp_path / (f"{name}.log" if count == 1 else f"{name}-{count}.log")
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.tmp_path)
-        service = Service(name, process, log)
+        service = Service(name, process, log, env=env)
         self.services.append(service)
         return service
 
@@ -257,6 +258,7 @@ class Deployment:
         root_certificates: bool = True,
         wait: bool = True,
         node_config: str = "",
+        env: Mapping[str, str] | None = None,
     ) -> Service:
         """One hospital: its own Runtime API port, its folders in ``--node-config``, its nnU-Net environment.
 
@@ -265,7 +267,8 @@ class Deployment:
         defaults to the site's name). ``root_certificates=False`` starts ``flower-supernode`` with the same
         flags but without ``--root-certificates`` (it trusts only the system's CAs), giving up after 2 tries.
         ``name`` (default: the site's) names the service, its log and results folder; ``wait``: until its Runtime
-        API listens (a refused node may exit before). ``node_config``: more ``--node-config`` entries (insecure).
+        API listens (a refused node may exit before). ``node_config``: more ``--node-config`` entries (insecure);
+        ``env``: more environment variables (e.g. Flower's SuperExec polling).
         """
         name = name or site.name
         port = free_port()
@@ -273,7 +276,7 @@ class Deployment:
         home = self.tmp_path / f"flwr-home-{name}"
         home.mkdir(exist_ok=True)
         preprocessed, results = str(site.nnunet_preprocessed), str(self.tmp_path / f"{name}-results")
-        extra = dict(site.environ())
+        extra = {**site.environ(), **(env or {})}
         if not self.secure:
             folders = f"nnunet-preprocessed='{preprocessed}' nnunet-results='{results}' site-name='{name}'"
             command = [
@@ -305,6 +308,17 @@ class Deployment:
         if wait:
             wait_for_port(port, service.process)
         return service
+
+    def start_clientapp_exec(self, name: str, *, poll: float | None = None) -> Service:
+        """``flwr-nnunet clientapp-exec`` beside SuperNode ``name``, in its environment, as ``supernode.sh`` starts
+        it (log: ``<name>-exec.log``); ``poll``: its seconds between two claims."""
+        node = self.supernodes[name]
+        command = [
+            sys.executable, "-m", "flwr_nnunet.cli", "clientapp-exec",
+            "--runtime-api-address", f"{HOST}:{node.port}", "--parent", str(node.process.pid),
+            *(["--poll", str(poll)] if poll is not None else []),
+        ]  # fmt: skip
+        return self.start(f"{name}-exec", command, dict(node.env or {}))
 
     def start_supernodes(self, sites: Sequence[DemoSite]) -> list[Service]:
         """One SuperNode per site (:meth:`start_supernode`), all started before waiting for their Runtime APIs."""

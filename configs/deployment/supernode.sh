@@ -19,7 +19,9 @@
 #               has Dataset003_Liver (default: the run config's `dataset`, the federation's name)
 # WARM_SITE     optional: false trains every message in its own ClientApp process (default true: the site's warm
 #               worker starts here, keeps the trainer across a run's rounds behind a 0600 Unix socket in RESULTS,
-#               and exits with this SuperNode; see documentation/deployment.md "The warm site")
+#               and exits with this SuperNode; and each message's ClientApp is forked from a process that has
+#               imported Flower once, `flwr-nnunet clientapp-exec`, instead of starting Python and Flower again;
+#               see documentation/deployment.md "The warm site")
 # PYTHON        optional: the Python of the project's environment (default: python3 on PATH)
 # The SuperNode keeps retrying while the SuperLink is away (no --max-retries): after a coordinator restart it
 # reconnects by itself. Two SuperNodes on one machine need their own --port (default 9094).
@@ -37,6 +39,17 @@ if [[ "${WARM_SITE:-true}" != false ]]; then
     mkdir -p "$RESULTS"
     # $$ stays this process's id through `exec`: the worker watches the SuperNode itself
     "${PYTHON:-python3}" -m flwr_nnunet.cli warm-site --results "$RESULTS" --parent $$ &   # logs with the SuperNode
+    # the SuperNode's Runtime API: its --host and --port among the extra flags, else Flower's 127.0.0.1:9094
+    runtime_host=127.0.0.1 runtime_port=9094 previous=
+    for argument in "$@"; do
+        case "$previous" in
+            --host) [[ "$argument" == 0.0.0.0 || "$argument" == :: ]] || runtime_host=$argument ;;
+            --port) runtime_port=$argument ;;
+        esac
+        previous=$argument
+    done
+    "${PYTHON:-python3}" -m flwr_nnunet.cli clientapp-exec --runtime-api-address "$runtime_host:$runtime_port" \
+        --parent $$ &
 fi
 exec flower-supernode \
     --superlink "$SUPERLINK" \

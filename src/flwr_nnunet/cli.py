@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr_nnunet.apps.clientapp_exec import DEFAULT_POLL_INTERVAL_S
+from flwr_nnunet.apps.clientapp_exec import serve as serve_clientapps
 from flwr_nnunet.nnunet.checkpoint_io import CheckpointError, RepairRefused
 from flwr_nnunet.repair.inspection import InspectReport, inspect_checkpoint
 from flwr_nnunet.repair.network_source import NetworkHints
@@ -98,6 +100,14 @@ def run_warm_site(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_clientapp_exec(args: argparse.Namespace) -> int:
+    """``flwr-nnunet clientapp-exec [--runtime-api-address HOST:PORT] [--parent PID]``."""
+    serve_clientapps(
+        args.runtime_api_address, args.parent, root_certificates=args.root_certificates, poll_interval=args.poll
+    )
+    return EXIT_OK
+
+
 def _command(commands: Any, handler: Callable[[argparse.Namespace], int], summary: str, description: str):
     """A subcommand named after its handler (``run_NAME``, ``_`` written ``-``)."""
     name = handler.__name__.removeprefix("run_").replace("_", "-")
@@ -177,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--results", type=Path, required=True, help="the site's node-config 'nnunet-results'")
     warm.add_argument("--parent", type=int, default=os.getppid(), help="exit when this process (the SuperNode) does")
     warm.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S, help="exit after S idle seconds")
+
+    execs = _command(
+        commands,
+        run_clientapp_exec,
+        "start a deployed site's ClientApps as forks of one process that imported Flower once "
+        "(configs/deployment/supernode.sh starts it)",
+        "Claim the SuperNode's ClientApp tasks on its Runtime API and run each in a child forked from this "
+        "process, which has already imported Flower, instead of a fresh flwr-clientapp process; the SuperNode's "
+        "own SuperExec runs any task not claimed here. Exit when the SuperNode PID is gone.",
+    )
+    execs.add_argument(
+        "--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's Runtime API (its --host:--port)"
+    )
+    execs.add_argument("--root-certificates", help="CA certificate of a Runtime API served with TLS")
+    execs.add_argument("--parent", type=int, default=os.getppid(), help="exit when this process (the SuperNode) does")
+    execs.add_argument("--poll", type=float, default=DEFAULT_POLL_INTERVAL_S, help="seconds between two claims")
     return parser
 
 

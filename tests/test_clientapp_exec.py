@@ -1,0 +1,101 @@
+"""The site's ClientApp executor (``flwr-nnunet clientapp-exec``): messages' ClientApps forked from one process.
+
+In a real deployment (a SuperLink and one SuperNode on 127.0.0.1, with the warm site) the executor claims the
+messages and forks their ClientApps; killed between two messages, Flower's own SuperExec runs the next ones and
+the run completes. Alone, the executor exits when its SuperNode is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from deployment_support import _stat, descendants, free_port, model_folder, run_config, running_deployment, wait_for
+
+from flwr_nnunet.apps.clientapp_exec import serve
+from flwr_nnunet.demo.data import make_demo_dataset
+
+ROUNDS = 3
+FLOWER_STARTED = "Start `flwr-clientapp` process"
+"""What a ``flwr-clientapp`` process started by Flower's SuperExec logs first (a forked ClientApp does not)."""
+
+
+def _forked(log: str) -> list[int]:
+    return [int(task) for task in re.findall(r"clientapp-exec: task (\d+) forked as pid", log)]
+
+
+def _zombies(pid: int) -> list[int]:
+    """Children of ``pid`` that ended and were not collected."""
+    found = []
+    for child in descendants(pid):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            found.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_forked_clientapps_train_and_flower_takes_over_when_the_executor_is_gone(tmp_path, request):
+    demo = make_demo_dataset(tmp_path / "data", num_sites=2)  # one of them deployed
+    site = demo.sites[0]
+    with running_deployment(tmp_path, request) as deployment:
+        deployment.start_superlink()
+        deployment.write_connection()
+        node = deployment.start_supernode(site, node_config="warm-site=true")
+        executor = deployment.start_clientapp_exec(site.name, poll=0.02)  # ahead of Flower's 0.2 s
+        one = {"min-train-nodes": 1, "min-evaluate-nodes": 1, "min-available-nodes": 1, "iterations-per-epoch": 4}
+        run_id = deployment.submit(run_config(demo, num_server_rounds=ROUNDS, **one))
+
+        # Round 1's messages run forked: trained, then evaluated by the warm worker through a forked ClientApp.
+        wait_for(lambda: len(_forked(executor.text())) >= 2, 600, "two forked ClientApps", 0.1)
+        wait_for(lambda: not descendants(executor.process.pid), 600, "the forked ClientApps' end", 0.05)
+        assert not _zombies(executor.process.pid)
+        flower_before = node.text().count(FLOWER_STARTED)
+        executor.process.send_signal(signal.SIGKILL)
+        executor.process.wait(timeout=10)
+
+        folder = model_folder(demo)
+        assert deployment.wait_until_finished(run_id, folder.checkpoint_path("final")) == "finished:completed"
+        assert node.text().count(FLOWER_STARTED) > flower_before, "Flower's SuperExec ran nothing after the kill"
+        assert all(folder.checkpoint_path(kind).is_file() for kind in ("latest", "final"))
+        forked = _forked(executor.text())
+        assert len(forked) == len(set(forked)) >= 2  # each claimed task forked once
+
+
+def test_the_executor_exits_when_its_supernode_is_gone(tmp_path):
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    log = tmp_path / "exec.log"
+    unanswered = f"127.0.0.1:{free_port()}"  # nothing listens there: it keeps trying
+    command = ["clientapp-exec", "--parent", str(supernode.pid), "--runtime-api-address", unanswered]
+    with log.open("wb") as out:
+        executor = subprocess.Popen(
+            [sys.executable, "-m", "flwr_nnunet.cli", *command], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "clientapp-exec: forking" in log.read_text(errors="replace"), 60, "the executor's start")
+        time.sleep(0.5)
+        assert executor.poll() is None, log.read_text()
+        supernode.kill()
+        supernode.wait()
+        assert executor.wait(timeout=20) == 0, log.read_text()
+        assert f"SuperNode {supernode.pid} is gone" in log.read_text()
+        assert _stat(executor.pid) is None
+    finally:
+        for process in (supernode, executor):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_poll_interval_must_be_positive():
+    with pytest.raises(ValueError, match="poll_interval must be positive"):
+        serve("127.0.0.1:1", os.getpid(), poll_interval=0.0)
