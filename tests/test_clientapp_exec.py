@@ -84,9 +84,9 @@ def test_the_executor_exits_when_its_supernode_is_gone(tmp_path):
         wait_for(lambda: "clientapp-exec: forking" in log.read_text(errors="replace"), 60, "the executor's start")
         time.sleep(0.5)
         assert executor.poll() is None, log.read_text()
-        supernode.kill()
-        supernode.wait()
+        supernode.kill()  # not collected yet: a zombie counts as gone
         assert executor.wait(timeout=20) == 0, log.read_text()
+        supernode.wait()
         assert f"SuperNode {supernode.pid} is gone" in log.read_text()
         assert _stat(executor.pid) is None
     finally:
@@ -99,3 +99,44 @@ def test_the_executor_exits_when_its_supernode_is_gone(tmp_path):
 def test_a_poll_interval_must_be_positive():
     with pytest.raises(ValueError, match="poll_interval must be positive"):
         serve("127.0.0.1:1", os.getpid(), poll_interval=0.0)
+
+
+def test_supernode_sh_starts_the_executor_on_the_supernodes_runtime_api(tmp_path):
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "flower-supernode").write_text('#!/usr/bin/env bash\necho $$ > "$CALLS.node"\n')
+    python = bin_folder / "python"  # records each command supernode.sh starts in the background
+    python.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n')
+    for fake in bin_folder.iterdir():
+        fake.chmod(0o755)
+    (tmp_path / "ca.crt").write_text("")
+    (tmp_path / "key").write_text("")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": str(python),
+        "SUPERLINK": "127.0.0.1:1",
+        "CA_CERT": str(tmp_path / "ca.crt"),
+        "NODE_KEY": str(tmp_path / "key"),
+        "PREPROCESSED": "/pp",
+        "RESULTS": str(tmp_path / "results"),
+        "SITE_NAME": "hospital-b",
+    }
+    script = Path(__file__).resolve().parents[1] / "configs" / "deployment" / "supernode.sh"
+
+    def executor_command(*flags: str) -> tuple[str, int]:
+        calls = tmp_path / f"calls-{len(flags)}-{'-'.join(flags)}"
+        subprocess.run(["bash", str(script), *flags], env={**env, "CALLS": str(calls)}, check=True)
+        wait_for(lambda: calls.is_file() and len(calls.read_text().splitlines()) == 2, 30, "both background starts")
+        started = [line for line in calls.read_text().splitlines() if "clientapp-exec" in line]
+        assert len(started) == 1, calls.read_text()
+        return started[0], int(Path(f"{calls}.node").read_text())
+
+    command, node = executor_command()
+    assert f"--runtime-api-address 127.0.0.1:9094 --parent {node}" in command  # the SuperNode's own pid
+    assert "--runtime-api-address 127.0.0.1:9200" in executor_command("--host", "0.0.0.0", "--port", "9200")[0]
+    assert "--runtime-api-address 10.1.2.3:9300" in executor_command("--host", "10.1.2.3", "--port", "9300")[0]
+    no_warm = tmp_path / "calls-no-warm"
+    subprocess.run(["bash", str(script)], env={**env, "CALLS": str(no_warm), "WARM_SITE": "false"}, check=True)
+    time.sleep(0.5)
+    assert not no_warm.exists()  # WARM_SITE=false: neither the worker nor the executor

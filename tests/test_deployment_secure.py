@@ -61,8 +61,8 @@ def orphan_temp_file(folder: Path, target: str) -> Path:
 
 
 def round_2_training_started(log: str) -> bool:
-    """Whether a SuperNode's log shows the process of its second training message."""
-    return log.count(TRAIN) == 2 and log.rfind(PROCESS) > log.rfind(TRAIN)
+    """Whether a SuperNode's log shows the process of its second training message (Flower's or forked)."""
+    return log.count(TRAIN) == 2 and max(log.rfind(PROCESS), log.rfind(FORKED)) > log.rfind(TRAIN)
 
 
 @pytest.mark.slow

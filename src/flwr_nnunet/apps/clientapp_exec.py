@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from logging import DEBUG, INFO, WARNING
+from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -52,6 +53,12 @@ STOP_GRACE_S = 10.0
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: not gone, and on Linux not a zombie its own parent has yet to collect."""
+    if Path("/proc").is_dir():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
