@@ -9,10 +9,11 @@ from flwr.clientapp import ClientApp
 
 from flwr_nnunet.apps.dp_clipping import dp_clipping_mod
 from flwr_nnunet.apps.forked_children import default_signals_in_forked_children
+from flwr_nnunet.apps.packed_messages import packed_arrays_mod
 from flwr_nnunet.apps.warm_forwarding import forwarded
 
 default_signals_in_forked_children()  # nnU-Net's augmentation workers must not report the ClientApp's task
-app = ClientApp(mods=[dp_clipping_mod])
+app = ClientApp(mods=[packed_arrays_mod, dp_clipping_mod])  # the first is the outermost: DP clips unpacked arrays
 
 
 def _answered(msg: Message, context: Context, *, train: bool) -> Message:

@@ -16,6 +16,7 @@ import torch
 from federation_support import run_config, run_federation
 
 from flwr_nnunet.core.aliasing import AliasMap
+from flwr_nnunet.core.packed_arrays import is_packed, unpack_content
 from flwr_nnunet.nnunet.checkpoint_io import load_checkpoint
 from flwr_nnunet.nnunet.digests import plans_sha256
 from flwr_nnunet.nnunet.layer_roles import match_layers, role_keys
@@ -128,7 +129,8 @@ def test_each_site_receives_exactly_its_own_plans_model(federation, hospitals):
     assert sorted(m.metadata.dst_node_id for m in train) == [100, 101]  # site-2 (plans the server lacks) left out
     for message in train:
         plans = hospitals["plans"][expected[message.metadata.dst_node_id]]
-        arrays = message.content["arrays"]
+        assert is_packed(message.content["arrays"])  # as it went out: two Arrays, the whole model packed
+        arrays = unpack_content(message.content)["arrays"]
         shapes = {key: tuple(array.shape) for key, array in arrays.items()}
         assert shapes == _canonical(plans, hospitals["dataset_json"])
         assert message.content["config"]["plans-sha256"] == plans_sha256(plans)

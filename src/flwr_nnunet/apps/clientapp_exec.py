@@ -40,7 +40,7 @@ from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
 import flwr_nnunet.apps.dp_clipping
-import flwr_nnunet.apps.warm_forwarding  # noqa: F401 - with the line above: what client_app.py imports
+import flwr_nnunet.apps.packed_messages  # noqa: F401 - with the line above: what client_app.py imports
 
 __all__ = ["DEFAULT_POLL_INTERVAL_S", "serve"]
 

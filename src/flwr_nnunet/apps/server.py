@@ -286,17 +286,20 @@ def _result(core: Any) -> Any:
 def run_server(grid: Any, context: Any, data: RunData | None = None) -> Any:
     """The ServerApp's main: data, planning, global network, strategy, rounds, model folder, history and plot.
 
+    Every message's arrays travel packed (:class:`~flwr_nnunet.apps.packed_messages.PackedGrid`).
+
     ``data`` is what ``make-demo = true`` makes (``server_app.py`` plugs in the synthetic demo's). Returns
     Flower's ``Result`` of the strategy (a ``find-best-configuration`` run: nnU-Net's inference information,
     :mod:`flwr_nnunet.apps.model_selection`). A :class:`ServerConfigError` is logged as its one line before it ends
     the run.
     """
     from flwr_nnunet.apps.forked_children import default_signals_in_forked_children
+    from flwr_nnunet.apps.packed_messages import PackedGrid
 
     default_signals_in_forked_children()  # nnU-Net's planner forks a pool: its workers must not end the run
     one_line = install_one_line_errors()
     try:
-        return _run(grid, context, data)
+        return _run(PackedGrid(grid), context, data)
     except ServerConfigError as error:
         one_line.report(error)
         raise
