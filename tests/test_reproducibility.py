@@ -99,8 +99,9 @@ def test_the_global_model_does_not_depend_on_node_ids_or_arrival_order():
     _assert_bit_identical(aggregate([22, 33, 11], [1, 2, 0]), expected)
 
 
-def _run_simulation(data_root: Path, *, workers: int, node_ids: list[int], monkeypatch) -> None:
-    """What `flwr run .` does in its simulation process, with ``workers`` Ray workers and the given node ids."""
+def _run_simulation(data_root: Path, *, workers: int, node_ids: list[int], packed: bool, monkeypatch) -> None:
+    """What `flwr run .` does in its simulation process, with ``workers`` Ray workers and the given node ids;
+    ``packed``: run-config ``packed-arrays``."""
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -126,6 +127,7 @@ def _run_simulation(data_root: Path, *, workers: int, node_ids: list[int], monke
         "device": "cpu",
         "demo-sites": 2,
         "seed": 3,
+        "packed-arrays": packed,
     }
     run = Run.create_empty(run_id=int.from_bytes(os.urandom(7), "little"))
     run.override_config = override
@@ -156,14 +158,16 @@ def _run_simulation(data_root: Path, *, workers: int, node_ids: list[int], monke
 
 @pytest.mark.slow
 def test_two_simulations_with_the_same_seed_give_the_same_final_model(demo, tmp_path, monkeypatch):
-    """One worker running both sites vs two workers that swap sites between rounds, under other node ids."""
+    """One worker running both sites vs two workers that swap sites between rounds, under other node ids, with
+    the arrays sent per tensor instead of packed."""
     final = {}
-    for name, workers, node_ids in (("one-worker", 1, [1001, 2002]), ("two-workers", 2, [2002, 1001])):
+    runs = (("one-worker", 1, [1001, 2002], True), ("two-workers", 2, [2002, 1001], False))
+    for name, workers, node_ids, packed in runs:
         root = tmp_path / name / "data"
         shutil.copytree(demo.root, root, symlinks=True)
         start = time.perf_counter()
         with monkeypatch.context() as patch:
-            _run_simulation(root, workers=workers, node_ids=node_ids, monkeypatch=patch)
+            _run_simulation(root, workers=workers, node_ids=node_ids, packed=packed, monkeypatch=patch)
         print(f"{name}: {time.perf_counter() - start:.1f} s")
         model = (
             root / "server" / "nnUNet_results" / demo.dataset_name / f"nnUNetTrainer__nnUNetPlans__{demo.configuration}"

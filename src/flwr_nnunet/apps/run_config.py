@@ -254,6 +254,13 @@ RUN_CONFIG: tuple[Setting, ...] = (
     ),
     Setting("grace", float, 0.0, "with streaming: seconds a round stays open for late replies once the quorum is in"),
     Setting(
+        "packed-arrays",
+        bool,
+        True,
+        "each message's arrays travel packed, as one Array and its layout (a few transport objects instead of two "
+        "per tensor); false: one Array per canonical tensor, for a ClientApp of your own that does not unpack",
+    ),
+    Setting(
         "flagged-weight",
         float,
         1.0,
@@ -410,6 +417,7 @@ class RunSettings:
     device: str
     round_timeout: float
     streaming: bool
+    packed_arrays: bool
     quorum: float
     grace: float
     flagged_weight: float

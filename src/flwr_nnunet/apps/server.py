@@ -286,7 +286,8 @@ def _result(core: Any) -> Any:
 def run_server(grid: Any, context: Any, data: RunData | None = None) -> Any:
     """The ServerApp's main: data, planning, global network, strategy, rounds, model folder, history and plot.
 
-    Every message's arrays travel packed (:class:`~flwr_nnunet.apps.packed_messages.PackedGrid`).
+    Every message's arrays travel packed (:class:`~flwr_nnunet.apps.packed_messages.PackedGrid`) unless run-config
+    ``packed-arrays`` is false.
 
     ``data`` is what ``make-demo = true`` makes (``server_app.py`` plugs in the synthetic demo's). Returns
     Flower's ``Result`` of the strategy (a ``find-best-configuration`` run: nnU-Net's inference information,
@@ -294,12 +295,11 @@ def run_server(grid: Any, context: Any, data: RunData | None = None) -> Any:
     the run.
     """
     from flwr_nnunet.apps.forked_children import default_signals_in_forked_children
-    from flwr_nnunet.apps.packed_messages import PackedGrid
 
     default_signals_in_forked_children()  # nnU-Net's planner forks a pool: its workers must not end the run
     one_line = install_one_line_errors()
     try:
-        return _run(PackedGrid(grid), context, data)
+        return _run(grid, context, data)
     except ServerConfigError as error:
         one_line.report(error)
         raise
@@ -318,8 +318,11 @@ def _run(grid: Any, context: Any, data: RunData | None) -> Any:
 
     from flwr_nnunet.apps.cross_site import check_cross_site_settings
     from flwr_nnunet.apps.crossval_phase import check_crossval_settings, finish_fold, forget_fold
+    from flwr_nnunet.apps.packed_messages import PackedGrid
 
     settings = read_settings(context.run_config)
+    if settings.packed_arrays:
+        grid = PackedGrid(grid)
     check_layer_matching_settings(settings)
     if settings.find_best_configuration:  # a model selection run trains nothing
         from flwr_nnunet.apps.model_selection import select_configuration
