@@ -220,8 +220,11 @@ def plain(demo, rounds: int, iterations: int, root: Path) -> dict[str, float]:
         started = time.perf_counter()
         run_epoch(trainer)
         epochs.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    trainer.logger.plot_progress_png(trainer.output_folder)  # what each epoch's end draws, alone
+    plot = time.perf_counter() - started
     site.save_state(1)
-    return {"epoch": statistics.mean(epochs[1:]), "spec": spec}
+    return {"epoch": statistics.mean(epochs[1:]), "plot": plot, "spec": spec}
 
 
 FRESH_PROCESS = """
@@ -331,6 +334,10 @@ def main() -> None:
             f"{run['reply']:.2f} s | {run['next']:.2f} s | {run['server']:.2f} s | {polling:.2f} s | "
             f"{overhead - polling:.2f} s |"
         )
+    print(
+        f"\nOf the plain epoch, {base['plot']:.2f} s is nnU-Net's progress plot (`progress.png`, drawn at every "
+        "epoch's end); a warm worker draws it after its reply, off the round's path."
+    )
     forked = runs["forked"]
     print(f"\nForked by the site's executor: {forked['forked']} of {forked['messages']} messages (the rest: Flower's)")
     print("\nMeasured alone at the same time: fresh processes as a message's ClientApp runs them\n")
