@@ -21,7 +21,7 @@ from deployment_support import _stat, descendants, free_port, model_folder, run_
 from flwr_nnunet.apps.clientapp_exec import serve
 from flwr_nnunet.demo.data import make_demo_dataset
 
-ROUNDS = 3
+ROUNDS = 2
 FLOWER_STARTED = "Start `flwr-clientapp` process"
 """What a ``flwr-clientapp`` process started by Flower's SuperExec logs first (a forked ClientApp does not)."""
 

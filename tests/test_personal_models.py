@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_site import copies, demo, initial_weights, spec_for  # noqa: F401 - demo is a module fixture
@@ -136,7 +138,7 @@ def test_fine_tune_schedule_decays_from_the_initial_rate_over_its_epochs():
     for epoch in range(8, 12):
         schedule.step(epoch)
         rates.append(optimizer.param_groups[0]["lr"])
-    assert rates[0] == 0.01 and all(a > b > 0 for a, b in zip(rates, rates[1:]))
+    assert rates[0] == 0.01 and all(a > b > 0 for a, b in itertools.pairwise(rates))
     assert rates[-1] == pytest.approx(0.01 * 0.25**0.9)
     with pytest.raises(ValueError, match="at least one epoch"):
         FineTuneSchedule(optimizer, 0.01, start=0, epochs=0)

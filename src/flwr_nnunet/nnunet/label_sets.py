@@ -74,7 +74,7 @@ def partial_label_shares(
         own = {}
         for name, value in labels.items():
             if isinstance(value, (list, tuple)):
-                raise ValueError(f"{site} declares region {name!r}: partial labels are declared per label")
+                raise ValueError(f"{site} declares region {name!r}: partial labels are declared per label")  # noqa: TRY004 - a wrong declaration, reported with the others
             if federation.get(str(name)) != int(value):
                 raise ValueError(
                     f"{site} declares label {name!r} = {value}, which the federation's labels {dict(federation)} do "

@@ -135,7 +135,7 @@ def restore_trainer(trainer: Any, state: Any) -> None:
         raise ValueError(f"it is not a site round state (it needs the entries {list(_STATE_KEYS)})")
     weights, optimizer_state, logging = state["network_weights"], state["optimizer_state"], state["logging"]
     if not isinstance(weights, Mapping) or not isinstance(optimizer_state, Mapping):
-        raise ValueError("'network_weights' and 'optimizer_state' must be mappings")
+        raise ValueError("'network_weights' and 'optimizer_state' must be mappings")  # noqa: TRY004 - a corrupt file
     own_logging = trainer.logger.get_checkpoint()
     if not isinstance(logging, Mapping) or any(not isinstance(logging.get(key), list) for key in own_logging):
         raise ValueError(f"'logging' must map each of {sorted(own_logging)} to a list")
