@@ -71,6 +71,7 @@ def _layout(entries) -> ArrayRecord:
     ("layout", "reason"),
     [
         (b"\xff{", "not JSON text"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON text"),  # nested past Python's recursion limit
         ({"w": 1}, "must be a list of entries"),
         ([["w", "float32", [6], "numpy.ndarray"]], "entry 0 must be"),
         ([["", "float32", [6], "numpy.ndarray", 152]], "the name must be a non-empty text"),

@@ -97,8 +97,8 @@ def _layout(record: ArrayRecord) -> list[tuple[str, str, list[int], str, int]]:
         )
     try:
         items = json.loads(array.data.decode())
-    except (UnicodeDecodeError, ValueError) as error:
-        raise PackedArraysError(f"the layout is not JSON text ({error})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested past Python's limit
+        raise PackedArraysError(f"the layout is not JSON text of entries ({type(error).__name__}: {error})") from None
     if not isinstance(items, list):
         raise PackedArraysError(f"the layout must be a list of entries, not {type(items).__name__}")
     entries = [_entry(item, index) for index, item in enumerate(items)]
