@@ -27,6 +27,8 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from flwr_nnunet.errors import FlwrNnUNetError
+
 __all__ = [
     "LAYOUT_KEY",
     "PACKED_KEY",
@@ -46,7 +48,7 @@ MAX_LAYOUT_BYTES = 16 * 1024 * 1024
 """A layout's bound: about 100 bytes an array, for 100,000 arrays and more."""
 
 
-class PackedArraysError(ValueError):
+class PackedArraysError(FlwrNnUNetError, ValueError):
     """A packed ArrayRecord that cannot be unpacked as it claims (the reason names what)."""
 
 
