@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 from logging import DEBUG, INFO, WARNING
-from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -41,6 +40,7 @@ from flwr.supernode.runtime.run_clientapp import run_clientapp
 
 import flwr_nnunet.apps.dp_clipping
 import flwr_nnunet.apps.packed_messages  # noqa: F401 - with the line above: what client_app.py imports
+from flwr_nnunet.site.warm_channel import process_start_ticks
 
 __all__ = ["DEFAULT_POLL_INTERVAL_S", "serve"]
 
@@ -51,22 +51,6 @@ DEFAULT_POLL_INTERVAL_S = 0.2
 
 STOP_GRACE_S = 10.0
 """Seconds the children get to push their task's status after SIGTERM, when this process stops."""
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs: not gone, and on Linux not a zombie its own parent has yet to collect."""
-    if Path("/proc").is_dir():
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def _exit_code(status: SystemExit) -> int:
@@ -177,8 +161,9 @@ def serve(
     children: dict[int, int] = {}
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     log(INFO, "clientapp-exec: forking the ClientApps of the SuperNode at %s (pid %d)", runtime_api_address, parent_pid)
+    parent_started = process_start_ticks(parent_pid)  # the same process, not a later one with its pid
     try:
-        while not stopping and _alive(parent_pid):
+        while not stopping and parent_started is not None and process_start_ticks(parent_pid) == parent_started:
             _reap(children)
             claimed = _claim(client, request)
             if claimed is not None and claimed.HasField("task") and claimed.token:

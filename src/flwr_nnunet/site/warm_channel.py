@@ -40,6 +40,7 @@ __all__ = [
     "ask_warm_site",
     "log_path",
     "private_file",
+    "process_start_ticks",
     "receive_frame",
     "receive_frames",
     "receive_status",
@@ -71,6 +72,16 @@ class WarmSiteBusy(WarmSiteUnavailable):
 
 class WarmSiteRefused(FlwrNnUNetError):
     """The site refused the instruction (its reason, as the ClientApp's process would have refused it)."""
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """A live process's start time (clock ticks since boot), ``None`` once it is gone: exited and not yet reaped
+    (a zombie) counts as gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def socket_path(results: Path) -> Path:

@@ -46,6 +46,7 @@ from flwr_nnunet.site.warm_channel import (
     HANDSHAKE_TIMEOUT_S,
     MAX_TOKEN_BYTES,
     WarmSiteRefused,
+    process_start_ticks,
     receive_frame,
     receive_frames,
     send_frame,
@@ -66,16 +67,6 @@ _TICK_S = 0.5
 _MAX_SOCKET_PATH_BYTES = 107
 """Linux's limit on a Unix socket's path (``sun_path`` holds 108 bytes with the terminating zero)."""
 _LOCK_NAME = "flwr_warm_site.lock"
-
-
-def _start_ticks(pid: int) -> int | None:
-    """A live process's start time (clock ticks since boot), ``None`` once it is gone: exited and not yet reaped
-    (a zombie) counts as gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -222,7 +213,7 @@ def _serve(results: Path, parent: int, answer: Answer, idle_timeout: float) -> N
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
         log(ERROR, "warm site: %s is longer than a Unix socket path may be; use a shorter nnunet-results", path)
         return
-    parent_started = _start_ticks(parent)
+    parent_started = process_start_ticks(parent)
     _write_private(token_path(results), token)
     path.unlink(missing_ok=True)
     worker = WarmWorker(results, token, answer)
@@ -237,7 +228,7 @@ def _serve(results: Path, parent: int, answer: Answer, idle_timeout: float) -> N
         listener.settimeout(_TICK_S)
         log(INFO, "warm site: serving %s (pid %d, SuperNode pid %d)", path, os.getpid(), parent)
         try:
-            while parent_started is not None and _start_ticks(parent) == parent_started:
+            while parent_started is not None and process_start_ticks(parent) == parent_started:
                 idle = not worker.busy.locked() and time.monotonic() - worker.last_message > idle_timeout
                 if idle:
                     log(INFO, "warm site: no message for %.0f s: exiting", idle_timeout)
