@@ -25,6 +25,26 @@ DEMO_NETWORK = {"plans-max-features": 0, "plans-width-divisor": 1}
 """The demo's own network (pyproject.toml's defaults), not site_quality's narrower one."""
 
 
+def print_against_none(rows: list[tuple]) -> None:
+    """Each mode's held-out Dice minus ``none``'s on the same seed, per site: every seed's, their mean and range."""
+    base = {seed: scores for seed, mode, scores, _ in rows if mode == "none"}
+    paired: dict[str, list[list[float]]] = {}
+    for seed, mode, scores, _ in rows:
+        if mode != "none" and seed in base:
+            diffs = [scores[f"site-{k}"]["mean"] - base[seed][f"site-{k}"]["mean"] for k in range(3)]
+            paired.setdefault(mode, []).append(diffs)
+    if not paired:
+        return
+    print("\nheld-out Dice minus none's on the same seed, per site: mean over the seeds [lowest, highest]")
+    print(f"{'compression':<13}{'seeds':>6}" + "".join(f"{f'site-{k}':>26}" for k in range(3)))
+    for mode, per_seed in paired.items():
+        cells = []
+        for k in range(3):
+            site = [diffs[k] for diffs in per_seed]
+            cells.append(f"{sum(site) / len(site):+.4f} [{min(site):+.4f}, {max(site):+.4f}]")
+        print(f"{mode:<13}{len(per_seed):>6}" + "".join(f"{c:>26}" for c in cells))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", default=["none", "int8-block", "int4-block"])
@@ -65,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'seed':<6}{'compression':<13}" + "".join(f"{r:>7}" for r in range(1, args.rounds + 1)))
     for seed, mode, _, rounds in rows:
         print(f"{seed:<6}{mode:<13}" + "".join(f"{d:>7.3f}" for d in rounds))
+    print_against_none(rows)
     print(f"total wall time: {time.monotonic() - started:.0f} s")
     return 0
 

@@ -219,3 +219,87 @@ class LoopbackGrid(Grid):
 def received(message: Message) -> OrderedDict[str, torch.Tensor]:
     """The canonical tensors an instruction carries (copies, writable)."""
     return OrderedDict((k, v.clone()) for k, v in from_array_record(message.content["arrays"]).items())
+
+
+class ScriptedGrid(Grid):
+    """A grid with push/pull: each node's reply becomes pullable ``delays[node]`` seconds after the push, and at
+    most ``per_pull`` replies are handed over per pull, in ``order`` (node ids) among those that arrived.
+
+    ``content(node, instruction)`` builds each reply; a node missing from ``delays`` never answers. Evaluation
+    messages are answered by nobody (``send_and_receive`` returns nothing).
+    """
+
+    pull_interval = 0.01
+
+    def __init__(self, nodes, content, *, order=None, delays=None, per_pull=1):
+        self.nodes = list(nodes)
+        self.content = content
+        self.order = list(order or self.nodes)
+        self.delays = {n: 0.0 for n in self.nodes} if delays is None else dict(delays)
+        self.per_pull = per_pull
+        self.waiting: dict[str, tuple[float, int, Message]] = {}  # instruction id -> (arrives at, node, instruction)
+        self.pushed = 0
+        self.used_send_and_receive = False
+
+    def set_run(self, run) -> None:
+        """Unused."""
+
+    @property
+    def run(self):
+        """Unused."""
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids, now = [], time.monotonic()
+        for message in messages:
+            self.pushed += 1
+            message_id = f"ins-{self.pushed}"
+            message.metadata.__dict__["_message_id"] = message_id
+            node = message.metadata.dst_node_id
+            if node in self.delays and message.metadata.message_type == MessageType.TRAIN:
+                self.waiting[message_id] = (now + self.delays[node], node, message)
+            ids.append(message_id)
+        return ids
+
+    def _reply(self, message_id: str, node: int, instruction: Message) -> Message:
+        metadata = Metadata(
+            run_id=RUN_ID,
+            message_id=f"reply-{message_id}",
+            src_node_id=node,
+            dst_node_id=SERVER_NODE,
+            reply_to_message_id=message_id,
+            group_id=instruction.metadata.group_id,
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type=instruction.metadata.message_type,
+        )
+        return make_message(metadata, content=self.content(node, instruction))
+
+    def pull_messages(self, message_ids):
+        now, wanted = time.monotonic(), set(message_ids)
+        ready = [(i, v) for i, v in self.waiting.items() if i in wanted and v[0] <= now]
+        ready.sort(key=lambda item: self.order.index(item[1][1]))
+        out = []
+        for message_id, (_, node, instruction) in ready[: self.per_pull]:
+            del self.waiting[message_id]
+            out.append(self._reply(message_id, node, instruction))
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            self.used_send_and_receive = True
+        ids = self.push_messages(messages)
+        replies = []
+        for message_id in ids:
+            if message_id in self.waiting:
+                _, node, instruction = self.waiting.pop(message_id)
+                replies.append(self._reply(message_id, node, instruction))
+        replies.sort(key=lambda m: self.order.index(m.metadata.src_node_id))
+        return replies

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from strategy_support import LoopbackGrid, canonical, perturbed, reply, set_task_identity, tiny_network, tiny_plans
+from strategy_support import (
+    LoopbackGrid,
+    ScriptedGrid,
+    canonical,
+    perturbed,
+    reply,
+    set_task_identity,
+    tiny_network,
+    tiny_plans,
+)
 
 from flwr_nnunet import from_array_record, strategy_from_name
 from flwr_nnunet.core.delta_codec import BASE_KEY, COMPRESSION_KEY, MODEL_KEY, SCALES_RECORD, decode_delta
@@ -246,3 +255,22 @@ def test_streaming_folds_compressed_replies(tmp_path, compression):
     a, b = streamed.model.tensors, batch.model.tensors
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     assert distance(a, canonical(tiny_network())) > 1e-3
+
+
+def test_streaming_rounds_without_evaluation_send_deltas(tmp_path):
+    """A streamed training round notes the reference each site holds, as a batch one does: with no evaluation
+    half between them, the next round still sends the delta, not the whole model."""
+    sites = Sites(tmp_path / "stream")
+    streamed = build("int8-block", fraction_evaluate=0.0)
+    streamed.start(ScriptedGrid(NODES, sites), num_rounds=3, streaming=True, poll_interval=0.01)
+    kinds = [
+        (len(m.content["arrays"]), SCALES_RECORD in m.content, BASE_KEY in m.content["config"])
+        for m in sites.instructions
+    ]
+    keys = len(canonical(tiny_network()))
+    assert set(kinds[: len(NODES)]) == {(keys, False, False)}
+    assert kinds[len(NODES) :] == [(keys, True, True)] * 2 * len(NODES)
+    batch = build("int8-block", fraction_evaluate=0.0)
+    batch.start(ScriptedGrid(NODES, Sites(tmp_path / "batch")), num_rounds=3)
+    a, b = streamed.model.tensors, batch.model.tensors
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)

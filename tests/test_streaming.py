@@ -11,15 +11,13 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from strategy_support import (
-    RUN_ID,
-    SERVER_NODE,
     LoopbackGrid,
+    ScriptedGrid,
     canonical,
     perturbed,
     received,
@@ -60,90 +58,6 @@ def site_content(node: int, instruction: Message) -> RecordDict:
     update = perturbed(received(instruction), seed=node)
     metrics = MetricRecord({"num-examples": WEIGHTS.get(node, 4), "train-loss": float(node)})
     return RecordDict({"arrays": to_array_record(update), "metrics": metrics})
-
-
-class ScriptedGrid(Grid):
-    """A grid with push/pull: each node's reply becomes pullable ``delays[node]`` seconds after the push, and at
-    most ``per_pull`` replies are handed over per pull, in ``order`` (node ids) among those that arrived.
-
-    ``content(node, instruction)`` builds each reply; a node missing from ``delays`` never answers. Evaluation
-    messages are answered by nobody (``send_and_receive`` returns nothing).
-    """
-
-    pull_interval = 0.01
-
-    def __init__(self, nodes, content=site_content, *, order=None, delays=None, per_pull=1):
-        self.nodes = list(nodes)
-        self.content = content
-        self.order = list(order or self.nodes)
-        self.delays = {n: 0.0 for n in self.nodes} if delays is None else dict(delays)
-        self.per_pull = per_pull
-        self.waiting: dict[str, tuple[float, int, Message]] = {}  # instruction id -> (arrives at, node, instruction)
-        self.pushed = 0
-        self.used_send_and_receive = False
-
-    def set_run(self, run) -> None:
-        """Unused."""
-
-    @property
-    def run(self):
-        """Unused."""
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids, now = [], time.monotonic()
-        for message in messages:
-            self.pushed += 1
-            message_id = f"ins-{self.pushed}"
-            message.metadata.__dict__["_message_id"] = message_id
-            node = message.metadata.dst_node_id
-            if node in self.delays and message.metadata.message_type == MessageType.TRAIN:
-                self.waiting[message_id] = (now + self.delays[node], node, message)
-            ids.append(message_id)
-        return ids
-
-    def _reply(self, message_id: str, node: int, instruction: Message) -> Message:
-        metadata = Metadata(
-            run_id=RUN_ID,
-            message_id=f"reply-{message_id}",
-            src_node_id=node,
-            dst_node_id=SERVER_NODE,
-            reply_to_message_id=message_id,
-            group_id=instruction.metadata.group_id,
-            created_at=time.time(),
-            ttl=3600.0,
-            message_type=instruction.metadata.message_type,
-        )
-        return make_message(metadata, content=self.content(node, instruction))
-
-    def pull_messages(self, message_ids):
-        now, wanted = time.monotonic(), set(message_ids)
-        ready = [(i, v) for i, v in self.waiting.items() if i in wanted and v[0] <= now]
-        ready.sort(key=lambda item: self.order.index(item[1][1]))
-        out = []
-        for message_id, (_, node, instruction) in ready[: self.per_pull]:
-            del self.waiting[message_id]
-            out.append(self._reply(message_id, node, instruction))
-        return out
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
-            self.used_send_and_receive = True
-        ids = self.push_messages(messages)
-        replies = []
-        for message_id in ids:
-            if message_id in self.waiting:
-                _, node, instruction = self.waiting.pop(message_id)
-                replies.append(self._reply(message_id, node, instruction))
-        replies.sort(key=lambda m: self.order.index(m.metadata.src_node_id))
-        return replies
 
 
 def build(cls=NnUNetFedAvg, **kwargs):
@@ -251,8 +165,8 @@ def test_streamed_round_equals_batch_aggregation(local):
     batch64 = build(accumulate_dtype=torch.float64, **options)
 
     for strategy in (batch, batch64):
-        strategy.start(ScriptedGrid(NODES), num_rounds=1)
-    grid = ScriptedGrid(NODES, order=[13, 11, 15, 12, 14])
+        strategy.start(ScriptedGrid(NODES, site_content), num_rounds=1)
+    grid = ScriptedGrid(NODES, site_content, order=[13, 11, 15, 12, 14])
     result = stream.start(grid, num_rounds=1, streaming=True, poll_interval=0.01, timeout=30)
 
     assert not grid.used_send_and_receive
@@ -264,9 +178,12 @@ def test_streamed_round_equals_batch_aggregation(local):
 
 def test_two_arrival_orders_give_the_same_model():
     first, second = build(), build()
-    first.start(ScriptedGrid(NODES, order=NODES), num_rounds=2, streaming=True, poll_interval=0.01)
+    first.start(ScriptedGrid(NODES, site_content, order=NODES), num_rounds=2, streaming=True, poll_interval=0.01)
     second.start(
-        ScriptedGrid(NODES, order=list(reversed(NODES)), per_pull=2), num_rounds=2, streaming=True, poll_interval=0.01
+        ScriptedGrid(NODES, site_content, order=list(reversed(NODES)), per_pull=2),
+        num_rounds=2,
+        streaming=True,
+        poll_interval=0.01,
     )
     assert_float32_close(state(first), state(second), max_ulps=1)
 
@@ -319,7 +236,7 @@ def test_a_bad_reply_mid_stream_is_rejected_without_touching_the_accumulator(flw
 
 def test_a_late_reply_is_dropped_and_logged(flwr_log):
     strategy = build()
-    grid = ScriptedGrid([11, 12, 13], delays={11: 0.0, 12: 0.0, 13: 0.6})
+    grid = ScriptedGrid([11, 12, 13], site_content, delays={11: 0.0, 12: 0.0, 13: 0.6})
     before = time.monotonic()
     result = strategy.start(grid, num_rounds=2, streaming=True, poll_interval=0.01, timeout=0.3)
     text = messages(flwr_log)
@@ -333,7 +250,7 @@ def test_a_late_reply_is_dropped_and_logged(flwr_log):
 def test_a_timeout_with_too_few_replies_leaves_the_model_bit_identical(flwr_log):
     strategy = build(min_train_nodes=3)
     before, record = state(strategy), strategy.model.record()
-    grid = ScriptedGrid([11, 12, 13], delays={11: 0.0, 12: 0.0})  # node 13 never answers
+    grid = ScriptedGrid([11, 12, 13], site_content, delays={11: 0.0, 12: 0.0})  # node 13 never answers
     result = strategy.start(grid, num_rounds=1, streaming=True, poll_interval=0.01, timeout=0.2)
     after = state(strategy)
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
@@ -344,7 +261,7 @@ def test_a_timeout_with_too_few_replies_leaves_the_model_bit_identical(flwr_log)
 
 def test_quorum_and_grace_close_the_round_before_the_slow_sites(flwr_log):
     strategy = build()
-    grid = ScriptedGrid(NODES, delays={11: 0.0, 12: 0.0, 13: 0.0, 14: 20.0, 15: 20.0})
+    grid = ScriptedGrid(NODES, site_content, delays={11: 0.0, 12: 0.0, 13: 0.0, 14: 20.0, 15: 20.0})
     before = time.monotonic()
     result = strategy.start(grid, num_rounds=1, streaming=True, quorum=0.6, grace=0.2, timeout=30)
     assert time.monotonic() - before < 5
@@ -361,8 +278,10 @@ def test_quorum_and_grace_close_the_round_before_the_slow_sites(flwr_log):
 )
 def test_server_optimizer_streaming_equals_its_batch_result(cls, options):
     batch, stream = build(cls, **options), build(cls, **options)
-    batch.start(ScriptedGrid(NODES), num_rounds=2)
-    stream.start(ScriptedGrid(NODES, order=list(reversed(NODES))), num_rounds=2, streaming=True, poll_interval=0.01)
+    batch.start(ScriptedGrid(NODES, site_content), num_rounds=2)
+    stream.start(
+        ScriptedGrid(NODES, site_content, order=list(reversed(NODES))), num_rounds=2, streaming=True, poll_interval=0.01
+    )
     assert_float32_close(state(stream), state(batch), rtol=1e-5, atol=1e-6)  # the step amplifies the mean's rounding
     for name, buffers in batch.buffers.items():
         for key, value in buffers.items():
@@ -376,7 +295,7 @@ def test_strategies_that_do_not_stream_use_the_batch_path(flwr_log):
     assert streams(NnUNetDPServerSideFixedClipping) and not streams(NnUNetDPServerSideAdaptiveClipping)
     assert not streams(NnUNetDPServerSideFixedClipping(build(NnUNetFedMedian), 0.0, 1.0, 5))  # what it wraps
     strategy = build(NnUNetFedMedian)
-    grid = ScriptedGrid(NODES)
+    grid = ScriptedGrid(NODES, site_content)
     result = strategy.start(grid, num_rounds=1, streaming=True, poll_interval=0.01)
     assert grid.used_send_and_receive
     assert any("NnUNetFedMedian does not stream" in m for m in messages(flwr_log))
@@ -548,7 +467,7 @@ def test_streaming_rounds_in_a_flower_simulation(tmp_path, monkeypatch):
     assert sorted(saved["train"]) == [1, 2]
     # the same two rounds as a batch run over the same site replies
     batch = build()
-    batch.start(ScriptedGrid([1, 2, 3]), num_rounds=2)
+    batch.start(ScriptedGrid([1, 2, 3], site_content), num_rounds=2)
     assert_float32_close(saved["model"], state(batch))
 
 
@@ -563,7 +482,7 @@ def test_a_failure_mid_stream_rolls_the_network_back_bit_for_bit():
             self.pulls += 1
             return super().pull_messages(message_ids)
 
-    grid = Failing(NODES)
+    grid = Failing(NODES, site_content)
     grid.pulls = 0
     with pytest.raises(ConnectionError):
         strategy.start(grid, num_rounds=1, streaming=True, poll_interval=0.01)

@@ -41,6 +41,7 @@ from flwr_nnunet.core.reduce import Tensors
 from flwr_nnunet.core.running import RunningWeightedSum
 from flwr_nnunet.strategy.aggregation import aggregate_metrics, enough_replies, log_rejection
 from flwr_nnunet.strategy.global_model import GlobalModel
+from flwr_nnunet.strategy.model_sender import ModelSender
 from flwr_nnunet.strategy.replies import AcceptedReply, Rejection, bounded, check_weight
 from flwr_nnunet.strategy.validator import ReplyValidator
 
@@ -50,6 +51,7 @@ class StreamingStrategy(Protocol):
 
     model: GlobalModel
     validator: ReplyValidator
+    model_sender: ModelSender | None
     min_train_replies: int
     weighted_by_key: str
     train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
@@ -116,9 +118,10 @@ def release_arrays(message: Message) -> None:
             record.clear()
 
 
-def _metrics_only(message: Message) -> Message:
-    """A copy of ``message`` with its metric records only (what metric aggregation reads), sharing them."""
-    content = RecordDict(dict(message.content.metric_records))
+def _without_arrays(message: Message) -> Message:
+    """A copy of ``message`` with its metric and config records only (what metric aggregation and the model
+    sender read), sharing them."""
+    content = RecordDict({**message.content.metric_records, **message.content.config_records})
     return make_message(message.metadata, content=content)
 
 
@@ -224,7 +227,7 @@ class TrainStream:
             self.accumulator = RunningWeightedSum(self.strategy.model.tensors, in_place=True)
         self.accumulator.add_(tensors, result.weight)
         del tensors
-        kept = AcceptedReply(_metrics_only(result.message), OrderedDict(), result.metrics, result.num_examples)
+        kept = AcceptedReply(_without_arrays(result.message), OrderedDict(), result.metrics, result.num_examples)
         kept.weight = result.weight
         self.folded.append(kept)
         return True
@@ -251,6 +254,8 @@ class TrainStream:
         model = strategy.model
         folded = self.folded
         log(INFO, "%s: round %d: %d of %d replies accepted (streamed)", STAGE, server_round, len(folded), self.received)
+        if strategy.model_sender is not None:
+            strategy.model_sender.note([m.metadata.dst_node_id for m in strategy.validator.sent], folded)
         if not folded or not enough_replies(STAGE, server_round, len(folded), strategy.min_train_replies):
             self.abort()
             return None, None
