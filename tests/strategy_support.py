@@ -172,13 +172,11 @@ def set_task_identity() -> None:
 Handler = Callable[[int, Message], RecordDict]
 
 
-class LoopbackGrid(Grid):
-    """An in-process Grid: each instruction is answered at once by ``handler(node_id, message)``."""
+class InProcessGrid(Grid):
+    """What every in-process Grid shares: one run, the nodes ``node_ids``, plain instruction Messages."""
 
-    def __init__(self, node_ids: Iterable[int], handler: Handler) -> None:
+    def __init__(self, node_ids: Iterable[int]) -> None:
         self.node_ids = list(node_ids)
-        self.handler = handler
-        self.sent: list[Message] = []
 
     def set_run(self, run) -> None:
         """Unused: there is one run."""
@@ -195,6 +193,15 @@ class LoopbackGrid(Grid):
     def get_node_ids(self) -> list[int]:
         """The connected nodes."""
         return list(self.node_ids)
+
+
+class LoopbackGrid(InProcessGrid):
+    """An in-process Grid: each instruction is answered at once by ``handler(node_id, message)``."""
+
+    def __init__(self, node_ids: Iterable[int], handler: Handler) -> None:
+        super().__init__(node_ids)
+        self.handler = handler
+        self.sent: list[Message] = []
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Record the messages."""
@@ -221,7 +228,7 @@ def received(message: Message) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, v.clone()) for k, v in from_array_record(message.content["arrays"]).items())
 
 
-class ScriptedGrid(Grid):
+class ScriptedGrid(InProcessGrid):
     """A grid with push/pull: each node's reply becomes pullable ``delays[node]`` seconds after the push, and at
     most ``per_pull`` replies are handed over per pull, in ``order`` (node ids) among those that arrived.
 
@@ -232,28 +239,14 @@ class ScriptedGrid(Grid):
     pull_interval = 0.01
 
     def __init__(self, nodes, content, *, order=None, delays=None, per_pull=1):
-        self.nodes = list(nodes)
+        super().__init__(nodes)
         self.content = content
-        self.order = list(order or self.nodes)
-        self.delays = {n: 0.0 for n in self.nodes} if delays is None else dict(delays)
+        self.order = list(order or self.node_ids)
+        self.delays = {n: 0.0 for n in self.node_ids} if delays is None else dict(delays)
         self.per_pull = per_pull
         self.waiting: dict[str, tuple[float, int, Message]] = {}  # instruction id -> (arrives at, node, instruction)
         self.pushed = 0
         self.used_send_and_receive = False
-
-    def set_run(self, run) -> None:
-        """Unused."""
-
-    @property
-    def run(self):
-        """Unused."""
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
     def push_messages(self, messages):
         ids, now = [], time.monotonic()
