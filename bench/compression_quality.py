@@ -26,23 +26,25 @@ DEMO_NETWORK = {"plans-max-features": 0, "plans-width-divisor": 1}
 
 
 def print_against_none(rows: list[tuple]) -> None:
-    """Each mode's held-out Dice minus ``none``'s on the same seed, per site: every seed's, their mean and range."""
+    """Each mode's held-out Dice minus ``none``'s on the same seed, per site and over the sites: the mean over the
+    seeds and its range."""
     base = {seed: scores for seed, mode, scores, _ in rows if mode == "none"}
     paired: dict[str, list[list[float]]] = {}
     for seed, mode, scores, _ in rows:
         if mode != "none" and seed in base:
             diffs = [scores[f"site-{k}"]["mean"] - base[seed][f"site-{k}"]["mean"] for k in range(3)]
-            paired.setdefault(mode, []).append(diffs)
+            paired.setdefault(mode, []).append([*diffs, sum(diffs) / 3])
     if not paired:
         return
-    print("\nheld-out Dice minus none's on the same seed, per site: mean over the seeds [lowest, highest]")
-    print(f"{'compression':<13}{'seeds':>6}" + "".join(f"{f'site-{k}':>26}" for k in range(3)))
+    print("\nheld-out Dice minus none's on the same seed: the mean over the seeds [lowest, highest]")
+    columns = [f"site-{k}" for k in range(3)] + ["mean over the sites"]
+    print(f"{'compression':<13}{'seeds':>6}" + "".join(f"{c:>29}" for c in columns))
     for mode, per_seed in paired.items():
         cells = []
-        for k in range(3):
-            site = [diffs[k] for diffs in per_seed]
-            cells.append(f"{sum(site) / len(site):+.4f} [{min(site):+.4f}, {max(site):+.4f}]")
-        print(f"{mode:<13}{len(per_seed):>6}" + "".join(f"{c:>26}" for c in cells))
+        for k in range(len(columns)):
+            values = [diffs[k] for diffs in per_seed]
+            cells.append(f"{sum(values) / len(values):+.4f} [{min(values):+.4f}, {max(values):+.4f}]")
+        print(f"{mode:<13}{len(per_seed):>6}" + "".join(f"{c:>29}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
