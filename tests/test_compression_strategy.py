@@ -257,11 +257,18 @@ def test_streaming_folds_compressed_replies(tmp_path, compression):
     assert distance(a, canonical(tiny_network())) > 1e-3
 
 
-def test_streaming_rounds_without_evaluation_send_deltas(tmp_path):
-    """A streamed training round notes the reference each site holds, as a batch one does: with no evaluation
-    half between them, the next round still sends the delta, not the whole model."""
+@pytest.mark.parametrize("dp", [False, True], ids=["fedavg", "server-fixed-dp"])
+def test_streaming_rounds_without_evaluation_send_deltas(tmp_path, dp):
+    """A streamed training round notes the reference each site holds, as a batch one does (a DP wrapper's stream
+    too): with no evaluation half between them, the next round still sends the delta, not the whole model."""
+    options = {"fraction_evaluate": 0.0}
+    if dp:
+        options |= {
+            "dp": "server-fixed",
+            "dp_options": {"noise_multiplier": 0.0, "clipping_norm": 100.0, "num_sampled_clients": 3},
+        }
     sites = Sites(tmp_path / "stream")
-    streamed = build("int8-block", fraction_evaluate=0.0)
+    streamed = build("int8-block", **options)
     streamed.start(ScriptedGrid(NODES, sites), num_rounds=3, streaming=True, poll_interval=0.01)
     kinds = [
         (len(m.content["arrays"]), SCALES_RECORD in m.content, BASE_KEY in m.content["config"])
@@ -270,7 +277,7 @@ def test_streaming_rounds_without_evaluation_send_deltas(tmp_path):
     keys = len(canonical(tiny_network()))
     assert set(kinds[: len(NODES)]) == {(keys, False, False)}
     assert kinds[len(NODES) :] == [(keys, True, True)] * 2 * len(NODES)
-    batch = build("int8-block", fraction_evaluate=0.0)
+    batch = build("int8-block", **options)
     batch.start(ScriptedGrid(NODES, Sites(tmp_path / "batch")), num_rounds=3)
-    a, b = streamed.model.tensors, batch.model.tensors
+    a, b = (getattr(s, "strategy", s).model.tensors for s in (streamed, batch))
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)

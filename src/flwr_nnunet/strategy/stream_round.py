@@ -121,6 +121,7 @@ def stream_train_round(
     except BaseException:
         stream.abort()  # the network back to the pre-round model
         raise
+    stream.note_held()  # before finish, which a DP wrapper's stream may end early
     return stream.finish()
 
 

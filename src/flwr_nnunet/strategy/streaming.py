@@ -232,6 +232,13 @@ class TrainStream:
         self.folded.append(kept)
         return True
 
+    def note_held(self) -> None:
+        """Tell the strategy's model sender (run-config ``compression``) which reference each site of the round
+        holds, as its folded reply names it; a site without a folded reply gets the whole model next time."""
+        sender = self.strategy.model_sender
+        if sender is not None:
+            sender.note([m.metadata.dst_node_id for m in self.strategy.validator.sent], self.folded)
+
     def release(self) -> None:
         """Free the accumulator (the network keeps what it holds)."""
         if self.accumulator is not None:
@@ -254,8 +261,6 @@ class TrainStream:
         model = strategy.model
         folded = self.folded
         log(INFO, "%s: round %d: %d of %d replies accepted (streamed)", STAGE, server_round, len(folded), self.received)
-        if strategy.model_sender is not None:
-            strategy.model_sender.note([m.metadata.dst_node_id for m in strategy.validator.sent], folded)
         if not folded or not enough_replies(STAGE, server_round, len(folded), strategy.min_train_replies):
             self.abort()
             return None, None
