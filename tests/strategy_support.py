@@ -122,14 +122,16 @@ def perturbed(tensors: Mapping[str, torch.Tensor], seed: int, scale: float = 0.1
     return out
 
 
-def metadata(node_id: int, message_type: str = MessageType.TRAIN, group: int = 1) -> Metadata:
-    """Reply metadata as the SuperLink stamps it (from ``node_id`` to the ServerApp)."""
+def metadata(
+    node_id: int, message_type: str = MessageType.TRAIN, group: int | str = 1, reply_to: str = "instruction"
+) -> Metadata:
+    """Reply metadata as the SuperLink stamps it (from ``node_id`` to the ServerApp, answering ``reply_to``)."""
     return Metadata(
         run_id=RUN_ID,
         message_id=f"reply-{next(_message_ids)}",
         src_node_id=node_id,
         dst_node_id=SERVER_NODE,
-        reply_to_message_id="instruction",
+        reply_to_message_id=reply_to,
         group_id=str(group),
         created_at=time.time(),
         ttl=3600.0,
@@ -261,18 +263,8 @@ class ScriptedGrid(InProcessGrid):
         return ids
 
     def _reply(self, message_id: str, node: int, instruction: Message) -> Message:
-        metadata = Metadata(
-            run_id=RUN_ID,
-            message_id=f"reply-{message_id}",
-            src_node_id=node,
-            dst_node_id=SERVER_NODE,
-            reply_to_message_id=message_id,
-            group_id=instruction.metadata.group_id,
-            created_at=time.time(),
-            ttl=3600.0,
-            message_type=instruction.metadata.message_type,
-        )
-        return make_message(metadata, content=self.content(node, instruction))
+        about = metadata(node, instruction.metadata.message_type, instruction.metadata.group_id, reply_to=message_id)
+        return make_message(about, content=self.content(node, instruction))
 
     def pull_messages(self, message_ids):
         now, wanted = time.monotonic(), set(message_ids)
