@@ -1,8 +1,8 @@
 """The site's ClientApp executor (``flwr-nnunet clientapp-exec``): messages' ClientApps forked from one process.
 
 In a real deployment (a SuperLink and one SuperNode on 127.0.0.1, with the warm site) the executor claims the
-messages and forks their ClientApps; killed between two messages, Flower's own SuperExec runs the next ones and
-the run completes. Alone, the executor exits when its SuperNode is gone.
+messages and forks their ClientApps; stopped and killed after round 1, Flower's own SuperExec runs the tasks left
+and the run completes, each task run once. Alone, the executor exits when its SuperNode is gone.
 """
 
 from __future__ import annotations
@@ -24,23 +24,33 @@ from flwr_nnunet.demo.data import make_demo_dataset
 ROUNDS = 2
 FLOWER_STARTED = "Start `flwr-clientapp` process"
 """What a ``flwr-clientapp`` process started by Flower's SuperExec logs first (a forked ClientApp does not)."""
+FLOWER_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1"}
+"""Flower's own 1 s between two claims, against the executor's 0.02 s here: the executor claims round 1's tasks."""
 
 
 def _forked(log: str) -> list[int]:
     return [int(task) for task in re.findall(r"clientapp-exec: task (\d+) forked as pid", log)]
 
 
-def _zombies(pid: int) -> list[int]:
-    """Children of ``pid`` that ended and were not collected."""
-    found = []
+def _states(pid: int) -> dict[int, str]:
+    """The state letter of each process below ``pid`` (``Z``: ended, not collected)."""
+    found = {}
     for child in descendants(pid):
         try:
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            found[child] = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state == "Z":
-            found.append(child)
     return found
+
+
+def _zombies(pid: int) -> list[int]:
+    """Children of ``pid`` that ended and were not collected."""
+    return [child for child, state in _states(pid).items() if state == "Z"]
+
+
+def _running(pid: int) -> list[int]:
+    """Processes below ``pid`` that have not ended."""
+    return [child for child, state in _states(pid).items() if state != "Z"]
 
 
 @pytest.mark.slow
@@ -50,25 +60,28 @@ def test_forked_clientapps_train_and_flower_takes_over_when_the_executor_is_gone
     with running_deployment(tmp_path, request) as deployment:
         deployment.start_superlink()
         deployment.write_connection()
-        node = deployment.start_supernode(site, node_config="warm-site=true")
-        executor = deployment.start_clientapp_exec(site.name, poll=0.02)  # ahead of Flower's 0.2 s
+        node = deployment.start_supernode(site, node_config="warm-site=true", env=FLOWER_POLL)
+        executor = deployment.start_clientapp_exec(site.name, poll=0.02)
         one = {"min-train-nodes": 1, "min-evaluate-nodes": 1, "min-available-nodes": 1, "iterations-per-epoch": 4}
         run_id = deployment.submit(run_config(demo, num_server_rounds=ROUNDS, **one))
 
         # Round 1's messages run forked: trained, then evaluated by the warm worker through a forked ClientApp.
         wait_for(lambda: len(_forked(executor.text())) >= 2, 600, "two forked ClientApps", 0.1)
-        wait_for(lambda: not descendants(executor.process.pid), 600, "the forked ClientApps' end", 0.05)
-        assert not _zombies(executor.process.pid)
-        flower_before = node.text().count(FLOWER_STARTED)
+        wait_for(lambda: not _zombies(executor.process.pid), 30, "the executor collecting its ended ClientApps", 0.05)
+        # Stopped, it claims nothing more; Flower's SuperExec, which polls beside it, gets every task left.
+        executor.process.send_signal(signal.SIGSTOP)
+        flower_at_stop = node.text().count(FLOWER_STARTED)
+        wait_for(lambda: not _running(executor.process.pid), 600, "the forked ClientApps' end", 0.05)
         executor.process.send_signal(signal.SIGKILL)
         executor.process.wait(timeout=10)
 
         folder = model_folder(demo)
         assert deployment.wait_until_finished(run_id, folder.checkpoint_path("final")) == "finished:completed"
-        assert node.text().count(FLOWER_STARTED) > flower_before, "Flower's SuperExec ran nothing after the kill"
         assert all(folder.checkpoint_path(kind).is_file() for kind in ("latest", "final"))
-        forked = _forked(executor.text())
+        forked, flower = _forked(executor.text()), node.text().count(FLOWER_STARTED)
         assert len(forked) == len(set(forked)) >= 2  # each claimed task forked once
+        assert len(forked) + flower == 2 * ROUNDS, f"{len(forked)} forked, {flower} by Flower: each task runs once"
+        assert flower > flower_at_stop, f"Flower's SuperExec ran nothing after the executor stopped ({forked=})"
 
 
 def test_the_executor_exits_when_its_supernode_is_gone(tmp_path):
