@@ -261,12 +261,7 @@ def test_streaming_folds_compressed_replies(tmp_path, compression):
 def test_streaming_rounds_without_evaluation_send_deltas(tmp_path, dp):
     """A streamed training round notes the reference each site holds, as a batch one does (a DP wrapper's stream
     too): with no evaluation half between them, the next round still sends the delta, not the whole model."""
-    options = {"fraction_evaluate": 0.0}
-    if dp:
-        options |= {
-            "dp": "server-fixed",
-            "dp_options": {"noise_multiplier": 0.0, "clipping_norm": 100.0, "num_sampled_clients": 3},
-        }
+    options = {"fraction_evaluate": 0.0, **(DP if dp else {})}
     sites = Sites(tmp_path / "stream")
     streamed = build("int8-block", **options)
     streamed.start(ScriptedGrid(NODES, sites), num_rounds=3, streaming=True, poll_interval=0.01)
